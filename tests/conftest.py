@@ -1,0 +1,36 @@
+"""Shared fixtures: the shared data folder (skips locally when absent, fails in CI) and tiny editors."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from rtedit.paths import shared_dir as _shared_dir  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    """The ../shared folder (or $RTEDIT_SHARED_DIR); CI must have it, a laptop may not."""
+    path = _shared_dir()
+    if not path.is_dir():
+        if IN_CI:
+            pytest.fail(f"shared data folder {path} is missing in CI; set RTEDIT_SHARED_DIR")
+        pytest.skip(f"shared data folder {path} is absent; set RTEDIT_SHARED_DIR to run this test")
+    return path
+
+
+@pytest.fixture(scope="session")
+def taef2_weights(shared_dir):
+    """Folder with the official TAEF2 encoder and decoder weights."""
+    folder = shared_dir / "weights" / "taef2"
+    for name in ("taef2_encoder.pth", "taef2_decoder.pth"):
+        if not (folder / name).is_file():
+            if IN_CI:
+                pytest.fail(f"{folder / name} is missing in CI")
+            pytest.skip(f"{folder / name} is absent")
+    return folder
