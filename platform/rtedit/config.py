@@ -1,0 +1,115 @@
+"""Typed configuration shared by the CLI, the Serve deployments and the jobs; validated once at the edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from rtedit.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+@dataclass
+class ImageLimits:
+    """What the engine accepts as an input or reference image."""
+
+    max_pixels: int = 4_000_000  # width * height; checked from the header, before any pixel is decoded
+    max_bytes: int = 32 * 2**20  # encoded size of one image
+    min_side: int = 64  # Flux2ImageProcessor.check_image_input refuses smaller sides
+    max_aspect: float = 8.0  # and more extreme aspect ratios
+    max_references: int = 4  # reference images beside the input image
+
+    def validate(self) -> None:
+        _check_int("images.max_pixels", self.max_pixels, 64 * 64)
+        _check_int("images.max_bytes", self.max_bytes, 1024)
+        _check_int("images.min_side", self.min_side, 16)
+        _check_float("images.max_aspect", self.max_aspect, 1.0)
+        _check_int("images.max_references", self.max_references, 0, 16)
+
+
+@dataclass
+class PromptConfig:
+    """How instructions become embeddings."""
+
+    max_length: int = 512  # tokens; longer prompts are truncated exactly as Flux2KleinPipeline does
+    layers: tuple[int, ...] = (9, 18, 27)  # Qwen3 hidden states stacked into the joint embedding
+    max_chars: int = 4096  # longer prompts are rejected before tokenising
+    cache_entries: int = 256  # PromptCache bound in entries
+    cache_bytes: int = 2 * 2**30  # and in bytes of cached tensors
+
+    def validate(self) -> None:
+        _check_int("prompt.max_length", self.max_length, 8, 4096)
+        if not self.layers or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.layers):
+            raise ConfigError(f"prompt.layers must be positive layer indices, got {self.layers!r}")
+        _check_int("prompt.max_chars", self.max_chars, 1)
+        _check_int("prompt.cache_entries", self.cache_entries, 1)
+        _check_int("prompt.cache_bytes", self.cache_bytes, 1024)
+
+
+@dataclass
+class EditorConfig:
+    """Everything an Editor needs besides its weights."""
+
+    model: str = "tiny"  # preset name, local diffusers folder, or hub id
+    device: str | None = None  # None: the preset's default (cuda when present for real models)
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
+    max_steps: int = 50  # requests with more steps are rejected
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    images: ImageLimits = field(default_factory=ImageLimits)
+
+    def validate(self) -> "EditorConfig":
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(f"model must be a preset name, folder or hub id, got {self.model!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ConfigError(f"device must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
+        _check_int("max_steps", self.max_steps, 1, 50)
+        self.prompt.validate()
+        self.images.validate()
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EditorConfig":
+        """Builds a validated config from plain data (YAML, JSON, CLI); unknown fields are errors."""
+        return _from_dict(cls, data, "").validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(prefix + u for u in unknown)}; known: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[name] = _from_dict(sub, value, f"{prefix}{name}.")
+        elif name == "layers" and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

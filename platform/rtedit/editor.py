@@ -1,0 +1,343 @@
+"""The Editor: one frame in three timed stages (prepare, denoise, decode), the FLUX.2 klein editing path in our code.
+
+With every approximation off it computes exactly what `Flux2KleinPipeline(..., is_distilled=True)(guidance_scale=1)`
+computes for the same inputs and seed; tests hold it to that.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from rtedit.config import EditorConfig, PromptConfig
+from rtedit.errors import EditError, InvalidRequest, ModelLoadError, UnsupportedRequest
+from rtedit.images import (
+    OUTPUT_FORMATS,
+    ImageInput,
+    array_to_pil,
+    encode_image,
+    fit_like_pipeline,
+    pixels_to_array,
+    to_pixel_tensor,
+    to_uint8_array,
+)
+from rtedit.latents import LatentIdCache, TimestepCache, initial_noise, pack, unpack
+from rtedit.presets import PRESETS, ModelBundle, build_preset, load_pretrained
+from rtedit.prompts import PromptCache, PromptEmbedding, PromptEncoder, check_prompt
+from rtedit.vae import LatentCodec
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1
+# The transformer sees 16x16-pixel patches: a VAE factor of 8 and 2x2 patchify.
+PATCH_PIXELS = 16
+
+
+@dataclass
+class EditResult:
+    """One edited frame."""
+
+    image: PIL.Image.Image
+    array: np.ndarray  # float32 HxWx3 in [0, 1], before quantisation
+    timings: dict[str, float]  # ms: prepare, denoise, decode, total
+    data: bytes | None = None  # encoded image when an output format was asked for
+    seed: int = 0
+    steps: int = 2
+    prompt_truncated: bool = False
+
+
+class StageTimer:
+    """Stage boundaries in ms: CUDA events on a GPU (no sync until the end), a host clock on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._marks: list[tuple[str, object]] = [("start", self._now())]
+
+    def _now(self):
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        self._marks.append((stage, self._now()))
+
+    def timings(self) -> dict[str, float]:
+        if self._cuda:
+            self._marks[-1][1].synchronize()
+            elapsed = lambda a, b: a.elapsed_time(b)  # noqa: E731
+        else:
+            elapsed = lambda a, b: (b - a) * 1000.0  # noqa: E731
+        out = {name: elapsed(prev, cur) for (_, prev), (name, cur) in zip(self._marks, self._marks[1:])}
+        out["total"] = elapsed(self._marks[0][1], self._marks[-1][1])
+        return out
+
+
+def resolve_device(device: str | torch.device | None, prefer_gpu: bool) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if prefer_gpu and torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"invalid device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but this machine has no CUDA GPU")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ModelLoadError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+class Editor:
+    """Edits frames with FLUX.2 klein; thread-safe, one request at a time on its device."""
+
+    def __init__(self, bundle: ModelBundle, config: EditorConfig | None = None) -> None:
+        config = (config or EditorConfig()).validate()
+        sidecar = bundle.sidecar
+        # The model folder knows its own prompt length and taps; they override the defaults.
+        config = replace(
+            config,
+            prompt=replace(config.prompt, max_length=sidecar.prompt_length, layers=tuple(sidecar.text_encoder_layers)),
+        )
+        config.validate()
+        self.config = config
+        self.bundle = bundle
+        self.transformer, self.vae, self.scheduler = bundle.transformer, bundle.vae, bundle.scheduler
+        self.text_encoder, self.tokenizer = bundle.text_encoder, bundle.tokenizer
+        self.device, self.dtype = self.transformer.device, self.transformer.dtype
+        self.codec = LatentCodec(self.vae)
+        self.prompt_encoder = (
+            PromptEncoder(self.text_encoder, self.tokenizer, config.prompt, name=bundle.name)
+            if self.text_encoder is not None and self.tokenizer is not None
+            else None
+        )
+        self.prompt_cache = PromptCache(config.prompt.cache_entries, config.prompt.cache_bytes)
+        self.latent_ids = LatentIdCache()
+        self.timestep_cache = TimestepCache(self.scheduler)
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(
+        cls, name: str, device=None, dtype=None, config: EditorConfig | None = None, seed: int = 0
+    ) -> "Editor":
+        """`tiny` (CPU by default) or `klein-4b-random` (GPU), with seeded random weights."""
+        if name not in PRESETS:
+            raise ModelLoadError(f"unknown preset {name!r}; presets are {PRESETS}")
+        dev = resolve_device(device, prefer_gpu=name != "tiny")
+        bundle = build_preset(name, dev, resolve_dtype(dtype, dev), seed=seed)
+        return cls(bundle, replace(config or EditorConfig(), model=name))
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, device=None, dtype=None, config: EditorConfig | None = None) -> "Editor":
+        """A diffusers Flux2KleinPipeline folder or hub id, with its optional rtedit.json sidecar."""
+        dev = resolve_device(device, prefer_gpu=True)
+        bundle = load_pretrained(str(path_or_id), dev, resolve_dtype(dtype, dev))
+        return cls(bundle, replace(config or EditorConfig(), model=str(path_or_id)))
+
+    @classmethod
+    def from_pipeline(cls, pipe, config: EditorConfig | None = None) -> "Editor":
+        """Adopts the components of an existing Flux2KleinPipeline (which stays usable)."""
+        bundle = ModelBundle(
+            transformer=pipe.transformer,
+            vae=pipe.vae,
+            scheduler=pipe.scheduler,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            name=getattr(pipe, "name_or_path", None) or type(pipe).__name__,
+        )
+        return cls(bundle, config)
+
+    @classmethod
+    def from_config(cls, config: EditorConfig) -> "Editor":
+        """The one entry point the CLI, Serve and jobs share: a preset name or a model folder / hub id."""
+        config.validate()
+        if config.model in PRESETS:
+            return cls.from_preset(config.model, config.device, config.dtype, config)
+        return cls.from_pretrained(config.model, config.device, config.dtype, config)
+
+    # ---- prompts ------------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> PromptEmbedding:
+        """The embedding of an instruction, from the PromptCache or the text encoder on a miss."""
+        return self.encode_prompts([prompt])[0]
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[PromptEmbedding]:
+        """Several instructions at once; the cache misses go through the text encoder as one batch."""
+        if self.prompt_encoder is None:
+            raise InvalidRequest(
+                "this editor has no text encoder; pass a PromptEmbedding made by an editor or text-encoder service"
+            )
+        prompts = [check_prompt(p, self.config.prompt) for p in prompts]
+        keys = [self.prompt_encoder.key(p) for p in prompts]
+        found = {k: self.prompt_cache.get(k) for k in dict.fromkeys(keys)}
+        missing = [p for p, k in zip(prompts, keys) if found[k] is None]
+        if missing:
+            unique = list(dict.fromkeys(missing))
+            for entry in self.prompt_encoder.encode(unique):
+                self.prompt_cache.put(entry)
+                found[entry.key] = entry
+        return [found[k] for k in keys]
+
+    def _embedding(self, prompt: str | PromptEmbedding) -> PromptEmbedding:
+        if isinstance(prompt, PromptEmbedding):
+            emb = prompt
+        else:
+            emb = self.encode_prompt(prompt)
+        expected = self.transformer.config.joint_attention_dim
+        if emb.embeds.ndim != 3 or emb.embeds.shape[0] != 1 or emb.embeds.shape[2] != expected:
+            raise InvalidRequest(f"prompt embeddings must be [1, L, {expected}], got {list(emb.embeds.shape)}")
+        if list(emb.text_ids.shape) != [1, emb.embeds.shape[1], 4]:
+            raise InvalidRequest(f"text ids must be [1, {emb.embeds.shape[1]}, 4], got {list(emb.text_ids.shape)}")
+        if emb.embeds.device.type == "cpu" and not torch.isfinite(emb.embeds).all():
+            raise InvalidRequest("prompt embeddings contain NaN or infinity")
+        if emb.embeds.device != self.device or emb.embeds.dtype != self.dtype:
+            emb = emb.to(self.device, self.dtype)
+        return emb
+
+    # ---- the frame ----------------------------------------------------------------------------------------------
+    def edit(
+        self,
+        image: ImageInput,
+        prompt: str | PromptEmbedding,
+        *,
+        references: Sequence[ImageInput] = (),
+        steps: int = 2,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        output_format: str | None = None,
+    ) -> EditResult:
+        """Edits `image` as `prompt` says, conditioned on optional reference images."""
+        try:
+            self._check_request(references, steps, seed, height, width, output_format)
+            with self._lock, torch.inference_mode():
+                result = self._edit(image, prompt, tuple(references), steps, seed, height, width, output_format)
+        except EditError as exc:
+            self._counts[f"error:{type(exc).__name__}"] += 1
+            raise
+        self._counts["edits"] += 1
+        return result
+
+    def _edit(self, image, prompt, references, steps, seed, height, width, output_format) -> EditResult:
+        timer = StageTimer(self.device)
+
+        # 1. prepare: prompt embedding, condition images -> latent tokens, noise, ids, timesteps
+        emb = self._embedding(prompt)
+        limits = self.config.images
+        arrays = [fit_like_pipeline(to_uint8_array(image, limits, "image"))]
+        arrays += [fit_like_pipeline(to_uint8_array(r, limits, f"reference {i}")) for i, r in enumerate(references)]
+        lat_h = (height or arrays[0].shape[0]) // PATCH_PIXELS
+        lat_w = (width or arrays[0].shape[1]) // PATCH_PIXELS
+        cond_latents = [self._encode_condition(arr, is_input=i == 0) for i, arr in enumerate(arrays)]
+        cond_tokens = torch.cat([pack(lat) for lat in cond_latents], dim=1)
+        cond_ids = self.latent_ids.references(tuple(tuple(lat.shape[2:]) for lat in cond_latents), self.device)
+        target_ids = self.latent_ids.target(lat_h, lat_w, self.device)
+        img_ids = torch.cat([target_ids, cond_ids], dim=1)
+        latents = pack(initial_noise(seed, (1, self.transformer.config.in_channels, lat_h, lat_w), self.dtype, self.device))
+        timesteps, sigmas = self.timestep_cache.get(lat_h * lat_w, steps, self.device)
+        timer.mark("prepare")
+
+        # 2. denoise: Euler steps of the flow, condition tokens appended after the target tokens
+        latents = self._denoise(latents, cond_tokens, emb, img_ids, timesteps, sigmas)
+        timer.mark("denoise")
+
+        # 3. decode: unpack, undo the latent batch-norm, unpatchify, VAE decode, quantise and encode
+        pixels = self.codec.decode(unpack(latents, lat_h, lat_w))
+        array = pixels_to_array(pixels)
+        pil = array_to_pil(array)
+        data = encode_image(pil, output_format) if output_format else None
+        timer.mark("decode")
+        return EditResult(pil, array, timer.timings(), data, seed, steps, emb.truncated)
+
+    def _encode_condition(self, arr: np.ndarray, is_input: bool) -> torch.Tensor:
+        """The input image rides the main (bucketed, compilable) path; references are encoded on their own."""
+        pixels = to_pixel_tensor(arr, self.codec.device, self.codec.dtype)
+        return self.codec.encode(pixels) if is_input else self.codec.encode_reference(pixels)
+
+    def _denoise(self, latents, cond_tokens, emb, img_ids, timesteps, sigmas) -> torch.Tensor:
+        num_target = latents.shape[1]
+        for i, t in enumerate(timesteps):
+            hidden = torch.cat([latents, cond_tokens], dim=1).to(self.dtype)
+            velocity = self.transformer(
+                hidden_states=hidden,
+                timestep=t.expand(1).to(latents.dtype) / 1000,
+                guidance=None,
+                encoder_hidden_states=emb.embeds,
+                txt_ids=emb.text_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0][:, :num_target]
+            # FlowMatchEulerDiscreteScheduler.step's arithmetic: float32 sample, cast back to the model dtype.
+            latents = (latents.to(torch.float32) + (sigmas[i + 1] - sigmas[i]) * velocity).to(velocity.dtype)
+        return latents
+
+    # ---- checks and reporting -----------------------------------------------------------------------------------
+    def _check_request(self, references, steps, seed, height, width, output_format) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise InvalidRequest(f"steps must be an integer, got {steps!r}")
+        if not 1 <= steps <= self.config.max_steps:
+            raise InvalidRequest(f"steps must be in 1..{self.config.max_steps}, got {steps}")
+        allowed = self.bundle.sidecar.steps
+        if allowed is not None and steps not in allowed:
+            raise UnsupportedRequest(f"this model was trained for steps {list(allowed)}; got steps={steps}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise InvalidRequest(f"seed must be an integer, got {seed!r}")
+        if not 0 <= int(seed) <= MAX_SEED:
+            raise InvalidRequest(f"seed must be in 0..{MAX_SEED}, got {seed}")
+        if isinstance(references, (str, bytes)) or not isinstance(references, (list, tuple)):
+            raise InvalidRequest(f"references must be a list of images, got {type(references).__name__}")
+        if len(references) > self.config.images.max_references:
+            raise InvalidRequest(
+                f"{len(references)} references given; at most {self.config.images.max_references} are accepted"
+            )
+        for name, value in (("height", height), ("width", width)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidRequest(f"{name} must be an integer number of pixels, got {value!r}")
+            if value < self.config.images.min_side:
+                raise InvalidRequest(f"{name} must be at least {self.config.images.min_side}, got {value}")
+        if height and width and height * width > self.config.images.max_pixels:
+            raise InvalidRequest(f"{height}x{width} is over the limit of {self.config.images.max_pixels} pixels")
+        if output_format is not None and str(output_format).lower() not in OUTPUT_FORMATS:
+            raise InvalidRequest(f"output_format must be one of {sorted(set(OUTPUT_FORMATS))}, got {output_format!r}")
+
+    @property
+    def model_info(self) -> dict:
+        return {
+            "name": self.bundle.name,
+            "random_weights": self.bundle.random_weights,
+            "description": self.bundle.sidecar.description,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "transformer_params": sum(p.numel() for p in self.transformer.parameters()),
+            "has_text_encoder": self.prompt_encoder is not None,
+            "steps": list(self.bundle.sidecar.steps) if self.bundle.sidecar.steps else None,
+        }
+
+    def stats(self) -> dict:
+        return {
+            "edits": self._counts["edits"],
+            "errors": {k.split(":", 1)[1]: v for k, v in self._counts.items() if k.startswith("error:")},
+            "prompt_cache": self.prompt_cache.stats(),
+            "latent_id_cache_entries": len(self.latent_ids),
+            "timestep_cache_entries": len(self.timestep_cache),
+        }

@@ -1,0 +1,135 @@
+"""Images in and out: bytes/PIL/arrays -> checked uint8 arrays -> device tensors, and back to bytes."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from typing import Union
+
+import numpy as np
+import PIL.Image
+import torch
+
+from rtedit.config import ImageLimits
+from rtedit.errors import InvalidImage, InvalidRequest
+
+ImageInput = Union[PIL.Image.Image, np.ndarray, bytes, bytearray, memoryview]
+
+DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP")
+OUTPUT_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+# Flux2KleinPipeline shrinks larger inputs to about one megapixel before encoding them.
+PIPELINE_MAX_AREA = 1024 * 1024
+
+
+def decode_image(data: bytes | bytearray | memoryview, limits: ImageLimits) -> np.ndarray:
+    """Decodes JPEG/PNG/WebP bytes to an RGB uint8 array; refuses bombs from the header, before decoding."""
+    data = bytes(data)
+    if not data:
+        raise InvalidImage("image bytes are empty")
+    if len(data) > limits.max_bytes:
+        raise InvalidImage(f"encoded image is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            img = PIL.Image.open(io.BytesIO(data))
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as exc:
+        raise InvalidImage(f"image refused as a decompression bomb: {exc}") from None
+    except Exception as exc:  # PIL raises many types for garbage input
+        raise InvalidImage(f"image bytes could not be decoded ({type(exc).__name__}: {exc})") from None
+    if img.format not in DECODABLE_FORMATS:
+        raise InvalidImage(f"image format {img.format} is not accepted; send one of {', '.join(DECODABLE_FORMATS)}")
+    width, height = img.size
+    _check_pixels(width, height, limits)
+    try:
+        img.load()
+    except Exception as exc:
+        raise InvalidImage(f"image data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    return np.asarray(img.convert("RGB"))
+
+
+def to_uint8_array(image: ImageInput, limits: ImageLimits, what: str = "image") -> np.ndarray:
+    """Any accepted image input -> contiguous RGB uint8 HxWx3, with sizes checked."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        arr = decode_image(image, limits)
+    elif isinstance(image, PIL.Image.Image):
+        _check_pixels(image.width, image.height, limits, what)
+        arr = np.asarray(image.convert("RGB"))
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise InvalidImage(f"{what} array must have dtype uint8, got {image.dtype}")
+        if image.ndim != 3:
+            raise InvalidImage(f"{what} array must be HxWx3, got rank {image.ndim} with shape {image.shape}")
+        if image.shape[2] != 3:
+            raise InvalidImage(f"{what} array must have 3 channels (RGB), got {image.shape[2]}")
+        _check_pixels(image.shape[1], image.shape[0], limits, what)
+        arr = image
+    else:
+        raise InvalidImage(
+            f"{what} must be a PIL image, a uint8 HxWx3 numpy array or JPEG/PNG/WebP bytes, got {type(image).__name__}"
+        )
+    _check_shape(arr.shape[1], arr.shape[0], limits, what)
+    return np.ascontiguousarray(arr)
+
+
+def _check_pixels(width: int, height: int, limits: ImageLimits, what: str = "image") -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"{what} has zero size ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise InvalidImage(
+            f"{what} is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}"
+        )
+
+
+def _check_shape(width: int, height: int, limits: ImageLimits, what: str) -> None:
+    _check_pixels(width, height, limits, what)
+    if width < limits.min_side or height < limits.min_side:
+        raise InvalidImage(f"{what} is {width}x{height}; both sides must be at least {limits.min_side} px")
+    aspect = max(width / height, height / width)
+    if aspect > limits.max_aspect:
+        raise InvalidImage(f"{what} aspect ratio {aspect:.1f}:1 is over the limit of {limits.max_aspect}:1")
+
+
+def fit_like_pipeline(arr: np.ndarray, multiple: int = 16) -> np.ndarray:
+    """Resizes to ~1 MP when larger (LANCZOS) and centre-crops to a multiple of 16, as Flux2KleinPipeline does."""
+    height, width = arr.shape[:2]
+    if width * height > PIPELINE_MAX_AREA:
+        scale = math.sqrt(PIPELINE_MAX_AREA / (width * height))
+        width, height = int(width * scale), int(height * scale)
+        arr = np.asarray(PIL.Image.fromarray(arr).resize((width, height), PIL.Image.Resampling.LANCZOS))
+    crop_w, crop_h = (width // multiple) * multiple, (height // multiple) * multiple
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    return np.ascontiguousarray(arr[top : top + crop_h, left : left + crop_w])
+
+
+def to_pixel_tensor(arr: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 HxWx3 -> [1, 3, H, W] in [-1, 1]; pinned host memory and a non-blocking copy on a GPU."""
+    host = torch.from_numpy(arr)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    pixels = host.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0)
+    # Same float32 arithmetic as VaeImageProcessor (x / 255, then 2x - 1) so outputs match the pipeline exactly.
+    pixels = pixels.to(torch.float32) / 255.0
+    return (2.0 * pixels - 1.0).to(dtype)
+
+
+def pixels_to_array(pixels: torch.Tensor) -> np.ndarray:
+    """[1, 3, H, W] in [-1, 1] -> float32 HxWx3 in [0, 1], as VaeImageProcessor.postprocess computes it."""
+    image = (pixels * 0.5 + 0.5).clamp(0, 1)
+    return image[0].permute(1, 2, 0).float().cpu().numpy()
+
+
+def array_to_pil(arr: np.ndarray) -> PIL.Image.Image:
+    """float [0, 1] HxWx3 -> PIL, rounding as diffusers' numpy_to_pil does."""
+    return PIL.Image.fromarray((arr * 255).round().astype(np.uint8))
+
+
+def encode_image(image: PIL.Image.Image, fmt: str, quality: int = 90) -> bytes:
+    """PIL -> JPEG/PNG/WebP bytes."""
+    key = fmt.lower() if isinstance(fmt, str) else fmt
+    if key not in OUTPUT_FORMATS:
+        raise InvalidRequest(f"output format must be one of {sorted(set(OUTPUT_FORMATS))}, got {fmt!r}")
+    buf = io.BytesIO()
+    kwargs = {"quality": quality} if OUTPUT_FORMATS[key] in ("JPEG", "WEBP") else {}
+    image.save(buf, format=OUTPUT_FORMATS[key], **kwargs)
+    return buf.getvalue()

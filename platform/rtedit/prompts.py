@@ -1,0 +1,173 @@
+"""Instructions -> embeddings: Qwen3 run only up to its deepest tapped layer, and a bounded PromptCache."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from rtedit.config import PromptConfig
+from rtedit.errors import InvalidRequest, ModelLoadError
+from rtedit.latents import text_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromptEmbedding:
+    """What the transformer needs of an instruction; small enough to cross a process boundary once per prompt."""
+
+    embeds: torch.Tensor  # [1, L, len(layers) * hidden]
+    text_ids: torch.Tensor  # [1, L, 4]
+    key: str  # hash of the prompt and the encoder settings
+    truncated: bool = False  # the prompt had more tokens than prompt.max_length and was cut, as the pipeline cuts it
+
+    @property
+    def nbytes(self) -> int:
+        return self.embeds.numel() * self.embeds.element_size() + self.text_ids.numel() * self.text_ids.element_size()
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PromptEmbedding":
+        embeds = self.embeds.to(device=device, dtype=dtype or self.embeds.dtype)
+        return PromptEmbedding(embeds, self.text_ids.to(device), self.key, self.truncated)
+
+
+def check_prompt(prompt: object, config: PromptConfig) -> str:
+    """Rejects what no encoder should see: non-strings, blank prompts, absurd lengths."""
+    if not isinstance(prompt, str):
+        raise InvalidRequest(f"prompt must be a string or a PromptEmbedding, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise InvalidRequest("prompt is empty; say what the edit should do, e.g. 'make it winter'")
+    if len(prompt) > config.max_chars:
+        raise InvalidRequest(f"prompt has {len(prompt)} characters, over the limit of {config.max_chars}")
+    return prompt
+
+
+class _DeepestLayerReached(Exception):
+    """Raised by a hook to stop Qwen3 after the deepest tapped layer: later layers and lm_head are never run."""
+
+
+class PromptEncoder:
+    """Tokenises like Flux2KleinPipeline and stacks the tapped Qwen3 hidden states, computing nothing past them."""
+
+    def __init__(self, text_encoder, tokenizer, config: PromptConfig, name: str = "") -> None:
+        if text_encoder is None or tokenizer is None:
+            raise ModelLoadError("a PromptEncoder needs both a text encoder and a tokenizer")
+        layers = text_encoder.model.layers
+        if max(config.layers) > len(layers):
+            raise ModelLoadError(f"prompt.layers {config.layers} exceed the text encoder's {len(layers)} layers")
+        self.text_encoder, self.tokenizer, self.config = text_encoder, tokenizer, config
+        # Everything that changes the embedding of a string goes into the cache key.
+        self.settings_key = f"{name}|{config.max_length}|{tuple(config.layers)}|{text_encoder.dtype}"
+
+    def key(self, prompt: str) -> str:
+        return hashlib.sha256(f"{self.settings_key}\x00{prompt}".encode()).hexdigest()
+
+    def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+            )
+            for p in prompts
+        ]
+        full = self.tokenizer(texts, truncation=False)["input_ids"]
+        truncated = [len(ids) > self.config.max_length for ids in full]
+        inputs = self.tokenizer(
+            texts, return_tensors="pt", padding="max_length", truncation=True, max_length=self.config.max_length
+        )
+        return inputs["input_ids"], inputs["attention_mask"], truncated
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> list[PromptEmbedding]:
+        """Encodes a batch of prompts (the Serve text encoder batches concurrent cache misses)."""
+        input_ids, attention_mask, truncated = self._tokenize(prompts)
+        device = self.text_encoder.device
+        captured: dict[int, torch.Tensor] = {}
+        deepest = max(self.config.layers)
+
+        def tap(index: int):
+            def hook(_module, _args, output):
+                captured[index] = output[0] if isinstance(output, tuple) else output
+                if index == deepest:
+                    raise _DeepestLayerReached
+
+            return hook
+
+        layers = self.text_encoder.model.layers
+        handles = [layers[k - 1].register_forward_hook(tap(k)) for k in sorted(set(self.config.layers))]
+        try:
+            self.text_encoder.model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+            )
+        except _DeepestLayerReached:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        # hidden_states[k] of the pipeline is the output of decoder layer k (layers[k - 1]).
+        out = torch.stack([captured[k] for k in self.config.layers], dim=1).to(self.text_encoder.dtype)
+        b, n, length, hidden = out.shape
+        embeds = out.permute(0, 2, 1, 3).reshape(b, length, n * hidden)
+        ids = text_ids(length).to(device)
+        results = []
+        for i, prompt in enumerate(prompts):
+            if truncated[i]:
+                log.warning("prompt truncated to %d tokens, as Flux2KleinPipeline does", self.config.max_length)
+            results.append(PromptEmbedding(embeds[i : i + 1].clone(), ids, self.key(prompt), truncated[i]))
+        return results
+
+
+class PromptCache:
+    """Bounded LRU of PromptEmbeddings keyed by prompt hash; a hit returns the very same tensors."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._entries: OrderedDict[str, PromptEmbedding] = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> PromptEmbedding | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+
+    def put(self, entry: PromptEmbedding) -> None:
+        if entry.nbytes > self.max_bytes:
+            return  # larger than the whole cache: serve it, never store it
+        with self._lock:
+            old = self._entries.pop(entry.key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._entries[entry.key] = entry
+            self._bytes += entry.nbytes
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+                self.evictions += 1
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def stats(self) -> dict:
+        total = self.hits + self.misses
+        return {
+            "entries": len(self._entries),
+            "bytes": self._bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "hit_rate": self.hits / total if total else 0.0,
+        }
