@@ -34,3 +34,38 @@ def taef2_weights(shared_dir):
                 pytest.fail(f"{folder / name} is missing in CI")
             pytest.skip(f"{folder / name} is absent")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_editor():
+    """One tiny editor (random weights, CPU, float32) shared by the engine tests; tests must not mutate it."""
+    from rtedit.editor import Editor
+
+    return Editor.from_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_editor):
+    """The stock diffusers pipeline over the very same modules: the reference for exactness."""
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline(
+        scheduler=tiny_editor.scheduler,
+        vae=tiny_editor.vae,
+        text_encoder=tiny_editor.text_encoder,
+        tokenizer=tiny_editor.tokenizer,
+        transformer=tiny_editor.transformer,
+        is_distilled=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_image(height: int, width: int, seed: int = 0):
+    """A smooth-ish random RGB uint8 image (noise alone would be an unrealistic VAE input)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = rng.random((height // 8 + 1, width // 8 + 1, 3))
+    img = np.kron(base, np.ones((8, 8, 1)))[:height, :width]
+    return (np.clip(img + 0.1 * rng.random((height, width, 3)), 0, 1) * 255).astype(np.uint8)
