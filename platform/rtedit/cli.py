@@ -1,0 +1,91 @@
+"""`rtedit`: the command line over the same Editor the services use."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rtedit.errors import EditError
+
+DESCRIPTION = """rtedit: realtime instruction-based image editing on FLUX.2 [klein].
+
+commands:
+  edit   edit one image with an instruction and write the result; prints the stage timings
+  info   load a model and print what it is (name, device, dtype, random weights or not)
+
+Models (--model): 'tiny' (random weights, CPU, seconds), 'klein-4b-random' (real klein 4B shapes, random
+weights, needs a GPU), or a local diffusers folder / hub id of a FLUX.2 klein model.
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="preset name, diffusers folder or hub id (default: tiny)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the model's own choice)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtedit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{edit,info}")
+
+    edit = sub.add_parser("edit", help="edit one image with an instruction", description="Edit one image and write it; prints stage timings in ms.")
+    _add_model_args(edit)
+    edit.add_argument("--image", required=True, type=Path, help="input image (JPEG, PNG or WebP)")
+    edit.add_argument("--prompt", required=True, help="the instruction, e.g. 'make it winter'")
+    edit.add_argument("--out", required=True, type=Path, help="output file; its extension picks JPEG, PNG or WebP")
+    edit.add_argument("--reference", action="append", type=Path, default=[], help="a reference image (repeatable)")
+    edit.add_argument("--steps", type=int, default=2, help="denoising steps, 1..50 (default: 2)")
+    edit.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    edit.add_argument("--height", type=int, default=None, help="output height (default: the input's, floored to 16)")
+    edit.add_argument("--width", type=int, default=None, help="output width (default: the input's, floored to 16)")
+
+    info = sub.add_parser("info", help="print what a model is", description="Load a model and print its description as JSON.")
+    _add_model_args(info)
+    return parser
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"rtedit: cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rtedit.config import EditorConfig
+    from rtedit.editor import Editor
+
+    try:
+        config = EditorConfig(model=args.model, device=args.device, dtype=args.dtype).validate()
+        if args.command == "info":
+            editor = Editor.from_config(config)
+            print(json.dumps(editor.model_info, indent=2))
+            return 0
+        fmt = args.out.suffix.lower().lstrip(".")
+        if fmt not in ("jpg", "jpeg", "png", "webp"):
+            raise SystemExit(f"rtedit: --out must end in .jpg, .jpeg, .png or .webp, got {args.out.name!r}")
+        image = _read(args.image, "image")
+        refs = [_read(p, "reference") for p in args.reference]
+        editor = Editor.from_config(config)
+        result = editor.edit(
+            image, args.prompt, references=refs, steps=args.steps, seed=args.seed,
+            height=args.height, width=args.width, output_format=fmt,
+        )
+    except EditError as exc:
+        print(f"rtedit: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(result.data)
+    timings = "  ".join(f"{k} {v:.1f} ms" for k, v in result.timings.items())
+    print(f"wrote {args.out} ({result.image.width}x{result.image.height}, {args.steps} steps, seed {args.seed})")
+    print(f"timings: {timings}")
+    if editor.model_info["random_weights"]:
+        print(f"note: model {editor.model_info['name']!r} has random weights; the output is noise-like by design")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
