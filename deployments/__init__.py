@@ -1,0 +1,1 @@
+"""Ray Serve layer over rtedit: TextEncoder, Editor replicas and the FastAPI Router, composed in app.py."""

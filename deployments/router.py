@@ -1,0 +1,407 @@
+"""The FastAPI ingress: HTTP and websocket transport, sessions, frame dropping, auth, limits, stats.
+
+The router owns transport; editor replicas own compute. Every failure is mapped to a response in `classify`.
+"""
+
+import asyncio
+import base64
+import collections
+import hmac
+import logging
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
+
+from deployments.config import RouterArgs
+from rtedit.errors import EditError, InvalidRequest, UnsupportedRequest
+from rtedit.serving import EditJob, decode_base64, parse_settings, serve_stream
+from rtedit.transport import FrameError, PayloadTooLarge, decode_frame, encode_frame, error_reply, loads_json
+
+logger = logging.getLogger("ray.serve")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STAGE_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+WS_KEY_PROTOCOL = "rtedit.key."
+OPEN_PATHS = {"/", "/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico"}
+
+
+class EditorFailed(EditError):
+    """The editor replica died or could not be reached mid-request; retry (Serve replaces the replica)."""
+
+
+class EditTimeout(EditError):
+    """The edit took longer than edit_timeout_s."""
+
+
+def classify(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """One place mapping every failure to an HTTP status and an error payload."""
+    if isinstance(exc, PayloadTooLarge):
+        status = 413
+    elif isinstance(exc, UnsupportedRequest):
+        status = 422
+    elif isinstance(exc, InvalidRequest):
+        status = 400
+    elif isinstance(exc, EditTimeout):
+        status = 504
+    elif isinstance(exc, EditorFailed):
+        status = 503
+    else:
+        status = 500
+    return status, error_reply(exc, None)["error"]
+
+
+def error_type(exc: BaseException) -> str:
+    return getattr(exc, "type_name", type(exc).__name__)
+
+
+class RemoteError(FrameError):
+    """An error the editor or text encoder reported as data; keeps its remote type name and code."""
+
+    def __init__(self, payload: dict[str, Any]):
+        super().__init__(payload.get("code", "invalid"), payload.get("message", "error"))
+        self.type_name = payload.get("type", "EditError")
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"id": self.frame_id, "error": {"type": self.type_name, "code": self.code, "message": str(self)}}
+
+
+def auth_notice(key: str | None) -> str:
+    """The start-up log line about access control."""
+    if key:
+        return "API key required: HTTP header x-api-key (or Authorization: Bearer), websocket ?api_key= or subprotocol"
+    return ("no API key configured: every client can use this service (set RTEDIT_API_KEY or router.api_key "
+            "to require one)")
+
+
+app = FastAPI(
+    title="rtedit",
+    description="Realtime instruction-based image editing on FLUX.2 [klein]. Binary frame: 4-byte big-endian "
+                "length N, N bytes of UTF-8 JSON metadata, then the encoded image.",
+    version="0.1.0",
+)
+if STATIC_DIR.is_dir():
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+class _StageStats:
+    """Rolling windows of stage timings for p50/p99 in /api/stats (Prometheus gets the histograms)."""
+
+    def __init__(self, window: int):
+        self.samples: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=window))
+
+    def add(self, timings: dict[str, float]) -> None:
+        for stage, ms in timings.items():
+            if isinstance(ms, (int, float)):
+                self.samples[stage].append(float(ms))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for stage, values in self.samples.items():
+            if values:
+                arr = np.fromiter(values, float)
+                out[stage] = {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)),
+                              "n": len(values)}
+        return out
+
+
+@serve.deployment(name="Router", max_ongoing_requests=1024, graceful_shutdown_timeout_s=5)
+@serve.ingress(app)
+class Router:
+    def __init__(self, encoder: DeploymentHandle, editor: DeploymentHandle, args: RouterArgs):
+        self.encoder, self.editor, self.args = encoder, editor, args
+        self.limits = args.frame_limits()
+        self.defaults = args.session_defaults()
+        self.api_key = args.api_key or (os.environ.get(args.api_key_env) if args.api_key_env else None) or None
+        self.sessions: dict[str, DeploymentHandle] = {}
+        self.counts: collections.Counter = collections.Counter()
+        self.errors_by_type: collections.Counter = collections.Counter()
+        self.replicas_seen: collections.Counter = collections.Counter()
+        self.stages = _StageStats(args.stats_window)
+        self.model_info: dict[str, Any] | None = None
+        self.m_frames = Counter("rtedit_frames", description="Frames by event (received, processed, dropped)",
+                                tag_keys=("event", "route"))
+        self.m_errors = Counter("rtedit_errors", description="Errors by type", tag_keys=("type", "route"))
+        self.m_stage = Histogram("rtedit_stage_ms", description="Per-frame stage latency seen by the router (ms)",
+                                 boundaries=STAGE_BOUNDARIES_MS, tag_keys=("stage",))
+        self.m_prompt = Counter("rtedit_embedding_transfers", description="Prompt embeddings sent to editors",
+                                tag_keys=())
+        logger.info("rtedit router: %s", auth_notice(self.api_key))
+        if not self.api_key:
+            logger.warning("rtedit router: %s", auth_notice(None))
+
+    # ---- access -------------------------------------------------------------------------------------------------
+    def _key_ok(self, given: str | None) -> bool:
+        return not self.api_key or (given is not None and hmac.compare_digest(given.encode(), self.api_key.encode()))
+
+    def _http_key(self, request: Request) -> str | None:
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            return auth[7:].strip()
+        return request.headers.get("x-api-key")
+
+    def _refuse(self, request: Request) -> JSONResponse | None:
+        if self._key_ok(self._http_key(request)):
+            return None
+        self._count_error("unauthorized", "http")
+        return JSONResponse({"error": {"type": "Unauthorized", "code": "unauthorized",
+                                       "message": "missing or wrong API key (x-api-key header)"}}, status_code=401)
+
+    # ---- bookkeeping --------------------------------------------------------------------------------------------
+    def _count(self, event: str, route: str, n: int = 1) -> None:
+        self.counts[f"{route}:{event}"] += n
+        self.counts[event] += n
+        self.m_frames.inc(n, tags={"event": event, "route": route})
+
+    def _count_error(self, type_name: str, route: str) -> None:
+        self.errors_by_type[type_name] += 1
+        self.m_errors.inc(tags={"type": type_name, "route": route})
+
+    def _observe(self, timings: dict[str, float]) -> None:
+        self.stages.add(timings)
+        for stage, ms in timings.items():
+            if isinstance(ms, (int, float)):
+                self.m_stage.observe(float(ms), tags={"stage": stage})
+
+    # ---- the edit call ------------------------------------------------------------------------------------------
+    def _handle(self, session: str | None) -> DeploymentHandle:
+        if not session:
+            return self.editor
+        handle = self.sessions.get(session)
+        if handle is None:
+            # The session id rides as the multiplexed model id; SessionAffinityRouter keeps it on one replica.
+            handle = self.sessions[session] = self.editor.options(multiplexed_model_id=session)
+        return handle
+
+    async def _call_editor(self, handle: DeploymentHandle, job: EditJob, embedding: Any = None) -> dict[str, Any]:
+        response = handle.edit.remote(job, embedding) if embedding is not None else handle.edit.remote(job)
+        try:
+            return await asyncio.wait_for(response, self.args.edit_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise EditTimeout(f"the edit took longer than {self.args.edit_timeout_s} s") from None
+        except (EditError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - actor died, unavailable, back-pressure: the replica failed
+            raise EditorFailed(f"the editor replica failed ({type(exc).__name__}); retry: "
+                               "Serve restarts failed replicas") from None
+
+    async def process(self, job: EditJob) -> tuple[dict[str, Any], bytes]:
+        """Edit one frame on the session's replica; embeddings cross from the text encoder once per prompt."""
+        t0 = time.perf_counter()
+        handle = self._handle(job.session)
+        reply = await self._call_editor(handle, job)
+        if "need_embedding" in reply:
+            self.m_prompt.inc()
+            self.counts["embedding_transfers"] += 1
+            # The encoder's response goes to the editor as a reference: the tensors never pass through here.
+            reply = await self._call_editor(handle, job, self.encoder.encode.remote(job.prompt))
+        if "error" in reply:
+            raise RemoteError(reply["error"])
+        image = reply.pop("image")
+        timings = dict(reply.get("timings") or {})
+        timings["server"] = (time.perf_counter() - t0) * 1000
+        reply["timings"] = timings
+        self._observe(timings)
+        self.replicas_seen[reply.get("replica", "?")] += 1
+        return reply, image
+
+    # ---- websocket ----------------------------------------------------------------------------------------------
+    @app.websocket("/ws/predict")
+    async def ws_predict(self, ws: WebSocket) -> None:
+        """Binary frames in, binary frames out; text messages set session settings (see rtedit.serving)."""
+        protocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        offered = next((p for p in protocols if p.startswith(WS_KEY_PROTOCOL)), None)
+        given = ws.query_params.get("api_key") or (offered[len(WS_KEY_PROTOCOL):] if offered else None)
+        if not self._key_ok(given):
+            self._count_error("unauthorized", "ws")
+            await ws.close(code=1008)  # before accept: the handshake is refused (HTTP 403)
+            return
+        await ws.accept(subprotocol=offered)
+        session = uuid.uuid4().hex
+        seed = self.defaults.seed if self.defaults.seed is not None else secrets.randbelow(2**31)
+        self.counts["sessions_open"] += 1
+        self.counts["sessions_total"] += 1
+
+        async def receive() -> bytes | str | None:
+            try:
+                message = await ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return None
+            if message["type"] == "websocket.disconnect":
+                return None
+            if message.get("bytes") is not None:
+                return message["bytes"]
+            return message.get("text") or ""
+
+        async def send(data: bytes | str) -> None:
+            if isinstance(data, bytes):
+                await ws.send_bytes(data)
+            else:
+                await ws.send_text(data)
+
+        def on_frame(event: str) -> None:
+            if event.startswith("error:"):
+                self._count_error(event[6:], "ws")
+            else:
+                self._count(event, "ws")
+
+        try:
+            stats = await serve_stream(receive, send, self.process, session=session, seed=seed, limits=self.limits,
+                                       defaults=self.defaults, on_frame=on_frame)
+            logger.info("session %s closed: received %d processed %d dropped %d errors %d", session[:8],
+                        stats.received, stats.processed, stats.dropped, stats.errors)
+        finally:
+            self.sessions.pop(session, None)
+            self.counts["sessions_open"] -= 1
+            try:
+                await ws.close()
+            except Exception:  # noqa: BLE001 - already closed by the client
+                pass
+
+    # ---- HTTP ---------------------------------------------------------------------------------------------------
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused on Content-Length before reading, and cut off while streaming if it lies."""
+        limit = self.limits.max_frame_bytes * 4 // 3 + 4096  # base64 JSON bodies grow by 4/3
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise FrameError("bad_header", f"Content-Length {length[:20]!r} is not a number")
+            if int(length) > limit:
+                raise PayloadTooLarge("too_large", f"body of {length} bytes is over the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge("too_large", f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _http_job(self, settings: dict[str, Any], image: bytes, frame_id: int | None) -> EditJob:
+        return EditJob(
+            session="", id=frame_id, image=image, prompt=settings.get("prompt") or self.defaults.prompt or "",
+            steps=settings.get("steps", self.defaults.steps),
+            seed=settings.get("seed", self.defaults.seed if self.defaults.seed is not None else 0),
+            width=settings.get("width", self.defaults.width), height=settings.get("height", self.defaults.height),
+            format=settings.get("format", self.defaults.format), references=settings.get("references", ()))
+
+    @app.post("/api/predict", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"type": "object", "required": ["image", "prompt"], "additionalProperties": False, "properties": {
+            "image": {"type": "string", "description": "base64 JPEG/PNG/WebP (a data: URL is accepted)"},
+            "prompt": {"type": "string"}, "steps": {"type": "integer"}, "seed": {"type": "integer"},
+            "width": {"type": "integer"}, "height": {"type": "integer"},
+            "format": {"type": "string", "enum": ["jpeg", "png", "webp"]},
+            "references": {"type": "array", "items": {"type": "string"}}}}}}}})
+    async def predict(self, request: Request) -> Response:
+        """JSON in (base64 image), JSON out (base64 image, size, timings, replica)."""
+        if (refused := self._refuse(request)) is not None:
+            return refused
+        self._count("received", "json")
+        try:
+            body = loads_json(await self._read_body(request), "body")
+            if not isinstance(body, dict):
+                raise FrameError("not_object", f"body must be a JSON object, got {type(body).__name__}")
+            if not isinstance(body.get("image"), str):
+                raise FrameError("missing_field" if "image" not in body else "wrong_type",
+                                 "image must be a base64 string")
+            image = decode_base64(body["image"], "image")
+            settings = parse_settings({k: v for k, v in body.items() if k != "image"}, self.limits)
+            if not settings.get("prompt") and not self.defaults.prompt:
+                raise FrameError("missing_field", "prompt is required")
+            meta, out = await self.process(self._http_job(settings, image, None))
+        except Exception as exc:  # noqa: BLE001 - mapped to a status in classify
+            status, error = classify(exc)
+            self._count_error(error["code"], "json")
+            return JSONResponse({"error": error}, status_code=status)
+        self._count("processed", "json")
+        return JSONResponse({**meta, "image": base64.b64encode(out).decode()})
+
+    @app.post("/api/predict_binary", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def predict_binary(self, request: Request) -> Response:
+        """One binary frame in, one out (errors are frames with `error`, with a matching HTTP status)."""
+        if (refused := self._refuse(request)) is not None:
+            return refused
+        self._count("received", "binary")
+        frame_id = None
+        try:
+            frame = decode_frame(await self._read_body(request), self.limits, require_id=False)
+            frame_id = frame.meta.id
+            settings = {k: v for k, v in frame.meta.to_json().items() if k != "id"}
+            if not settings.get("prompt") and not self.defaults.prompt:
+                raise FrameError("missing_field", "prompt is required", frame_id)
+            meta, out = await self.process(self._http_job(settings, frame.image, frame_id))
+        except Exception as exc:  # noqa: BLE001 - mapped to a status in classify
+            status, error = classify(exc)
+            self._count_error(error["code"], "binary")
+            fid = frame_id if frame_id is not None else getattr(exc, "frame_id", None)
+            return Response(encode_frame({"id": fid, "error": error}), status_code=status,
+                            media_type="application/octet-stream")
+        self._count("processed", "binary")
+        return Response(encode_frame({**meta, "id": frame_id, "dropped": 0}, out),
+                        media_type="application/octet-stream")
+
+    @app.get("/")
+    async def index(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def _model_info(self) -> dict[str, Any]:
+        if self.model_info is None:
+            info = await self.editor.info.remote()
+            self.model_info = {k: info.get(k) for k in ("name", "random_weights", "description", "device", "dtype",
+                                                        "transformer_params", "steps")}
+        return self.model_info
+
+    @app.get("/api/info")
+    async def info(self, request: Request) -> Response:
+        """The model being served (the page shows it, with a notice when its weights are random)."""
+        if (refused := self._refuse(request)) is not None:
+            return refused
+        return JSONResponse({"model": await self._model_info(), "auth": bool(self.api_key),
+                             "limits": {"max_frame_bytes": self.limits.max_frame_bytes,
+                                        "max_side": self.limits.max_side, "min_side": self.limits.min_side},
+                             "defaults": {"steps": self.defaults.steps, "format": self.defaults.format}})
+
+    @app.get("/api/stats")
+    async def stats(self, request: Request) -> Response:
+        """Cache hit rates, per-stage p50/p99, frames received/processed/dropped, errors by type."""
+        if (refused := self._refuse(request)) is not None:
+            return refused
+        encoder_stats: dict[str, Any] | str
+        try:
+            encoder_stats = await asyncio.wait_for(self.encoder.stats.remote(), 5)
+        except Exception as exc:  # noqa: BLE001 - stats must not fail because one deployment is restarting
+            encoder_stats = f"unavailable ({type(exc).__name__})"
+        try:
+            editor_stats = await asyncio.wait_for(self.editor.stats.remote(), 5)
+        except Exception as exc:  # noqa: BLE001
+            editor_stats = f"unavailable ({type(exc).__name__})"
+        frames = {e: self.counts[e] for e in ("received", "processed", "dropped")}
+        return JSONResponse({
+            "model": self.model_info,
+            "frames": frames,
+            "frames_by_route": {k: v for k, v in self.counts.items() if ":" in k},
+            "drop_rate": frames["dropped"] / frames["received"] if frames["received"] else 0.0,
+            "sessions": {"open": self.counts["sessions_open"], "total": self.counts["sessions_total"]},
+            "stages_ms": self.stages.summary(),
+            "errors": dict(self.errors_by_type),
+            "prompt_cache": encoder_stats,
+            "embedding_transfers": self.counts["embedding_transfers"],
+            "editor": editor_stats,
+            "attention_backend": (editor_stats.get("attention_backend", "not reported by the engine")
+                                  if isinstance(editor_stats, dict) else "unknown"),
+            "replicas_seen": dict(self.replicas_seen),
+        })

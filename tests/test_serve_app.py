@@ -1,0 +1,268 @@
+"""The Serve app against a real local Ray cluster and real clients on port 8000 (tiny preset, CPU).
+
+One module-scoped app: 2 editor replicas padded to >= 200 ms a frame (the "slow editor" test config), an API key.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("ray.serve")
+
+import httpx  # noqa: E402
+from websockets.exceptions import InvalidStatus  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+from rtedit.transport import decode_reply, encode_frame  # noqa: E402
+from test_serve_helpers import API_KEY, BASE, WS_URL, image_size, jpeg, recv_frame, start_ray, ws_frame  # noqa: E402
+
+pytestmark = pytest.mark.slow
+HEADERS = {"x-api-key": API_KEY}
+KEYED_WS = f"{WS_URL}?api_key={API_KEY}"
+MAX_FRAME = 512 * 1024
+SLOW_MS = 200
+
+APP_ARGS = {
+    "engine": {"model": "tiny"},
+    "editor": {"num_replicas": 2, "num_cpus": 1, "torch_threads": 1, "min_frame_ms": SLOW_MS,
+               "health_check_period_s": 2},
+    "text_encoder": {"num_cpus": 0.5},
+    "router": {"num_cpus": 0.5, "api_key": API_KEY, "edit_timeout_s": 60,
+               "limits": {"max_frame_bytes": MAX_FRAME, "max_meta_bytes": 4096},
+               "defaults": {"seed": 0, "steps": 2, "format": "jpeg"}},
+}
+
+
+@pytest.fixture(scope="module")
+def app():
+    from ray import serve
+
+    import ray
+    from deployments.app import build_app
+    from deployments.config import AppArgs
+
+    if os.environ.get("RTEDIT_SERVE_TEST_ADDRESS"):
+        # Development loop: reuse a cluster where this app already runs (see bench/serve_load.py --help).
+        ray.init(address=os.environ["RTEDIT_SERVE_TEST_ADDRESS"], log_to_driver=False)
+        yield serve
+        ray.shutdown()
+        return
+    start_ray(num_cpus=6)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+        serve.run(build_app(AppArgs.model_validate(APP_ARGS)), name="rtedit", route_prefix="/", blocking=False)
+        yield serve
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def predict_json(client: httpx.Client, image: bytes, **fields) -> httpx.Response:
+    body = {"image": base64.b64encode(image).decode(), **fields}
+    return client.post(f"{BASE}/api/predict", json=body, headers=HEADERS, timeout=120)
+
+
+# ---- round trips ---------------------------------------------------------------------------------------------
+
+
+def test_json_round_trip_returns_requested_size(app):
+    with httpx.Client() as client:
+        r = predict_json(client, jpeg(64, 64), prompt="make it blue", width=96, height=80, format="png")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    out = base64.b64decode(body["image"])
+    assert image_size(out) == (96, 80) and out[:4] == b"\x89PNG"
+    assert body["width"] == 96 and body["height"] == 80 and body["replica"]
+    assert set(body["timings"]) >= {"prepare", "denoise", "decode", "total", "server"}
+
+
+def test_binary_round_trip_and_same_frame_twice_is_identical(app):
+    frame = encode_frame({"id": 5, "prompt": "make it red", "width": 64, "height": 96, "seed": 3}, jpeg(80, 80, tag=1))
+    with httpx.Client() as client:
+        replies = [client.post(f"{BASE}/api/predict_binary", content=frame, headers=HEADERS, timeout=120)
+                   for _ in range(2)]
+    assert [r.status_code for r in replies] == [200, 200]
+    first, second = (decode_reply(r.content) for r in replies)
+    assert first.id == 5 and first.error is None and image_size(first.image) == (64, 96)
+    assert first.image == second.image and first.meta["seed"] == 3
+
+
+def test_health_page_docs_and_info(app):
+    with httpx.Client() as client:
+        assert client.get(f"{BASE}/healthz").json() == {"status": "ok"}
+        page = client.get(f"{BASE}/")
+        assert page.status_code == 200 and "/ws/predict" in client.get(f"{BASE}/static/app.js").text
+        assert "<title>rtedit" in page.text
+        assert client.get(f"{BASE}/docs").status_code == 200
+        assert "/api/predict_binary" in client.get(f"{BASE}/openapi.json").json()["paths"]
+        info = client.get(f"{BASE}/api/info", headers=HEADERS).json()
+    assert info["model"]["name"] == "tiny" and info["model"]["random_weights"] is True and info["auth"] is True
+
+
+# ---- websocket semantics -------------------------------------------------------------------------------------
+
+
+def test_ws_frame_dropping_keeps_newest_and_order(app):
+    sent = 30
+    with connect(KEYED_WS, max_size=2**24) as ws:
+        assert ws_frame(ws, {"id": 0, "prompt": "make it green"}, jpeg(64, 64)).error is None  # warm the session
+        for i in range(1, sent + 1):
+            ws.send(encode_frame({"id": i}, jpeg(64, 64, tag=i)))
+            time.sleep(0.01)
+        replies = []
+        while not replies or replies[-1].id != sent:
+            replies.append(recv_frame(ws, timeout=60))
+    ids = [r.id for r in replies]
+    assert all(r.error is None for r in replies)
+    assert ids == sorted(set(ids)) and ids[-1] == sent, ids
+    # Frame 0 was answered before the burst; every response counts the drops of the whole session.
+    assert len(replies) + replies[-1].meta["dropped"] == sent
+    assert replies[-1].meta["dropped"] > 0 and len(replies) < sent
+    assert len({r.meta["replica"] for r in replies}) == 1
+
+
+def test_same_frame_twice_in_a_session_gives_identical_images(app):
+    image = jpeg(64, 64, tag=9)
+    with connect(KEYED_WS) as ws:
+        a = ws_frame(ws, {"id": 1, "prompt": "make it snowy"}, image)
+        b = ws_frame(ws, {"id": 2}, image)
+    assert a.error is None and a.image == b.image and a.meta["seed"] == b.meta["seed"]
+
+
+def test_eight_concurrent_clients_are_isolated(app):
+    sizes = [(64, 64), (64, 80), (80, 64), (80, 80), (64, 96), (96, 64), (96, 80), (80, 96)]
+    results: dict[int, list] = {}
+    errors: list = []
+
+    def client(k: int) -> None:
+        try:
+            w, h = sizes[k]
+            out = []
+            with connect(KEYED_WS) as ws:
+                ws.send(json.dumps({"prompt": f"client {k}: paint it colour {k}", "width": w, "height": h}))
+                for i in range(3):
+                    out.append(ws_frame(ws, {"id": i}, jpeg(64, 64, tag=100 + k), timeout=120))
+            results[k] = out
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    keys = {}
+    for k, replies in results.items():
+        assert [r.id for r in replies] == [0, 1, 2]
+        assert all(r.error is None for r in replies), [r.error for r in replies]
+        assert {image_size(r.image) for r in replies} == {sizes[k]}
+        assert len({r.meta["prompt_key"] for r in replies}) == 1
+        keys[k] = replies[0].meta["prompt_key"]
+        assert len({r.meta["replica"] for r in replies}) == 1
+    assert len(set(keys.values())) == 8
+
+
+def test_sessions_stick_to_one_replica_and_spread(app):
+    seen = []
+    for _ in range(20):
+        with connect(KEYED_WS) as ws:
+            replies = [ws_frame(ws, {"id": i, "prompt": "make it blue"}, jpeg(64, 64)) for i in range(3)]
+        assert all(r.error is None for r in replies)
+        replicas = {r.meta["replica"] for r in replies}
+        assert len(replicas) == 1
+        seen.append(replicas.pop())
+        if len(set(seen)) == 2:
+            break
+    assert len(set(seen)) == 2, "20 sessions all landed on one of 2 replicas"
+
+
+# ---- bad input, limits, access ------------------------------------------------------------------------------
+
+
+def test_bad_frames_get_errors_while_another_client_is_served(app):
+    stop = threading.Event()
+    good: list = []
+
+    def steady() -> None:
+        with connect(KEYED_WS) as ws:
+            i = 0
+            while not stop.is_set():
+                good.append(ws_frame(ws, {"id": i, "prompt": "make it gold"}, jpeg(64, 64, tag=7), timeout=120))
+                i += 1
+
+    t = threading.Thread(target=steady)
+    t.start()
+    try:
+        with connect(KEYED_WS, max_size=2**24) as ws:
+            cases = [
+                (b"\x00\x01", "bad_header"),
+                (b"\x00\x00\x00\x06[1, 2]" + jpeg(), "not_object"),
+                (encode_frame({"id": 1, "prompt": "x"}, b"not an image at all"), "invalid_image"),
+                (encode_frame({"id": 2, "prompt": "x"}, b"\x00" * (MAX_FRAME + 10)), "too_large"),
+                (encode_frame({"id": 3, "prompt": "x", "colour": "red"}, jpeg()), "unknown_field"),
+            ]
+            for data, code in cases:
+                ws.send(data)
+                reply = recv_frame(ws)
+                assert reply.error is not None and reply.error["code"] == code, (code, reply.meta)
+                assert reply.error["message"]
+            assert ws_frame(ws, {"id": 4, "prompt": "x"}, jpeg()).error is None
+        with httpx.Client() as client:
+            r = client.post(f"{BASE}/api/predict", content=b"{not json", headers=HEADERS)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "bad_json"
+            r = client.post(f"{BASE}/api/predict", json={"image": "!!", "prompt": "x"}, headers=HEADERS)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "bad_base64"
+            r = predict_json(client, b"GIF89a-nope", prompt="x")
+            assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidImage"
+            r = predict_json(client, jpeg(), prompt="x", extra=1)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_field"
+    finally:
+        stop.set()
+        t.join(120)
+    assert len(good) >= 2 and all(r.error is None for r in good)
+
+
+def test_http_body_refused_on_content_length_before_reading(app):
+    with socket.create_connection(("127.0.0.1", 8000), timeout=30) as sock:
+        sock.sendall(b"POST /api/predict_binary HTTP/1.1\r\nHost: x\r\nx-api-key: " + API_KEY.encode() +
+                     b"\r\nContent-Length: 100000000\r\nContent-Type: application/octet-stream\r\n\r\n")
+        # No body is sent: an answer proves the server did not wait to read 100 MB.
+        head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+
+
+def test_api_key_is_required(app):
+    with httpx.Client() as client:
+        assert client.post(f"{BASE}/api/predict", json={}).status_code == 401
+        assert client.post(f"{BASE}/api/predict_binary", content=b"", headers={"x-api-key": "wrong"}).status_code == 401
+        assert client.get(f"{BASE}/api/stats").status_code == 401
+        r = client.get(f"{BASE}/api/stats", headers={"authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 200
+    with pytest.raises(InvalidStatus) as info:
+        with connect(WS_URL):
+            pass
+    assert info.value.response.status_code == 403
+    with pytest.raises(InvalidStatus):
+        with connect(f"{WS_URL}?api_key=wrong"):
+            pass
+    with connect(WS_URL, subprotocols=[f"rtedit.key.{API_KEY}"]) as ws:
+        assert ws.subprotocol == f"rtedit.key.{API_KEY}"
+        assert ws_frame(ws, {"id": 1, "prompt": "x"}, jpeg()).error is None
+
+
+def test_stats_report_frames_stages_and_caches(app):
+    with httpx.Client() as client:
+        stats = client.get(f"{BASE}/api/stats", headers=HEADERS).json()
+    assert stats["frames"]["received"] >= stats["frames"]["processed"] > 0
+    assert {"prepare", "denoise", "decode", "server"} <= set(stats["stages_ms"])
+    assert stats["stages_ms"]["server"]["p99"] >= stats["stages_ms"]["server"]["p50"] > 0
+    assert stats["prompt_cache"]["misses"] >= 1 and "hits" in stats["prompt_cache"]
+    assert stats["embedding_transfers"] >= 1
