@@ -1,0 +1,295 @@
+"""Typed configs of training jobs, parsed from YAML and validated before any worker starts.
+
+A job YAML has the shared sections `run`, `scaling`, `deepspeed`, `optimizer` and one job-specific `task` section
+that the job parses into its own dataclass with the same `from_dict`. Unknown keys, wrong types, NaN and infinities
+raise ConfigError naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from rtedit.errors import ConfigError
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generic parsing of nested dataclasses (hand-written: dataclasses has no from_dict, and pydantic is not a dependency
+# of rtedit).
+
+
+def _fail(path: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{path} must be {expected}, got {value!r}")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        _reject_non_finite(value, path)
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _convert(non_none[0], value, path)
+        raise ConfigError(f"{path}: unions other than Optional are not supported")
+    if origin is typing.Literal:
+        if value not in args:
+            raise _fail(path, value, f"one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _fail(path, value, "a mapping")
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _fail(path, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(path, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(path, value, "a number")
+        if not math.isfinite(value):
+            raise _fail(path, value, "a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _fail(path, value, "a string")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _fail(path, value, "a list")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _fail(path, value, f"a list of {len(args)} items")
+            return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(path, value, "a mapping")
+        item = args[1] if args else Any
+        return {str(k): _convert(item, v, f"{path}.{k}") for k, v in value.items()}
+    raise ConfigError(f"{path}: unsupported field type {tp!r}")
+
+
+def _reject_non_finite(value: Any, path: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(path, value, "a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _reject_non_finite(v, f"{path}.{k}")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _reject_non_finite(v, f"{path}[{i}]")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Build dataclass `cls` from a mapping: nested sections, strict types, unknown keys rejected."""
+    if not isinstance(data, dict):
+        raise _fail(path or cls.__name__, data, "a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path or cls.__name__}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where} is required")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as plain YAML-able data (tuples become lists)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+def _check(condition: bool, name: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name} must be {requirement}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared sections
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives and how long it goes; rerunning with the same name and storage_path resumes it."""
+
+    name: str
+    """Run name: a folder under storage_path (checkpoints, metrics)."""
+    storage_path: str
+    """Local folder, NFS mount or s3:// / gs:// URI shared by all nodes."""
+    max_steps: int
+    """Optimizer steps in total (across resumes)."""
+    batch_size: int
+    """Samples per worker per micro-step."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints; the last step always checkpoints."""
+    log_every: int = 10
+    """Steps between progress lines and ray.train.report calls."""
+    num_to_keep: int = 2
+    """Checkpoints kept in storage."""
+    max_failures: int = 0
+    """Worker-group restarts allowed (FailureConfig.max_failures; -1 for unlimited)."""
+    timeout_s: float = 3600.0
+    """fit() is abandoned (and the job fails) after this many seconds."""
+    seed: int = 0
+    """Seed of model initialisation (same on every rank) and of data (offset by rank)."""
+    output_dir: str | None = None
+    """Where metrics.csv/metrics.png and exports go; default storage_path/name when storage_path is local."""
+
+    def validate(self) -> None:
+        _check(bool(self.name.strip()) and "/" not in self.name, "run.name", self.name, "a non-empty name without '/'")
+        _check(bool(self.storage_path.strip()), "run.storage_path", self.storage_path, "non-empty")
+        for name in ("max_steps", "batch_size", "checkpoint_every", "log_every", "num_to_keep"):
+            _check(getattr(self, name) >= 1, f"run.{name}", getattr(self, name), ">= 1")
+        _check(self.max_failures >= -1, "run.max_failures", self.max_failures, ">= -1")
+        _check(math.isfinite(self.timeout_s) and self.timeout_s > 0, "run.timeout_s", self.timeout_s,
+               "a positive number")
+
+    def output_path(self) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir).expanduser()
+        if "://" in self.storage_path:
+            return Path("runs") / self.name
+        return Path(self.storage_path).expanduser() / self.name
+
+
+@dataclass
+class ScalingConfig:
+    """Ray Train workers: one process per GPU, or CPU processes for tests."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    """Only used with use_gpu."""
+
+    def validate(self) -> None:
+        _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, ">= 1")
+        _check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", self.cpus_per_worker, "> 0")
+        _check(self.gpus_per_worker > 0, "scaling.gpus_per_worker", self.gpus_per_worker, "> 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine every job trains through."""
+
+    zero_stage: int = 2
+    """ZeRO stage 1, 2 or 3."""
+    precision: typing.Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables it."""
+    grad_accum_steps: int = 1
+
+    def validate(self) -> None:
+        _check(self.zero_stage in (1, 2, 3), "deepspeed.zero_stage", self.zero_stage, "1, 2 or 3")
+        _check(self.grad_clip >= 0, "deepspeed.grad_clip", self.grad_clip, ">= 0")
+        _check(self.grad_accum_steps >= 1, "deepspeed.grad_accum_steps", self.grad_accum_steps, ">= 1")
+
+    def resolve_precision(self, on_gpu: bool) -> str:
+        if self.precision == "auto":
+            return "bf16" if on_gpu else "fp32"
+        return self.precision
+
+
+@dataclass
+class OptimizerConfig:
+    """A torch.optim optimizer (DeepSpeed's own optimizers need compiled ops) and its schedule."""
+
+    name: typing.Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: typing.Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio at max_steps."""
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optimizer.lr", self.lr, "> 0")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "optimizer.betas", self.betas, "in [0, 1)")
+        _check(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, ">= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+
+
+@dataclass
+class JobConfig:
+    """One training job: shared sections plus the job's own `task` section (parsed by the job)."""
+
+    run: RunConfig
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    task: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> JobConfig:
+        self.run.validate()
+        self.scaling.validate()
+        self.deepspeed.validate()
+        self.optimizer.validate()
+        _check(self.optimizer.warmup_steps <= self.run.max_steps, "optimizer.warmup_steps",
+               self.optimizer.warmup_steps, f"<= run.max_steps ({self.run.max_steps})")
+        return self
+
+    def task_config(self, cls: type[T]) -> T:
+        """The task section as the job's dataclass, validated when it has validate()."""
+        task = from_dict(cls, self.task, "task")
+        if hasattr(task, "validate"):
+            task.validate()
+        return task
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply one `a.b.c=value` override to nested mappings (values parsed as YAML scalars)."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def load_job_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read, override (`run.max_steps=10`) and validate a job YAML."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read job config {path}: {exc}") from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override must look like section.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return from_dict(JobConfig, data).validate()
