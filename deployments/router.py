@@ -38,9 +38,13 @@ OPEN_PATHS = {"/", "/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect"
 class EditorFailed(EditError):
     """The editor replica died or could not be reached mid-request; retry (Serve replaces the replica)."""
 
+    code = "editor_failed"
+
 
 class EditTimeout(EditError):
     """The edit took longer than edit_timeout_s."""
+
+    code = "timeout"
 
 
 def classify(exc: BaseException) -> tuple[int, dict[str, Any]]:
@@ -59,9 +63,6 @@ def classify(exc: BaseException) -> tuple[int, dict[str, Any]]:
         status = 500
     return status, error_reply(exc, None)["error"]
 
-
-def error_type(exc: BaseException) -> str:
-    return getattr(exc, "type_name", type(exc).__name__)
 
 
 class RemoteError(FrameError):

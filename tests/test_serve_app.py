@@ -17,6 +17,8 @@ import pytest
 pytest.importorskip("ray.serve")
 
 import httpx  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
@@ -266,3 +268,155 @@ def test_stats_report_frames_stages_and_caches(app):
     assert stats["stages_ms"]["server"]["p99"] >= stats["stages_ms"]["server"]["p50"] > 0
     assert stats["prompt_cache"]["misses"] >= 1 and "hits" in stats["prompt_cache"]
     assert stats["embedding_transfers"] >= 1
+
+
+# ---- fuzzing -------------------------------------------------------------------------------------------------
+
+json_leaf = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=30)
+json_any = st.recursive(json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=3),
+                        max_leaves=10)
+field_names = st.sampled_from(["id", "prompt", "steps", "seed", "width", "height", "format", "references", "image", "x"])
+bad_meta = st.dictionaries(field_names, json_any, max_size=5)
+
+
+def broken_images() -> st.SearchStrategy[bytes]:
+    real = jpeg(96, 96, tag=3)
+    return st.one_of(
+        st.tuples(st.sampled_from([b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF\x00\x00\x00\x00WEBP", b""]),
+                  st.binary(max_size=200)).map(lambda t: t[0] + t[1]),
+        st.integers(1, len(real) * 6 // 10).map(lambda n: real[:n]),              # truncated JPEG
+        st.integers(1, 63).map(lambda side: jpeg(side, 64)),                      # below the 64 px minimum
+        st.integers(20_000, 60_000).map(_png_header_claiming),                    # decompression bomb header
+    )
+
+
+def _png_header_claiming(side: int) -> bytes:
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def test_fuzz_running_service_answers_every_malformed_input_with_an_error(app):
+    from ray import serve as ray_serve
+
+    counts = {"ws_frames": 0, "json_bodies": 0, "images": 0}
+    pids_before = _editor_pids()
+    with connect(KEYED_WS, max_size=2**24) as ws:
+        ws.send(json.dumps({"prompt": "fuzz"}))
+        assert json.loads(ws.recv(timeout=30))["ok"]
+
+        @settings(max_examples=600, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(data=st.one_of(
+            st.binary(max_size=64),
+            st.tuples(bad_meta, st.binary(max_size=16)).map(lambda t: encode_frame(t[0], t[1])),
+            st.tuples(json_any, st.integers(-4, 4)).map(lambda t: _raw(json.dumps(t[0]).encode(), t[1])),
+        ))
+        def frames(data):
+            ws.send(data)
+            reply = recv_frame(ws, timeout=60)
+            assert reply.error is not None, reply.meta
+            counts["ws_frames"] += 1
+
+        frames()
+
+    # A fresh connection, so the fuzzed ids above cannot make these ids non-increasing.
+    with connect(KEYED_WS, max_size=2**24) as ws:
+        ws.send(json.dumps({"prompt": "fuzz"}))
+        assert json.loads(ws.recv(timeout=30))["ok"]
+        next_id = [0]
+
+        @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(image=broken_images())
+        def images(image):
+            next_id[0] += 1
+            reply = ws_frame(ws, {"id": next_id[0]}, image)
+            assert reply.error is not None and reply.id == next_id[0], reply.meta
+            counts["images"] += 1
+
+        images()
+        assert ws_frame(ws, {"id": next_id[0] + 1}, jpeg()).error is None
+
+    with httpx.Client(headers=HEADERS, timeout=60) as client:
+        @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(body=st.one_of(st.binary(max_size=64), bad_meta.map(lambda d: json.dumps(d).encode()),
+                              json_any.map(lambda v: json.dumps(v).encode())))
+        def bodies(body):
+            r = client.post(f"{BASE}/api/predict", content=body)
+            assert 400 <= r.status_code < 500, (r.status_code, r.text)
+            assert r.json()["error"]["message"]
+            counts["json_bodies"] += 1
+
+        bodies()
+        r = predict_json(client, jpeg(), prompt="after the fuzz")
+        assert r.status_code == 200
+    assert sum(counts.values()) >= 1000, counts
+    assert _editor_pids() == pids_before  # no replica crashed and was replaced
+    assert ray_serve.status().applications["rtedit"].status == "RUNNING"
+
+
+def _raw(meta: bytes, delta: int) -> bytes:
+    import struct
+
+    return struct.pack(">I", max(0, len(meta) + delta)) + meta + b"\xff\xd8"
+
+
+def _editor_pids(n: int = 2, tries: int = 200) -> dict[str, int]:
+    """replica id -> pid for the editor replicas, asked of the replicas themselves (no State API needed)."""
+    from ray import serve as ray_serve
+
+    handle = ray_serve.get_deployment_handle("Editor", app_name="rtedit")
+    found: dict[str, int] = {}
+    for _ in range(tries):
+        info = handle.pid.remote().result(timeout_s=60)
+        found[info["replica"]] = info["pid"]
+        if len(found) >= n:
+            break
+    return found
+
+
+# ---- replica failure (last: it restarts a replica) ------------------------------------------------------------
+
+
+def test_replica_killed_mid_stream_gives_error_frames_then_recovers(app):
+    import os as _os
+    import signal
+
+    from ray import serve as ray_serve
+
+    with connect(KEYED_WS) as ws:
+        first = ws_frame(ws, {"id": 1, "prompt": "make it stormy"}, jpeg())
+        assert first.error is None
+        victim = first.meta["replica"]
+        pid = _editor_pids()[victim]
+        ws.send(encode_frame({"id": 2}, jpeg()))
+        time.sleep(0.05)  # frame 2 is now in the replica (every edit takes >= SLOW_MS)
+        _os.kill(pid, signal.SIGKILL)
+        reply = recv_frame(ws, timeout=60)
+        assert reply.id == 2 and reply.error is not None and reply.error["code"] == "editor_failed", reply.meta
+        deadline, frame_id, recovered = time.time() + 120, 3, None
+        while time.time() < deadline and recovered is None:
+            r = ws_frame(ws, {"id": frame_id}, jpeg(), timeout=120)
+            frame_id += 1
+            if r.error is None:
+                recovered = r
+            else:
+                assert r.error["code"] == "editor_failed", r.meta
+                time.sleep(0.5)
+        assert recovered is not None, "no frame succeeded within 120 s of the kill"
+    # Serve replaces the replica: two live replicas answer again, neither of them the killed one.
+    deadline, pids, states = time.time() + 240, {}, {}
+    while time.time() < deadline:
+        states = ray_serve.status().applications["rtedit"].deployments["Editor"].replica_states
+        if states == {"RUNNING": 2}:
+            pids = _editor_pids(tries=50)
+            if len(pids) == 2 and victim not in pids:
+                break
+        time.sleep(2)
+    assert states == {"RUNNING": 2} and len(pids) == 2, (states, pids)
+    assert victim not in pids and pid not in pids.values()

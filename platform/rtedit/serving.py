@@ -355,10 +355,10 @@ async def serve_stream(
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes an error frame; the stream goes on
                 meta, out = error_reply(exc, frame_id), b""
+                code = meta["error"]["code"] if meta["error"]["code"] != "error" else meta["error"]["type"]
                 stats.errors += 1
-                stats.error_codes[meta["error"]["code"] if meta["error"]["code"] != "error" else
-                                  meta["error"]["type"]] += 1
-                note("error:" + (getattr(exc, "code", None) or type(exc).__name__))
+                stats.error_codes[code] += 1
+                note("error:" + code)
             else:
                 stats.processed += 1
                 note("processed")

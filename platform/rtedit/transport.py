@@ -258,4 +258,6 @@ def error_reply(exc: Exception, frame_id: int | None) -> dict[str, Any]:
         if meta["id"] is None:
             meta["id"] = frame_id
         return meta
-    return {"id": frame_id, "error": {"type": type(exc).__name__, "code": "error", "message": str(exc)[:500]}}
+    code = getattr(exc, "code", None)
+    return {"id": frame_id, "error": {"type": type(exc).__name__, "code": code if isinstance(code, str) else "error",
+                                      "message": str(exc)[:500]}}
