@@ -72,6 +72,8 @@ class EditorConfig:
     device: str | None = None  # None: the preset's default (cuda when present for real models)
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
     max_steps: int = 50  # requests with more steps are rejected
+    autoencoder: str = "vae"  # "vae" (FLUX.2's own, exact) or "taef2" (tiny, approximate; weights from taef2_dir)
+    taef2_dir: str | None = None  # folder with taef2_encoder.pth / taef2_decoder.pth; None: rtedit.paths.taef2_dir()
     prompt: PromptConfig = field(default_factory=PromptConfig)
     images: ImageLimits = field(default_factory=ImageLimits)
 
@@ -83,6 +85,10 @@ class EditorConfig:
         if self.device is not None and not isinstance(self.device, str):
             raise ConfigError(f"device must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
         _check_int("max_steps", self.max_steps, 1, 50)
+        if self.autoencoder not in ("vae", "taef2"):
+            raise ConfigError(f"autoencoder must be 'vae' or 'taef2', got {self.autoencoder!r}")
+        if self.taef2_dir is not None and not isinstance(self.taef2_dir, str):
+            raise ConfigError(f"taef2_dir must be a folder path, got {self.taef2_dir!r}")
         self.prompt.validate()
         self.images.validate()
         return self

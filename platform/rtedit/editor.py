@@ -10,14 +10,14 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 
-from rtedit.config import EditorConfig, PromptConfig
+from rtedit.config import EditorConfig
 from rtedit.errors import EditError, InvalidRequest, ModelLoadError, UnsupportedRequest
 from rtedit.images import (
     OUTPUT_FORMATS,
@@ -122,7 +122,7 @@ class Editor:
         self.transformer, self.vae, self.scheduler = bundle.transformer, bundle.vae, bundle.scheduler
         self.text_encoder, self.tokenizer = bundle.text_encoder, bundle.tokenizer
         self.device, self.dtype = self.transformer.device, self.transformer.dtype
-        self.codec = LatentCodec(self.vae)
+        self.codec = LatentCodec(self.vae, self._load_taef2(config, sidecar))
         self.prompt_encoder = (
             PromptEncoder(self.text_encoder, self.tokenizer, config.prompt, name=bundle.name)
             if self.text_encoder is not None and self.tokenizer is not None
@@ -133,6 +133,19 @@ class Editor:
         self.timestep_cache = TimestepCache(self.scheduler)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
+
+    def _load_taef2(self, config: EditorConfig, sidecar):
+        """TAEF2 when the config or the model folder's rtedit.json asks for it; its weights are checked by sha256."""
+        spec = sidecar.autoencoder
+        if config.autoencoder != "taef2" and spec is None:
+            return None
+        from rtedit.taef2 import TAEF2_SHA256, load_taef2
+
+        if spec is not None:
+            for name, digest in spec.sha256.items():
+                if TAEF2_SHA256.get(name) != digest:
+                    raise ModelLoadError(f"rtedit.json names {name} with sha256 {digest}, not the official TAEF2 file")
+        return load_taef2(config.taef2_dir, device=self.vae.device, dtype=self.vae.dtype)
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -330,6 +343,7 @@ class Editor:
             "dtype": str(self.dtype).removeprefix("torch."),
             "transformer_params": sum(p.numel() for p in self.transformer.parameters()),
             "has_text_encoder": self.prompt_encoder is not None,
+            "autoencoder": self.codec.name,
             "steps": list(self.bundle.sidecar.steps) if self.bundle.sidecar.steps else None,
         }
 

@@ -107,7 +107,8 @@ def to_pixel_tensor(arr: np.ndarray, device: torch.device, dtype: torch.dtype) -
     host = torch.from_numpy(arr)
     if device.type == "cuda":
         host = host.pin_memory()
-    pixels = host.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0)
+    # Contiguous NCHW as the pipeline hands it over: a channels-last view makes cuDNN pick other conv kernels.
+    pixels = host.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).contiguous()
     # Same float32 arithmetic as VaeImageProcessor (x / 255, then 2x - 1) so outputs match the pipeline exactly.
     pixels = pixels.to(torch.float32) / 255.0
     return (2.0 * pixels - 1.0).to(dtype)

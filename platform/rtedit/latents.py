@@ -41,7 +41,8 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     b, n, c = tokens.shape
     if n != height * width:
         raise ValueError(f"cannot unpack {n} tokens into {height}x{width}")
-    return tokens.reshape(b, height, width, c).permute(0, 3, 1, 2)
+    # Contiguous like the pipeline's scatter result, so the VAE decoder sees the same memory layout.
+    return tokens.reshape(b, height, width, c).permute(0, 3, 1, 2).contiguous()
 
 
 def bn_normalize(latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
