@@ -380,6 +380,49 @@ def _editor_pids(n: int = 2, tries: int = 200) -> dict[str, int]:
     return found
 
 
+# ---- the web page in a real browser ----------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_browser_uploads_image_and_shows_edited_result(app, tmp_path):
+    from test_serve_helpers import REPO
+
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI (apt-get install chromium)")
+        pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    upload = tmp_path / "upload.jpg"
+    upload.write_bytes(jpeg(160, 128, tag=42))
+    artifacts = REPO / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.goto(f"{BASE}/?api_key={API_KEY}")
+            page.wait_for_function("document.getElementById('model').textContent.includes('tiny')", timeout=60_000)
+            assert page.is_visible("#random-notice")
+            page.fill("#prompt", "make it look like a pencil sketch")
+            page.select_option("#size", "256")
+            page.set_input_files("#file", str(upload))
+            page.wait_for_function(
+                "(() => { const o = document.getElementById('output');"
+                " return o.src.startsWith('blob:') && o.complete && o.naturalWidth > 0; })()", timeout=120_000)
+            size = page.evaluate("[document.getElementById('output').naturalWidth,"
+                                 " document.getElementById('output').naturalHeight]")
+            received = int(page.text_content("#received"))
+            error = page.text_content("#error")
+            page.screenshot(path=str(artifacts / "serve_page.png"), full_page=True)
+        finally:
+            browser.close()
+    # 160x128 scaled so the longest side is 256, both sides multiples of 16.
+    assert size == [256, 208], size
+    assert received >= 1 and not error
+
+
 # ---- replica failure (last: it restarts a replica) ------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ async function loadInfo() {
   const m = info.model || {};
   $("model").textContent = `model: ${m.name} on ${m.device} (${m.dtype})`;
   $("random-notice").hidden = !m.random_weights;
-  if (info.auth) $("key-label").hidden = false;
+  if (info.auth) { $("key-label").hidden = false; $("api-key").value = apiKey; }
 }
 
 function connect() {
