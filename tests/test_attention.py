@@ -79,7 +79,10 @@ def sdpa_bshd(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
 def test_probe_on_cpu_reports_gpu_kernels_unavailable_and_picks_a_correct_one():
     tr = tiny_transformer()
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName._NATIVE_EFFICIENT)  # a default no probe sets
     selector = select_attention_backend(tr, sample_inputs(), config=QUICK)
+    # Only this model's processors were pointed; the process-wide default other models use is untouched.
+    assert _AttentionBackendRegistry._active_backend == AttentionBackendName._NATIVE_EFFICIENT
     rows = {r.name: r for r in selector.table}
     assert list(rows) == list(AttentionConfig().candidates)
     for name in ("native", "_native_math"):

@@ -205,3 +205,32 @@ def test_inductor_smoke_on_the_vae_decoder():
     branch = regions.stats()["branches"]["vae_decoder"]
     assert branch["state"] == "compiled" and branch["compiles"] == 1, branch
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_blocks_run_under_dbcache_without_graph_breaks_or_recompiles():
+    """The transformer branch with cache-dit attached: fullgraph holds, warmed requests never recompile."""
+    from rtedit.caching import CachingConfig, attach_cache
+
+    def two_steps(transformer, cache, frame):
+        cache.refresh(2)
+        kw = dict(frame.transformer_kwargs)
+        x = kw.pop("hidden_states")
+        with torch.no_grad():
+            for t in (1.0, 0.5):
+                kw["timestep"] = torch.tensor([t])
+                x = x - 0.5 * transformer(hidden_states=x, **kw)[0]
+        return x
+
+    reference = tiny_transformer()
+    reference_cache = attach_cache(reference, CachingConfig(policy="static"))
+    transformer = tiny_transformer()
+    cache = attach_cache(transformer, CachingConfig(policy="static"))
+    regions = compile_regions(CompileConfig(backend="eager"), transformer=transformer)
+    regions.warm_up([(32, 0)], lambda bucket: two_steps(transformer, cache, Frame(*bucket, seed=0)))
+    for seed in (1, 2):
+        frame = Frame(32, 0, seed=seed)
+        torch.testing.assert_close(two_steps(transformer, cache, frame), two_steps(reference, reference_cache, frame),
+                                   rtol=1e-5, atol=1e-5)
+    branch = regions.stats()["branches"]["transformer"]
+    assert branch["state"] == "compiled" and branch["failure"] is None and branch["recompiles"] == 0
+    assert cache.stats()["groups"]["single_transformer_blocks"]["last"]["cached_steps"] == [1]

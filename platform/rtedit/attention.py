@@ -244,7 +244,11 @@ def register_backend(cand: AttentionCandidate) -> None:
 def install_backend(transformer: torch.nn.Module, cand: AttentionCandidate) -> None:
     """Points every attention processor of `transformer` at the candidate's registry slot."""
     if cand.fn is None:
-        transformer.set_attention_backend(cand.key.value)
+        active = _AttentionBackendRegistry._active_backend
+        transformer.set_attention_backend(cand.key.value)  # checks diffusers' requirements, then sets processors
+        # It also changes the process-wide default (used by other models' processors without a backend); the
+        # choice belongs to this model alone, so put the default back.
+        _AttentionBackendRegistry.set_active_backend(active)
         return
     register_backend(cand)
     # set_attention_backend would refuse our slot (it checks for diffusers' own package); set processors directly.
