@@ -30,6 +30,7 @@ def _config(tmp_path, *overrides):
     return load_job_config(TINY, [f"run.storage_path={tmp_path / 'runs'}", "run.timeout_s=400", *overrides])
 
 
+@pytest.mark.slow
 def test_two_workers_zero2_loss_falls_and_rerun_resumes(ray_cluster, tmp_path):
     config = _config(tmp_path, "run.max_steps=12", "run.checkpoint_every=6", "deepspeed.zero_stage=2",
                      "scaling.num_workers=2", "optimizer.lr=0.03")
@@ -52,6 +53,7 @@ def test_two_workers_zero2_loss_falls_and_rerun_resumes(ray_cluster, tmp_path):
     assert {int(r["attempt_start"]) for r in log.rows[:12]} == {0}
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, tmp_path):
     marker = tmp_path / "crashed"
     config = _config(tmp_path, "run.name=crash", "run.max_steps=10", "run.checkpoint_every=4", "run.log_every=2",
