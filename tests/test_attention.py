@@ -242,3 +242,44 @@ def test_config_validation_names_the_field(kwargs):
     with pytest.raises(ConfigError) as info:
         AttentionConfig(**kwargs).validate()
     assert next(iter(kwargs)) in str(info.value) or "candidates" in str(info.value)
+
+
+def test_request_level_retry_with_dbcache_matches_a_clean_request():
+    """The wiring the editor uses: the whole denoise (DBCache refresh included) is what run() retries."""
+    from rtedit.caching import CachingConfig, attach_cache
+
+    state = {"calls": 0}
+
+    def fails_on_second_step(query, key, value, attn_mask=None, is_causal=False, scale=None):
+        state["calls"] += 1
+        if state["calls"] > 4:  # the first step's 4 attention calls succeed, then the kernel dies mid-request
+            raise RuntimeError("CUDA error: misaligned address")
+        return sdpa_bshd(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+    def denoise(transformer, cache, inputs):
+        cache.refresh(2)
+        kw = dict(inputs)
+        x = kw.pop("hidden_states")
+        for t in (1.0, 0.5):
+            kw["timestep"] = torch.tensor([t])
+            x = x - 0.5 * transformer(hidden_states=x, **kw)[0]
+        return x
+
+    inputs = sample_inputs()
+    tr = tiny_transformer()
+    cache = attach_cache(tr, CachingConfig(policy="static"))
+    cands = {"flaky": AttentionCandidate("flaky", SPARE_SLOT, fails_on_second_step),
+             "_native_math": candidate("_native_math")}
+    rows = [ProbeRow("flaky", True, rel_err=0.0, ms=1.0), ProbeRow("_native_math", True, rel_err=0.0, ms=3.0)]
+    selector = AttentionSelector(tr, AttentionConfig(), rows, cands)
+    with torch.no_grad():
+        got = selector.run(denoise, tr, cache, inputs)
+
+    clean = tiny_transformer()
+    clean_cache = attach_cache(clean, CachingConfig(policy="static"))
+    clean.set_attention_backend("_native_math")
+    with torch.no_grad():
+        expected = denoise(clean, clean_cache, inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert selector.active == "_native_math" and "misaligned" in selector.fallbacks[0]["reason"]
+    assert cache.stats()["groups"]["transformer_blocks"]["last"]["cached_steps"] == [1]

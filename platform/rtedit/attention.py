@@ -18,9 +18,17 @@ mask, causal, dropout and parallel arguments and raise `AttentionBackendUnsuppor
 Editor wiring (start-up, after the weights are on their device, before caching.attach_cache and compile):
     selector = select_attention_backend(transformer, sample_inputs, config=AttentionConfig())
     # sample_inputs: the transformer kwargs of one real denoise step at the largest configured bucket
-per request, around every transformer call of the denoise loop:
-    noise_pred = selector.run(transformer, **step_kwargs)
-and `editor.stats()["attention"] = selector.stats()`.
+per request, around the whole denoise stage (so a retry starts the request over: DBCache refresh, scheduler
+timesteps and the noise are all re-made inside it; retrying a single step would misalign cache-dit's step count):
+    latents = selector.run(self._denoise, latents, prompt, steps, ...)   # _denoise calls dbcache.refresh(steps)
+and `editor.stats()["attention"] = selector.stats()`. After a fallback, compiled blocks see a new backend and
+recompile once per bucket shape (counted in rtedit.compile's stats).
+
+Custom kernels come from third-party wheels; install them with pinned hashes (pip --require-hashes):
+fa3-fwd 0.0.3 (fa3_fwd-0.0.3-cp39-abi3-manylinux_2_24_x86_64.whl)
+    sha256 44d26c6cfc69dde5a0f9c6bebbccbb96ed20e97bc8b9ddda638b0bf62e91b93d
+sageattention 1.0.6 (sageattention-1.0.6-py3-none-any.whl)
+    sha256 fafc66569bed62a16839e820c2612141b5a20accf55b876d941bab9c0ac5d888
 """
 
 from __future__ import annotations
