@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import yaml
@@ -314,8 +314,12 @@ def _sections(config: JobConfig) -> dict[str, Any]:
             "optimizer": config.optimizer, "task": config.task}
 
 
-def main(task: str, argv: list[str] | None = None, description: str = "") -> RunResult:
-    """CLI of every training job: --config YAML, --set overrides, --address of a running cluster."""
+def main(task: str, argv: list[str] | None = None, description: str = "",
+         prepare: Callable[[JobConfig], None] | None = None) -> RunResult:
+    """CLI of every training job: --config YAML, --set overrides, --address of a running cluster.
+
+    `prepare(config)` runs on the driver after validation and before Ray starts (precomputing data, say).
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, type=Path, help="job YAML under jobs/configs/")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -326,6 +330,8 @@ def main(task: str, argv: list[str] | None = None, description: str = "") -> Run
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_job_config(args.config, args.set)  # validated before any worker starts
     resolve_task(task)
+    if prepare is not None:
+        prepare(config)
 
     import ray
 

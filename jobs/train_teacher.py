@@ -1,0 +1,58 @@
+"""Train the toy teacher: python -m jobs.train_teacher --config jobs/configs/toy_teacher.yaml.
+
+A small Flux2Transformer2DModel editor, trained with rectified flow on toy-world TAEF2 latents (the source image
+enters as reference tokens, as in klein's editing), saved at the end as a diffusers folder with rtedit.json that
+Editor.from_pretrained loads and `serve` serves. The driver precomputes latents and instruction embeddings once
+(rtedit.train.teacher.build_cache); workers only read them, so scaling runs measure the trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from jobs import runtime
+from jobs.runtime import WorkerContext
+from rtedit.train.config import JobConfig, to_dict
+from rtedit.train.teacher import (FlowBatcher, TeacherTaskConfig, build_cache, build_transformer, cache_file,
+                                  export_model, flow_loss, load_cache)
+
+logger = logging.getLogger("jobs.train_teacher")
+TASK = "jobs.train_teacher:build_task"
+
+
+class TeacherTask:
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+        self.cfg = ctx.config.task_config(TeacherTaskConfig)
+        cache = load_cache(cache_file(self.cfg, "train"))
+        self.batches = FlowBatcher(cache, self.cfg, ctx.config.run.batch_size, ctx.config.run.seed, ctx.rank)
+        self.model = build_transformer(self.cfg).to(ctx.device)
+        logger.info("rank %d: %d examples, %.1fM transformer parameters", ctx.rank, len(cache["families"]),
+                    sum(p.numel() for p in self.model.parameters()) / 1e6)
+
+    def batch(self, index: int):
+        return self.batches(index)
+
+    def loss(self, model, batch):
+        return flow_loss(model, batch, self.ctx.device, self.ctx.dtype), {}
+
+    def export(self, model, folder: Path) -> None:
+        export_model(model, self.cfg, folder, job_config=to_dict(self.ctx.config))
+
+
+def build_task(ctx: WorkerContext) -> TeacherTask:
+    return TeacherTask(ctx)
+
+
+def prepare(config: JobConfig) -> None:
+    """Driver side, before any worker: validate the task section and build the latent caches."""
+    task = config.task_config(TeacherTaskConfig)
+    for split in ("train", "eval"):
+        if (Path(task.data_dir) / split).is_dir():
+            build_cache(task, split)
+
+
+if __name__ == "__main__":
+    runtime.main(TASK, sys.argv[1:], description=__doc__.splitlines()[0], prepare=prepare)

@@ -1,0 +1,342 @@
+"""The toy teacher: a small Flux2Transformer2DModel editor trained with rectified flow on toy-world latents.
+
+Everything here follows the serving path of rtedit.editor.Editor, so what trains is what serves:
+- images become latents through the engine's own LatentCodec with TAEF2 (pixels -> [-1, 1] -> TAEF2 -> patchify),
+- instructions become embeddings through the engine's PromptEncoder (chat template, tapped Qwen3 layers),
+- the source image enters as reference tokens with the engine's position ids (T = 10, 20, ... per condition image),
+  appended after the noisy target tokens, exactly as klein's editing feeds them,
+- the transformer gets timestep = sigma in [0, 1] and predicts the flow velocity (noise - clean latent).
+The trained model is saved as a diffusers Flux2KleinPipeline folder with an rtedit.json sidecar naming TAEF2.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import typing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rtedit.errors import ConfigError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TeacherTaskConfig:
+    """The `task` section of jobs/configs/toy_teacher.yaml."""
+
+    data_dir: str
+    """Toy-world folder written by jobs.make_toy_data (train/, eval/)."""
+    cache_dir: str | None = None
+    """Where precomputed latents and embeddings go; default DATA_DIR/teacher-cache."""
+    taef2_dir: str | None = None
+    """Folder with the TAEF2 weights; default rtedit.paths.taef2_dir() (../shared/weights/taef2)."""
+    encode_device: str | None = None
+    """Device of the one-off latent precompute on the driver; None: cuda when present."""
+    encode_batch: int = 64
+    # Text encoder: a small frozen Qwen3 with random weights and the real Qwen3 tokenizer.
+    prompt_length: int = 32
+    te_hidden: int = 64
+    te_layers: int = 3
+    te_heads: int = 4
+    te_taps: tuple[int, ...] = (1, 2, 3)
+    te_seed: int = 0
+    min_instruction_separation: float = 0.05
+    """Smallest allowed distance between two instructions' embeddings, relative to their mean norm (DESIGN.md 6)."""
+    # Transformer: in_channels 128 as klein (TAEF2 latents patchified 2x2).
+    num_layers: int = 2
+    num_single_layers: int = 6
+    num_heads: int = 6
+    head_dim: int = 64
+    # Rectified flow: sigma = sigmoid(N(logit_mean, logit_std)).
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    export_dtype: typing.Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    name: str = "rtedit-toy-teacher"
+
+    def validate(self) -> None:
+        def need(ok: bool, field: str, value: Any, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"task.{field} must be {what}, got {value!r}")
+
+        need(bool(self.data_dir), "data_dir", self.data_dir, "a folder")
+        need(8 <= self.prompt_length <= 512, "prompt_length", self.prompt_length, "in 8..512")
+        for name in ("te_hidden", "te_layers", "te_heads", "num_layers", "num_single_layers", "num_heads",
+                     "encode_batch"):
+            need(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        need(self.te_hidden % self.te_heads == 0, "te_hidden", self.te_hidden, f"a multiple of te_heads")
+        need(bool(self.te_taps) and all(1 <= t <= self.te_layers for t in self.te_taps), "te_taps", self.te_taps,
+             f"layer indices in 1..te_layers ({self.te_layers})")
+        need(self.head_dim % 8 == 0, "head_dim", self.head_dim, "a multiple of 8 (four even rope axes)")
+        need(self.logit_std > 0, "logit_std", self.logit_std, "> 0")
+        need(self.min_instruction_separation >= 0, "min_instruction_separation", self.min_instruction_separation,
+             ">= 0")
+
+    @property
+    def joint_attention_dim(self) -> int:
+        return len(self.te_taps) * self.te_hidden
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.data_dir) / "teacher-cache"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Components
+
+
+def build_text_encoder(cfg: TeacherTaskConfig, dtype: torch.dtype = torch.float32):
+    """The frozen random Qwen3 (seeded, so driver and workers build the same one) and the real Qwen3 tokenizer.
+
+    Weights are rounded through export_dtype first: the embeddings trained on are those the saved folder gives.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from rtedit.presets import init_random_weights, load_qwen3_tokenizer
+
+    config = Qwen3Config(hidden_size=cfg.te_hidden, intermediate_size=2 * cfg.te_hidden,
+                         num_hidden_layers=cfg.te_layers, num_attention_heads=cfg.te_heads,
+                         num_key_value_heads=cfg.te_heads, head_dim=cfg.te_hidden // cfg.te_heads,
+                         vocab_size=151936, max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=151643, eos_token_id=151645)
+    with torch.device("cpu"):
+        encoder = Qwen3ForCausalLM(config)
+    init_random_weights(encoder, cfg.te_seed, std=0.5)  # O(1) embeddings, on the scale of the latents
+    encoder = encoder.to(DTYPES[cfg.export_dtype]).to(dtype).eval().requires_grad_(False)
+    return encoder, load_qwen3_tokenizer()
+
+
+def build_transformer(cfg: TeacherTaskConfig):
+    from diffusers import Flux2Transformer2DModel
+
+    rope = cfg.head_dim // 4
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=cfg.num_layers, num_single_layers=cfg.num_single_layers,
+        attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.joint_attention_dim, timestep_guidance_channels=256,
+        axes_dims_rope=(rope, rope, rope, rope), guidance_embeds=False)
+
+
+def build_placeholder_vae():
+    """The folder's VAE slot: a tiny AutoencoderKLFlux2 whose latent batch-norm is the identity; TAEF2 (named in
+    rtedit.json) does the encoding and decoding, in the BN-normalised space the transformer sees."""
+    from diffusers import AutoencoderKLFlux2
+
+    from rtedit.presets import TINY_VAE
+
+    return AutoencoderKLFlux2(**TINY_VAE).eval().requires_grad_(False)
+
+
+def instruction_separation(embeds: torch.Tensor) -> float:
+    """Smallest pairwise distance between instruction embeddings [U, L, D], over their mean norm around the mean.
+
+    A deep random frozen encoder can collapse different instructions onto one embedding; this number says how
+    far apart the closest two stay (0 = identical).
+    """
+    flat = embeds.reshape(embeds.shape[0], -1).double()
+    if flat.shape[0] < 2:
+        return float("inf")
+    centred = flat - flat.mean(0, keepdim=True)
+    dist = torch.cdist(centred, centred)
+    dist.fill_diagonal_(float("inf"))
+    return float(dist.min() / centred.norm(dim=1).mean().clamp_min(1e-12))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Latent cache (precomputed once on the driver; scaling runs measure the trainer, not image decoding)
+
+
+def _fingerprint(cfg: TeacherTaskConfig, split_dir: Path) -> str:
+    from rtedit.taef2 import TAEF2_SHA256
+
+    files = sorted((str(p.relative_to(split_dir)), p.stat().st_size) for p in split_dir.rglob("*.parquet"))
+    keys = {k: getattr(cfg, k) for k in ("prompt_length", "te_hidden", "te_layers", "te_heads", "te_taps", "te_seed",
+                                          "export_dtype")}
+    blob = json.dumps([CACHE_VERSION, files, keys, TAEF2_SHA256], sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_file(cfg: TeacherTaskConfig, split: str) -> Path:
+    """Where a split's cache lives: named by a fingerprint of the data files and encoder settings."""
+    split_dir = Path(cfg.data_dir) / split
+    if not split_dir.is_dir():
+        raise ConfigError(f"task.data_dir: {split_dir} does not exist; run python -m jobs.make_toy_data first")
+    return cfg.cache_path() / f"{split}-{_fingerprint(cfg, split_dir)}.pt"
+
+
+def build_cache(cfg: TeacherTaskConfig, split: str, device: torch.device | None = None) -> Path:
+    """Encode a split once: TAEF2 latents of sources, targets and references, and one embedding per instruction."""
+    from rtedit.config import PromptConfig
+    from rtedit.images import fit_like_pipeline, to_pixel_tensor
+    from rtedit.prompts import PromptEncoder
+    from rtedit.taef2 import load_taef2
+    from rtedit.train.data import decode_rgb, read_edit_examples
+    from rtedit.vae import LatentCodec
+
+    split_dir = Path(cfg.data_dir) / split
+    out = cache_file(cfg, split)
+    if out.is_file():
+        logger.info("latent cache %s exists", out)
+        return out
+    device = device or torch.device(cfg.encode_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    examples, report = read_edit_examples(split_dir, split=split)
+    if not examples:
+        raise ConfigError(f"task.data_dir: no valid {split} examples under {split_dir} ({report.as_dict()})")
+
+    encoder, tokenizer = build_text_encoder(cfg)
+    prompts = PromptEncoder(encoder, tokenizer, PromptConfig(max_length=cfg.prompt_length, layers=cfg.te_taps))
+    instructions = sorted({e.instruction for e in examples})
+    embeddings = prompts.encode(instructions)
+    if any(e.truncated for e in embeddings):
+        raise ConfigError(f"task.prompt_length={cfg.prompt_length} truncates some instructions; raise it")
+    embeds = torch.cat([e.embeds for e in embeddings]).float()
+    separation = instruction_separation(embeds)
+    logger.info("%d instructions, separation %.4f", len(instructions), separation)
+    if separation < cfg.min_instruction_separation:
+        raise ConfigError(f"the frozen text encoder maps two instructions within {separation:.4g} of each other "
+                          f"(< task.min_instruction_separation={cfg.min_instruction_separation}); use fewer layers")
+
+    codec = LatentCodec(build_placeholder_vae().to(device), load_taef2(cfg.taef2_dir, device=device,
+                                                                          dtype=torch.float32))
+
+    @torch.no_grad()
+    def encode(images: list[bytes]) -> torch.Tensor:
+        parts = []
+        for i in range(0, len(images), cfg.encode_batch):
+            pixels = torch.cat([to_pixel_tensor(fit_like_pipeline(decode_rgb(b)), device, torch.float32)
+                                for b in images[i:i + cfg.encode_batch]])
+            parts.append(codec.encode(pixels).to("cpu", torch.float32))
+        return torch.cat(parts)
+
+    index = {text: i for i, text in enumerate(instructions)}
+    has_ref = torch.tensor([len(e.references) > 0 for e in examples])
+    if any(len(e.references) > 1 for e in examples):
+        raise ConfigError("the teacher trains on at most one reference image per example")
+    source, target = encode([e.source for e in examples]), encode([e.target for e in examples])
+    ref = torch.zeros_like(source)
+    if has_ref.any():
+        ref[has_ref] = encode([e.references[0] for e in examples if e.references])
+    cache = {"version": CACHE_VERSION, "source": source.half(), "target": target.half(), "reference": ref.half(),
+             "has_reference": has_ref, "instruction": torch.tensor([index[e.instruction] for e in examples]),
+             "embeds": embeds, "instructions": instructions, "families": [e.family for e in examples],
+             "separation": separation}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(cache, out.with_suffix(".tmp"))
+    out.with_suffix(".tmp").rename(out)  # atomic: a crashed precompute never leaves a half file behind
+    logger.info("wrote latent cache %s (%d examples)", out, len(examples))
+    return out
+
+
+def load_cache(path: str | Path) -> dict[str, Any]:
+    cache = torch.load(path, map_location="cpu", weights_only=True)
+    if cache.get("version") != CACHE_VERSION:
+        raise ModelLoadError(f"{path}: latent cache version {cache.get('version')}, expected {CACHE_VERSION}")
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training step pieces
+
+
+class FlowBatcher:
+    """Draws rectified-flow batches from a latent cache: batch i of a rank is a pure function of (seed, rank, i)."""
+
+    def __init__(self, cache: dict[str, Any], cfg: TeacherTaskConfig, batch_size: int, seed: int, rank: int):
+        from rtedit.latents import LatentIdCache, text_ids
+
+        self.cache, self.cfg, self.batch_size, self.seed, self.rank = cache, cfg, batch_size, seed, rank
+        has_ref = cache["has_reference"]
+        self.groups = [torch.nonzero(~has_ref).flatten(), torch.nonzero(has_ref).flatten()]
+        self.ref_share = float(has_ref.float().mean())
+        h, w = cache["source"].shape[2:]
+        ids = LatentIdCache()
+        self.target_ids = ids.target(h, w, torch.device("cpu"))
+        # One condition image (the source), or the source then the reference: the order Editor.edit uses.
+        self.cond_ids = [ids.references(((h, w),), torch.device("cpu")),
+                         ids.references(((h, w), (h, w)), torch.device("cpu"))]
+        self.txt_ids = text_ids(cache["embeds"].shape[1])[0]
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+        from rtedit.latents import pack
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + index)
+        # Examples with and without a reference have different token counts: a batch takes one kind.
+        use_ref = bool(len(self.groups[1])) and (not len(self.groups[0]) or
+                                                 torch.rand((), generator=g).item() < self.ref_share)
+        group = self.groups[int(use_ref)]
+        pick = group[torch.randint(len(group), (self.batch_size,), generator=g)]
+        clean = pack(self.cache["target"][pick].float())
+        cond = [pack(self.cache["source"][pick].float())]
+        if use_ref:
+            cond.append(pack(self.cache["reference"][pick].float()))
+        noise = torch.randn(clean.shape, generator=g)
+        sigma = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(self.batch_size, generator=g))
+        noisy = (1 - sigma[:, None, None]) * clean + sigma[:, None, None] * noise
+        return {"noisy": noisy, "cond": torch.cat(cond, dim=1), "sigma": sigma, "velocity": noise - clean,
+                "embeds": self.cache["embeds"][self.cache["instruction"][pick]],
+                "img_ids": torch.cat([self.target_ids, self.cond_ids[int(use_ref)]], dim=1)[0], "txt_ids": self.txt_ids}
+
+
+def flow_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+    """MSE between the predicted and the true velocity on the target tokens (condition tokens carry no loss)."""
+    noisy = batch["noisy"].to(device, dtype)
+    hidden = torch.cat([noisy, batch["cond"].to(device, dtype)], dim=1)
+    pred = model(hidden_states=hidden, timestep=batch["sigma"].to(device, dtype), guidance=None,
+                 encoder_hidden_states=batch["embeds"].to(device, dtype), txt_ids=batch["txt_ids"].to(device),
+                 img_ids=batch["img_ids"].to(device), return_dict=False)[0][:, :noisy.shape[1]]
+    return torch.nn.functional.mse_loss(pred.float(), batch["velocity"].to(device).float())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_model(transformer: torch.nn.Module, cfg: TeacherTaskConfig, folder: str | Path,
+                 job_config: dict[str, Any] | None = None) -> Path:
+    """Save a Flux2KleinPipeline folder (transformer, frozen text encoder, tokenizer, placeholder VAE, scheduler)
+    with the rtedit.json sidecar that makes Editor.from_pretrained decode with TAEF2."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    from rtedit.presets import SCHEDULER_CONFIG, SIDECAR_NAME
+    from rtedit.taef2 import TAEF2_DECODER_FILE, TAEF2_ENCODER_FILE, TAEF2_SHA256
+
+    folder = Path(folder)
+    dtype = DTYPES[cfg.export_dtype]
+    encoder, tokenizer = build_text_encoder(cfg)
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+                              vae=build_placeholder_vae(), text_encoder=encoder, tokenizer=tokenizer,
+                              transformer=copy.deepcopy(transformer).cpu(), is_distilled=True)
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    sidecar = {
+        "prompt_length": cfg.prompt_length, "text_encoder_layers": list(cfg.te_taps),
+        "autoencoder": {"type": "taef2", "encoder": TAEF2_ENCODER_FILE, "decoder": TAEF2_DECODER_FILE,
+                        "sha256": dict(TAEF2_SHA256)},
+        "name": cfg.name,
+        "description": (f"Toy instruction editor: Flux2Transformer2DModel ({cfg.num_layers} double + "
+                        f"{cfg.num_single_layers} single blocks, {cfg.num_heads}x{cfg.head_dim}) trained with "
+                        f"rectified flow on the rtedit toy world (128x128 edits with exact targets)."),
+        "random_weights": False,
+    }
+    (folder / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
+    if job_config is not None:
+        (folder / "training_config.json").write_text(json.dumps(job_config, indent=2, default=list) + "\n")
+    return folder
+
+
+def task_dict(cfg: TeacherTaskConfig) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
