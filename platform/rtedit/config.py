@@ -7,6 +7,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from rtedit.attention import AttentionConfig
+from rtedit.caching import CachingConfig
+from rtedit.compile import CompileConfig
 from rtedit.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -65,6 +68,35 @@ class PromptConfig:
 
 
 @dataclass
+class ShapeBuckets:
+    """The output sizes and reference counts a replica serves; compiled regions are warmed for each at start-up.
+
+    Empty `sizes` means any size (the exact path). Otherwise the input image and every reference are resized to the
+    chosen bucket's size, and a request for another size or reference count is rejected.
+    """
+
+    sizes: tuple[tuple[int, int], ...] = ()  # (height, width), multiples of 16
+    references: tuple[int, ...] = (0,)  # reference counts served beside the input image
+
+    def validate(self) -> None:
+        sizes = []
+        for entry in self.sizes:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                raise ConfigError(f"buckets.sizes entries must be [height, width], got {entry!r}")
+            for v in entry:
+                _check_int("buckets.sizes", v, 64, 4096)
+                if v % 16:
+                    raise ConfigError(f"buckets.sizes must be multiples of 16, got {entry!r}")
+            sizes.append(tuple(entry))
+        self.sizes = tuple(sizes)
+        if not self.references:
+            raise ConfigError("buckets.references must list at least one reference count")
+        for v in self.references:
+            _check_int("buckets.references", v, 0, 16)
+        self.references = tuple(self.references)
+
+
+@dataclass
 class EditorConfig:
     """Everything an Editor needs besides its weights."""
 
@@ -76,6 +108,12 @@ class EditorConfig:
     taef2_dir: str | None = None  # folder with taef2_encoder.pth / taef2_decoder.pth; None: rtedit.paths.taef2_dir()
     prompt: PromptConfig = field(default_factory=PromptConfig)
     images: ImageLimits = field(default_factory=ImageLimits)
+    buckets: ShapeBuckets = field(default_factory=ShapeBuckets)
+    # The fast path; every part is off by default, which keeps Editor.edit exactly the stock pipeline.
+    select_attention: bool = False  # probe attention kernels at start-up and install the fastest correct one
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    dbcache: CachingConfig = field(default_factory=lambda: CachingConfig(enabled=False))
+    compile: CompileConfig = field(default_factory=lambda: CompileConfig(enabled=False))
 
     def validate(self) -> "EditorConfig":
         if not isinstance(self.model, str) or not self.model.strip():
@@ -89,8 +127,16 @@ class EditorConfig:
             raise ConfigError(f"autoencoder must be 'vae' or 'taef2', got {self.autoencoder!r}")
         if self.taef2_dir is not None and not isinstance(self.taef2_dir, str):
             raise ConfigError(f"taef2_dir must be a folder path, got {self.taef2_dir!r}")
+        if not isinstance(self.select_attention, bool):
+            raise ConfigError(f"select_attention must be true or false, got {self.select_attention!r}")
         self.prompt.validate()
         self.images.validate()
+        self.buckets.validate()
+        self.attention.validate()
+        self.dbcache.validate()
+        self.compile.validate()
+        if (self.compile.enabled or self.dbcache.enabled) and not self.buckets.sizes:
+            raise ConfigError("compile and dbcache serve fixed shapes: list buckets.sizes (e.g. [[512, 512]])")
         return self
 
     @classmethod
@@ -102,7 +148,8 @@ class EditorConfig:
         return dataclasses.asdict(self)
 
 
-def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+def _from_dict(cls: Any, data: Any, prefix: str) -> Any:
+    """cls is a dataclass type, or a default instance whose unspecified fields are kept."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -111,11 +158,13 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"unknown field(s) {', '.join(prefix + u for u in unknown)}; known: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
-        sub = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub):
-            kwargs[name] = _from_dict(sub, value, f"{prefix}{name}.")
-        elif name == "layers" and isinstance(value, list):
-            kwargs[name] = tuple(value)
+        factory = fields[name].default_factory
+        default = factory() if factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(default, value, f"{prefix}{name}.")
+        elif isinstance(value, list) and isinstance(fields[name].default, tuple) or name in ("layers", "candidates"):
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    # Start from the field defaults of the instance (its default_factory may differ from the class defaults).
+    return dataclasses.replace(cls, **kwargs) if not isinstance(cls, type) else cls(**kwargs)

@@ -54,6 +54,25 @@ class EditResult:
     prompt_truncated: bool = False
 
 
+@dataclass
+class FramePlan:
+    """Everything the denoise and decode stages need, produced by prepare."""
+
+    emb: PromptEmbedding
+    latents: torch.Tensor  # [1, N, 128] packed noise
+    cond_tokens: torch.Tensor  # [1, M, 128] input image then references
+    img_ids: torch.Tensor  # [1, N + M, 4]
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    lat_h: int
+    lat_w: int
+
+
+def _gray(height: int, width: int) -> np.ndarray:
+    """A plain frame for probes and warm-ups."""
+    return np.full((height, width, 3), 128, np.uint8)
+
+
 class StageTimer:
     """Stage boundaries in ms: CUDA events on a GPU (no sync until the end), a host clock on the CPU."""
 
@@ -133,6 +152,9 @@ class Editor:
         self.timestep_cache = TimestepCache(self.scheduler)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
+        self.attention = self.dbcache = self.compiled = None
+        self.warm_steps = sidecar.steps[0] if sidecar.steps else 2
+        self._setup_fast_path()
 
     def _load_taef2(self, config: EditorConfig, sidecar):
         """TAEF2 when the config or the model folder's rtedit.json asks for it; its weights are checked by sha256."""
@@ -251,56 +273,121 @@ class Editor:
 
     def _edit(self, image, prompt, references, steps, seed, height, width, output_format) -> EditResult:
         timer = StageTimer(self.device)
+        plan = self._prepare(image, prompt, references, steps, seed, height, width)
+        timer.mark("prepare")
+        latents = self._denoise(plan)
+        timer.mark("denoise")
+        pil, array, data = self._decode(latents, plan, output_format)
+        timer.mark("decode")
+        return EditResult(pil, array, timer.timings(), data, seed, steps, plan.emb.truncated)
 
-        # 1. prepare: prompt embedding, condition images -> latent tokens, noise, ids, timesteps
+    def _prepare(self, image, prompt, references, steps, seed, height, width) -> "FramePlan":
+        """1. prepare: prompt embedding, condition images -> latent tokens, noise, position ids, timesteps."""
         emb = self._embedding(prompt)
         limits = self.config.images
         arrays = [fit_like_pipeline(to_uint8_array(image, limits, "image"))]
         arrays += [fit_like_pipeline(to_uint8_array(r, limits, f"reference {i}")) for i, r in enumerate(references)]
-        lat_h = (height or arrays[0].shape[0]) // PATCH_PIXELS
-        lat_w = (width or arrays[0].shape[1]) // PATCH_PIXELS
+        explicit = height is not None or width is not None
+        height = height or arrays[0].shape[0]
+        width = width or arrays[0].shape[1]
+        if self.config.buckets.sizes:
+            height, width, arrays = self._into_bucket(height, width, arrays, explicit)
+        lat_h, lat_w = height // PATCH_PIXELS, width // PATCH_PIXELS
         cond_latents = [self._encode_condition(arr, is_input=i == 0) for i, arr in enumerate(arrays)]
         cond_tokens = torch.cat([pack(lat) for lat in cond_latents], dim=1)
         cond_ids = self.latent_ids.references(tuple(tuple(lat.shape[2:]) for lat in cond_latents), self.device)
         target_ids = self.latent_ids.target(lat_h, lat_w, self.device)
-        img_ids = torch.cat([target_ids, cond_ids], dim=1)
-        latents = pack(initial_noise(seed, (1, self.transformer.config.in_channels, lat_h, lat_w), self.dtype, self.device))
+        noise = initial_noise(seed, (1, self.transformer.config.in_channels, lat_h, lat_w), self.dtype, self.device)
         timesteps, sigmas = self.timestep_cache.get(lat_h * lat_w, steps, self.device)
-        timer.mark("prepare")
+        return FramePlan(
+            emb=emb, latents=pack(noise), cond_tokens=cond_tokens, img_ids=torch.cat([target_ids, cond_ids], dim=1),
+            timesteps=timesteps, sigmas=sigmas, lat_h=lat_h, lat_w=lat_w,
+        )
 
-        # 2. denoise: Euler steps of the flow, condition tokens appended after the target tokens
-        latents = self._denoise(latents, cond_tokens, emb, img_ids, timesteps, sigmas)
-        timer.mark("denoise")
+    def _into_bucket(self, height: int, width: int, arrays: list[np.ndarray], explicit: bool):
+        """Serving shapes are fixed: the output is a bucket size, and every condition image is resized to it.
 
-        # 3. decode: unpack, undo the latent batch-norm, unpatchify, VAE decode, quantise and encode
-        pixels = self.codec.decode(unpack(latents, lat_h, lat_w))
+        A frame of another size goes to the first bucket; an explicitly requested size must be one of them.
+        """
+        buckets = self.config.buckets
+        size = ((height // PATCH_PIXELS) * PATCH_PIXELS, (width // PATCH_PIXELS) * PATCH_PIXELS)
+        if size not in buckets.sizes:
+            if explicit:
+                raise InvalidRequest(f"output size {height}x{width} is not served here; sizes: {list(buckets.sizes)}")
+            size = buckets.sizes[0]
+        if len(arrays) - 1 not in buckets.references:
+            raise InvalidRequest(
+                f"{len(arrays) - 1} references are not served here; reference counts: {list(buckets.references)}"
+            )
+        h, w = size
+        resize = lambda a: np.asarray(PIL.Image.fromarray(a).resize((w, h), PIL.Image.Resampling.BILINEAR))  # noqa: E731
+        arrays = [a if a.shape[:2] == size else resize(a) for a in arrays]
+        return h, w, arrays
+
+    def _decode(self, latents: torch.Tensor, plan: "FramePlan", output_format):
+        """3. decode: unpack, undo the latent batch-norm, unpatchify, VAE decode, quantise and encode."""
+        pixels = self.codec.decode(unpack(latents, plan.lat_h, plan.lat_w))
         array = pixels_to_array(pixels)
         pil = array_to_pil(array)
         data = encode_image(pil, output_format) if output_format else None
-        timer.mark("decode")
-        return EditResult(pil, array, timer.timings(), data, seed, steps, emb.truncated)
+        return pil, array, data
 
     def _encode_condition(self, arr: np.ndarray, is_input: bool) -> torch.Tensor:
         """The input image rides the main (bucketed, compilable) path; references are encoded on their own."""
         pixels = to_pixel_tensor(arr, self.codec.device, self.codec.dtype)
         return self.codec.encode(pixels) if is_input else self.codec.encode_reference(pixels)
 
-    def _denoise(self, latents, cond_tokens, emb, img_ids, timesteps, sigmas) -> torch.Tensor:
-        num_target = latents.shape[1]
-        for i, t in enumerate(timesteps):
-            hidden = torch.cat([latents, cond_tokens], dim=1).to(self.dtype)
-            velocity = self.transformer(
-                hidden_states=hidden,
+    def _denoise(self, plan: "FramePlan") -> torch.Tensor:
+        """2. denoise: Euler steps of the flow, condition tokens appended after the target tokens."""
+        latents, num_target = plan.latents, plan.latents.shape[1]
+        if self.dbcache is not None:
+            self.dbcache.refresh(len(plan.timesteps))  # no cached residual may cross requests
+        for i, t in enumerate(plan.timesteps):
+            inputs = dict(
+                hidden_states=torch.cat([latents, plan.cond_tokens], dim=1).to(self.dtype),
                 timestep=t.expand(1).to(latents.dtype) / 1000,
                 guidance=None,
-                encoder_hidden_states=emb.embeds,
-                txt_ids=emb.text_ids,
-                img_ids=img_ids,
+                encoder_hidden_states=plan.emb.embeds,
+                txt_ids=plan.emb.text_ids,
+                img_ids=plan.img_ids,
                 return_dict=False,
-            )[0][:, :num_target]
+            )
+            output = self.attention.run(self.transformer, **inputs) if self.attention else self.transformer(**inputs)
+            velocity = output[0][:, :num_target]
             # FlowMatchEulerDiscreteScheduler.step's arithmetic: float32 sample, cast back to the model dtype.
-            latents = (latents.to(torch.float32) + (sigmas[i + 1] - sigmas[i]) * velocity).to(velocity.dtype)
+            latents = (latents.to(torch.float32) + (plan.sigmas[i + 1] - plan.sigmas[i]) * velocity).to(velocity.dtype)
         return latents
+
+    # ---- the fast path ------------------------------------------------------------------------------------------
+    def _setup_fast_path(self) -> None:
+        """Attention probe, then DBCache, then selective compile and the warm-up of every bucket, in that order."""
+        cfg = self.config
+        if cfg.select_attention:
+            from rtedit.attention import select_attention_backend
+
+            h, w = max(cfg.buckets.sizes, key=lambda s: s[0] * s[1]) if cfg.buckets.sizes else (512, 512)
+            refs = max(cfg.buckets.references)
+            with torch.inference_mode():
+                plan = self._prepare(_gray(h, w), "a probe", [_gray(h, w)] * refs, 2, 0, h, w)
+                sample = dict(
+                    hidden_states=torch.cat([plan.latents, plan.cond_tokens], dim=1).to(self.dtype),
+                    timestep=plan.timesteps[0].expand(1).to(self.dtype) / 1000, guidance=None,
+                    encoder_hidden_states=plan.emb.embeds, txt_ids=plan.emb.text_ids, img_ids=plan.img_ids,
+                    return_dict=False,
+                )
+                self.attention = select_attention_backend(self.transformer, sample, config=cfg.attention)
+        if cfg.dbcache.enabled:
+            from rtedit.caching import attach_cache
+
+            self.dbcache = attach_cache(self.transformer, cfg.dbcache)
+        if cfg.compile.enabled:
+            from rtedit.compile import compile_regions
+
+            ae = self.codec.taef2 if self.codec.taef2 is not None else self.vae
+            self.compiled = compile_regions(cfg.compile, transformer=self.transformer, vae_encoder=ae.encoder, vae_decoder=ae.decoder)
+            self.codec.reference_context = lambda: self.compiled.eager("vae_encoder")
+            buckets = [(h, w, r) for (h, w) in cfg.buckets.sizes for r in cfg.buckets.references]
+            self.compiled.warm_up(buckets, lambda b: self.edit(_gray(b[0], b[1]), "warm up", references=[_gray(b[0], b[1])] * b[2], steps=self.warm_steps, height=b[0], width=b[1]))
 
     # ---- checks and reporting -----------------------------------------------------------------------------------
     def _check_request(self, references, steps, seed, height, width, output_format) -> None:
@@ -348,7 +435,13 @@ class Editor:
         }
 
     def stats(self) -> dict:
+        fast = {
+            "attention": self.attention.stats() if self.attention else {"chosen": "native (not probed)"},
+            "dbcache": self.dbcache.stats() if self.dbcache else {"enabled": False},
+            "compile": self.compiled.stats() if self.compiled else {"enabled": False},
+        }
         return {
+            **fast,
             "edits": self._counts["edits"],
             "errors": {k.split(":", 1)[1]: v for k, v in self._counts.items() if k.startswith("error:")},
             "prompt_cache": self.prompt_cache.stats(),

@@ -104,7 +104,7 @@ def fit_like_pipeline(arr: np.ndarray, multiple: int = 16) -> np.ndarray:
 
 def to_pixel_tensor(arr: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 HxWx3 -> [1, 3, H, W] in [-1, 1]; pinned host memory and a non-blocking copy on a GPU."""
-    host = torch.from_numpy(arr)
+    host = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # PIL-backed arrays are read-only
     if device.type == "cuda":
         host = host.pin_memory()
     # Contiguous NCHW as the pipeline hands it over: a channels-last view makes cuDNN pick other conv kernels.

@@ -6,6 +6,8 @@ TAEF2 the FLUX.2 batch-norm is skipped; with the full VAE it stays on the patchi
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rtedit.latents import bn_denormalize, bn_normalize, patchify, unpatchify
@@ -18,6 +20,7 @@ class LatentCodec:
 
     def __init__(self, vae, taef2=None) -> None:
         self.vae, self.taef2 = vae, taef2
+        self.reference_context = contextlib.nullcontext  # selective compile swaps in "run the encoder eagerly"
         # Computed as the pipeline computes them (sqrt in the buffer dtype), once instead of per frame.
         self.bn_mean = vae.bn.running_mean.view(1, -1, 1, 1)
         self.bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
@@ -40,7 +43,8 @@ class LatentCodec:
 
     def encode_reference(self, pixels: torch.Tensor) -> torch.Tensor:
         """References take this eager path so their odd sizes never touch compiled, bucketed code."""
-        return self._encode(pixels)
+        with self.reference_context():
+            return self._encode(pixels)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, self.dtype)

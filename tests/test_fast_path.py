@@ -1,0 +1,80 @@
+"""The fast path wired into Editor: attention probe, DBCache refreshed per request, selective compile, buckets."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_image
+from rtedit.caching import CachingConfig
+from rtedit.compile import CompileConfig
+from rtedit.config import EditorConfig, ShapeBuckets
+from rtedit.editor import Editor
+from rtedit.errors import ConfigError, InvalidRequest
+from rtedit.presets import TINY_TRANSFORMER, build_preset
+
+BUCKETS = ShapeBuckets(sizes=((64, 64), (64, 96)), references=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def fast_editor():
+    cfg = EditorConfig(buckets=BUCKETS, select_attention=True, compile=CompileConfig(enabled=True, backend="eager"))
+    return Editor.from_preset("tiny", config=cfg)
+
+
+def test_fast_path_matches_exact_path_at_bucket_sizes(fast_editor, tiny_editor):
+    img = random_image(64, 96, seed=1)
+    fast = fast_editor.edit(img, "make it blue", steps=2, seed=3)
+    exact = tiny_editor.edit(img, "make it blue", steps=2, seed=3)
+    np.testing.assert_allclose(fast.array, exact.array, rtol=0, atol=1e-5)
+    stats = fast_editor.stats()
+    assert stats["attention"]["chosen"] in ("native", "_native_math")
+    assert {r["name"] for r in stats["attention"]["probe"]} >= {"native", "_native_math"}
+
+
+def test_no_recompiles_inside_buckets(fast_editor):
+    for h, w in BUCKETS.sizes:
+        for refs in BUCKETS.references:
+            fast_editor.edit(random_image(h, w, seed=h + w), "make it red", references=[random_image(80, 80)] * refs, height=h, width=w)
+    # A frame of an unserved size is resized into the first bucket rather than compiled anew.
+    assert fast_editor.edit(random_image(100, 120), "make it red").array.shape == (64, 64, 3)
+    branches = fast_editor.stats()["compile"]["branches"]
+    assert all(b["state"] == "compiled" for b in branches.values())
+    assert {name: b["recompiles"] for name, b in branches.items()} == {"transformer": 0, "vae_encoder": 0, "vae_decoder": 0}
+
+
+def test_requests_outside_buckets_are_rejected(fast_editor):
+    with pytest.raises(InvalidRequest, match="not served"):
+        fast_editor.edit(random_image(64, 64), "make it red", height=128, width=128)
+    with pytest.raises(InvalidRequest, match="references are not served"):
+        fast_editor.edit(random_image(64, 64), "make it red", references=[random_image(64, 64)] * 2)
+
+
+def test_compile_and_dbcache_need_buckets():
+    with pytest.raises(ConfigError, match="buckets"):
+        EditorConfig(compile=CompileConfig(enabled=True, backend="eager")).validate()
+
+
+def _two_block_bundle():
+    bundle = build_preset("tiny", torch.device("cpu"), torch.float32)
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    bundle.transformer = Flux2Transformer2DModel(**{**TINY_TRANSFORMER, "num_layers": 3, "num_single_layers": 3}).eval()
+    return bundle
+
+
+def test_dbcache_state_never_leaks_between_requests():
+    cfg = EditorConfig(buckets=ShapeBuckets(sizes=((64, 64),)), dbcache=CachingConfig(enabled=True, policy="static"))
+    a_img, b_img = random_image(64, 64, seed=1), random_image(64, 64, seed=2)
+    cached = Editor(_two_block_bundle(), dataclasses.replace(cfg))
+    cached.edit(a_img, "make it blue", seed=1)
+    after_a = cached.edit(b_img, "turn it to night", seed=2).array
+    fresh = Editor(_two_block_bundle(), dataclasses.replace(cfg)).edit(b_img, "turn it to night", seed=2).array
+    np.testing.assert_array_equal(after_a, fresh)
+    stats = cached.stats()["dbcache"]
+    assert stats["policy"] == "static"
+    # Static [1, 0]: the second of two steps is served from the cache in every group.
+    exact = Editor(_two_block_bundle(), EditorConfig()).edit(b_img, "turn it to night", seed=2).array
+    assert np.abs(exact - fresh).max() > 0
