@@ -30,8 +30,8 @@ def request_inputs(seed: int, n: int = 16, length: int = 8) -> dict:
     img_ids[0, :, 3] = torch.arange(n) % 4
     txt_ids = torch.zeros(1, length, 4)
     txt_ids[0, :, 3] = torch.arange(length)
-    return {"latents": torch.randn(1, n, 128, generator=g), "encoder_hidden_states": torch.randn(1, length, 48, generator=g),
-            "img_ids": img_ids, "txt_ids": txt_ids}
+    return {"latents": torch.randn(1, n, 128, generator=g),
+            "encoder_hidden_states": torch.randn(1, length, 48, generator=g), "img_ids": img_ids, "txt_ids": txt_ids}
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,7 +93,8 @@ class AttentionConfig:
         for name in ("warmup", "repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "repeats" else 0):
-                raise ConfigError(f"attention.{name} must be an integer >= {1 if name == 'repeats' else 0}, got {value!r}")
+                low = 1 if name == "repeats" else 0
+                raise ConfigError(f"attention.{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.require_mask, bool):
             raise ConfigError(f"attention.require_mask must be a bool, got {self.require_mask!r}")
         return self
@@ -167,8 +168,9 @@ def _fa3_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
         return "the official flash_attn_3 is installed and owns diffusers' '_flash_3' slot: use '_flash_3'"
     if device.type != "cuda":
         return f"needs a CUDA device (Hopper), got {device.type}"
-    if torch.cuda.get_device_capability(device)[0] != 9:
-        return f"the fa3-fwd wheel is built for sm_90a only, got sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"the fa3-fwd wheel is built for sm_90a only, got sm_{major}{minor}"
     if dtype != torch.bfloat16:
         return f"the fa3-fwd wheel is built for bfloat16 only (FP16 disabled), got {dtype}"
     return _import_error("fa3_fwd_interface")
@@ -406,7 +408,8 @@ class AttentionSelector:
                 reason = f"{type(first).__name__}: {first}"
                 self.fallbacks.append({"from": failed, "to": name, "reason": reason, "time": time.time()})
                 self.active = name
-                logger.error("attention backend %s failed while serving (%s); using %s from now on", failed, reason, name)
+                logger.error("attention backend %s failed while serving (%s); using %s from now on",
+                             failed, reason, name)
                 return result
             install_backend(self.transformer, self._candidates[failed])
             raise

@@ -56,7 +56,7 @@ class CompileConfig:
     backend: str = "inductor"  # any torch._dynamo backend name; CPU tests use "eager" or "aot_eager"
     mode: str | None = None  # inductor mode; "reduce-overhead" (CUDA graphs) does not mix with DBCache residuals
     fullgraph: bool = True  # a graph break is a failure of that branch, not a silent split
-    branch_backends: dict[str, str] = field(default_factory=dict)  # per-branch backend override, e.g. {"vae_decoder": "eager"}
+    branch_backends: dict[str, str] = field(default_factory=dict)  # per-branch backend, e.g. {"vae_decoder": "eager"}
     recompile_limit: int = 64  # dynamo graphs per code object; must cover every bucket of every compiled class
 
     def validate(self) -> "CompileConfig":
