@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="score at most this many examples")
     parser.add_argument("--seed", type=int, default=0, help="seed of example i is seed + i")
     parser.add_argument("--device", default=None, help="cpu or cuda; default cuda when present")
+    parser.add_argument("--taef2-dir", default=None, help="TAEF2 weights folder; default rtedit.paths.taef2_dir()")
     parser.add_argument("--grid", type=Path, default=Path("eval_grid.png"), help="PNG grid output path")
     parser.add_argument("--grid-per-family", type=int, default=2, help="grid rows per family")
     args = parser.parse_args(argv)
@@ -61,7 +62,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         examples = examples[: args.limit]
     if not examples:
         raise SystemExit(f"no valid {args.split} examples under {folder}: {report.as_dict()}")
-    editor = Editor.from_config(EditorConfig(model=args.model, device=args.device))
+    editor = Editor.from_config(EditorConfig(model=args.model, device=args.device, taef2_dir=args.taef2_dir))
     scores = evaluation.Scores()
     grid_rows, per_family = [], {}
     for i, example in enumerate(examples):

@@ -1,0 +1,79 @@
+"""The toy teacher end to end on CPU with a tiny transformer: precompute, Ray Train + DeepSpeed, export, serve
+the folder through Editor.from_pretrained, score it with eval_edit."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ray = pytest.importorskip("ray")
+
+from jobs import eval_edit, make_toy_data, runtime, train_teacher  # noqa: E402
+from rtedit.train import teacher  # noqa: E402
+from rtedit.train.config import load_job_config  # noqa: E402
+
+TINY = ["task.te_hidden=16", "task.te_layers=2", "task.te_heads=2", "task.te_taps=[1, 2]", "task.num_layers=1",
+        "task.num_single_layers=1", "task.num_heads=2", "task.head_dim=16", "task.export_dtype=float32"]
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    make_toy_data.main(["--out", str(out), "--n", "48", "--seed", "0", "--eval-n", "12"])
+    return out
+
+
+def _config(tmp_path, toy_data, taef2_weights, *extra):
+    return load_job_config(runtime.REPO_ROOT / "jobs" / "configs" / "toy_teacher.yaml", [
+        f"run.storage_path={tmp_path / 'runs'}", "run.max_steps=3", "run.batch_size=4", "run.checkpoint_every=3",
+        "run.log_every=1", "run.timeout_s=500", "optimizer.warmup_steps=1", "scaling.use_gpu=false",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=1", f"task.data_dir={toy_data}",
+        f"task.taef2_dir={taef2_weights}", "task.encode_device=cpu", *TINY, *extra])
+
+
+def test_cache_matches_what_the_editor_serves(tmp_path, toy_data, taef2_weights):
+    config = _config(tmp_path, toy_data, taef2_weights)
+    task = config.task_config(teacher.TeacherTaskConfig)
+    train_teacher.prepare(config)
+    cache = teacher.load_cache(teacher.cache_file(task, "train"))
+    assert cache["source"].shape == (48, 128, 8, 8)
+    assert int(cache["has_reference"].sum()) == sum(f == "palette" for f in cache["families"])
+    assert cache["separation"] > task.min_instruction_separation
+    batch = teacher.FlowBatcher(cache, task, 4, 0, 0)(0)
+    assert batch["noisy"].shape == (4, 64, 128) and batch["img_ids"].shape[0] == 64 + batch["cond"].shape[1]
+    # Export an untrained model and check the served embeddings and latents are those trained on.
+    torch.manual_seed(0)
+    folder = teacher.export_model(teacher.build_transformer(task), task, tmp_path / "export")
+    from rtedit.config import EditorConfig
+    from rtedit.editor import Editor
+    editor = Editor.from_config(EditorConfig(model=str(folder), device="cpu", taef2_dir=str(taef2_weights)))
+    text = cache["instructions"][3]
+    torch.testing.assert_close(editor.encode_prompt(text).embeds[0].float(), cache["embeds"][3])
+    assert json.loads((folder / "rtedit.json").read_text())["autoencoder"]["type"] == "taef2"
+
+
+@pytest.mark.slow
+def test_teacher_trains_exports_serves_and_evaluates(tmp_path, toy_data, taef2_weights):
+    config = _config(tmp_path, toy_data, taef2_weights)
+    train_teacher.prepare(config)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20,
+             log_to_driver=False)
+    try:
+        result = runtime.run(config, train_teacher.TASK)
+    finally:
+        ray.shutdown()
+    assert result.metrics["step"] == 3 and np.isfinite(result.metrics["loss"])
+    assert (result.export_dir / "model_index.json").is_file()
+    assert json.loads((result.export_dir / "training_config.json").read_text())["run"]["max_steps"] == 3
+    report = eval_edit.main(["--model", str(result.export_dir), "--data", str(toy_data), "--steps", "1",
+                             "--limit", "4", "--device", "cpu", "--taef2-dir", str(taef2_weights),
+                             "--grid", str(tmp_path / "grid.png")])
+    assert report["n"] == 4 and report["steps"] == 1
+    assert 0 <= report["overall"]["instruction_accuracy"] <= 1
+    assert report["overall"]["taef2_psnr"] > 25  # the TAEF2 ceiling of 128px toy targets
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
