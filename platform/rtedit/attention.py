@@ -45,12 +45,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import (
-    AttentionBackendName,
-    _AttentionBackendRegistry,
-    _check_attention_backend_requirements,
-    dispatch_attention_fn,
-)
 
 from rtedit.errors import ConfigError, EditError
 
@@ -82,9 +76,9 @@ class AttentionConfig:
         if isinstance(self.candidates, str) or not isinstance(self.candidates, (tuple, list)) or not self.candidates:
             raise ConfigError(f"attention.candidates must be a non-empty list of names, got {self.candidates!r}")
         for name in self.candidates:
-            if not isinstance(name, str) or (name not in _CUSTOM and name not in _DIFFUSERS_NAMES):
+            if not isinstance(name, str) or (name not in _KNOWN and name not in _diffusers_names()):
                 raise ConfigError(f"attention.candidates: unknown backend {name!r}; known: "
-                                  f"{', '.join(sorted(set(_CUSTOM) | _DIFFUSERS_NAMES))}")
+                                  f"{', '.join(sorted(set(_CUSTOM_NAMES) | _diffusers_names()))}")
         if len(set(self.candidates)) != len(self.candidates):
             raise ConfigError(f"attention.candidates has duplicates: {self.candidates!r}")
         if (isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float))
@@ -201,7 +195,7 @@ class AttentionCandidate:
     """One probe candidate: a diffusers registry slot, and optionally our own function to register there."""
 
     name: str
-    key: AttentionBackendName  # the slot in diffusers' registry the processors are pointed at
+    key: Any  # diffusers AttentionBackendName: the slot in diffusers' registry the processors are pointed at
     fn: Callable[..., torch.Tensor] | None = None  # custom implementation registered under `key`; None = diffusers'
     unavailable: Callable[[torch.device, torch.dtype], str | None] | None = None  # returns a reason, or None
     supports_mask: bool = True
@@ -209,26 +203,41 @@ class AttentionCandidate:
 
 # Custom kernels take the diffusers slot of their own family: dispatch only accepts AttentionBackendName members,
 # and the enum cannot be extended. Each slot's check above refuses when diffusers' own kernel is installed there.
-_CUSTOM = {
-    "fa3_fwd": AttentionCandidate("fa3_fwd", AttentionBackendName._FLASH_3, fa3_fwd_attention, _fa3_unavailable, False),
-    "sage1": AttentionCandidate("sage1", AttentionBackendName.SAGE, sage1_attention, _sage1_unavailable, False),
-}
-_DIFFUSERS_NAMES = {member.value for member in AttentionBackendName}
+_CUSTOM_NAMES = ("fa3_fwd", "sage1")
+_KNOWN = set(DEFAULT_CANDIDATES) | set(_CUSTOM_NAMES)  # checkable without importing diffusers (seconds)
+
+
+def _dispatch():
+    """diffusers' attention dispatcher, imported on first use: rtedit.config imports this module."""
+    import diffusers.models.attention_dispatch as dispatch
+
+    return dispatch
+
+
+def _diffusers_names() -> set[str]:
+    return {member.value for member in _dispatch().AttentionBackendName}
+
+
+def _custom(name: str) -> AttentionCandidate:
+    slots = _dispatch().AttentionBackendName
+    if name == "fa3_fwd":
+        return AttentionCandidate("fa3_fwd", slots._FLASH_3, fa3_fwd_attention, _fa3_unavailable, False)
+    return AttentionCandidate("sage1", slots.SAGE, sage1_attention, _sage1_unavailable, False)
 
 
 def candidate(name: str) -> AttentionCandidate:
     """The candidate for a backend name: one of ours, or a diffusers backend as diffusers ships it."""
-    if name in _CUSTOM:
-        return _CUSTOM[name]
-    if name not in _DIFFUSERS_NAMES:
+    if name in _CUSTOM_NAMES:
+        return _custom(name)
+    if name not in _diffusers_names():
         raise ConfigError(f"unknown attention backend {name!r}")
     masked = name in {"native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers"}
-    return AttentionCandidate(name, AttentionBackendName(name), None, None, masked)
+    return AttentionCandidate(name, _dispatch().AttentionBackendName(name), None, None, masked)
 
 
 def _diffusers_unavailable(cand: AttentionCandidate, device: torch.device, dtype: torch.dtype) -> str | None:
     try:
-        _check_attention_backend_requirements(cand.key)
+        _dispatch()._check_attention_backend_requirements(cand.key)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     if cand.name in _CUDA_HALF_ONLY:
@@ -245,20 +254,22 @@ def register_backend(cand: AttentionCandidate) -> None:
     """Registers a custom candidate's function in diffusers' registry under its slot (process-wide)."""
     if cand.fn is None:
         return
-    if _AttentionBackendRegistry._backends.get(cand.key) is cand.fn:
+    registry = _dispatch()._AttentionBackendRegistry
+    if registry._backends.get(cand.key) is cand.fn:
         return
-    _AttentionBackendRegistry.register(cand.key)(cand.fn)
+    registry.register(cand.key)(cand.fn)
     logger.info("registered %s as diffusers attention backend slot %r", cand.name, cand.key.value)
 
 
 def install_backend(transformer: torch.nn.Module, cand: AttentionCandidate) -> None:
     """Points every attention processor of `transformer` at the candidate's registry slot."""
     if cand.fn is None:
-        active = _AttentionBackendRegistry._active_backend
+        registry = _dispatch()._AttentionBackendRegistry
+        active = registry._active_backend
         transformer.set_attention_backend(cand.key.value)  # checks diffusers' requirements, then sets processors
         # It also changes the process-wide default (used by other models' processors without a backend); the
         # choice belongs to this model alone, so put the default back.
-        _AttentionBackendRegistry.set_active_backend(active)
+        registry.set_active_backend(active)
         return
     register_backend(cand)
     # set_attention_backend would refuse our slot (it checks for diffusers' own package); set processors directly.
@@ -295,8 +306,9 @@ class ProbeRow:
 
 def _capture_attention_inputs(transformer, sample_inputs, limit: int = 4) -> list[dict[str, Any]]:
     """Runs one forward on the math backend, recording the distinct attention calls it makes."""
-    slot = AttentionBackendName._NATIVE_MATH
-    original = _AttentionBackendRegistry._backends[slot]
+    registry = _dispatch()._AttentionBackendRegistry
+    slot = _dispatch().AttentionBackendName._NATIVE_MATH
+    original = registry._backends[slot]
     captured: list[dict[str, Any]] = []
     seen: set[tuple] = set()
 
@@ -309,24 +321,25 @@ def _capture_attention_inputs(transformer, sample_inputs, limit: int = 4) -> lis
         return original(*args, **kwargs)
 
     install_backend(transformer, candidate("_native_math"))
-    _AttentionBackendRegistry._backends[slot] = recorder
+    registry._backends[slot] = recorder
     try:
         with torch.no_grad():
             transformer(**sample_inputs)
     finally:
-        _AttentionBackendRegistry._backends[slot] = original
+        registry._backends[slot] = original
     if not captured:
         raise ConfigError(f"{type(transformer).__name__} made no dispatched attention call; nothing to probe")
     return captured
 
 
 def _kernel_rel_err(cand: AttentionCandidate, calls: list[dict[str, Any]]) -> float:
+    dispatch_attention_fn, math_slot = _dispatch().dispatch_attention_fn, _dispatch().AttentionBackendName._NATIVE_MATH
     worst = 0.0
     for call in calls:
         inputs = {k: v for k, v in call.items() if k not in ("query", "key", "value", "_parallel_config")}
         q, k, v = call["query"], call["key"], call["value"]
         with torch.no_grad():
-            ref = dispatch_attention_fn(q.float(), k.float(), v.float(), backend=AttentionBackendName._NATIVE_MATH,
+            ref = dispatch_attention_fn(q.float(), k.float(), v.float(), backend=math_slot,
                                         **{n: inputs[n] for n in ("attn_mask", "is_causal", "scale") if n in inputs})
             out = dispatch_attention_fn(q.clone(), k.clone(), v.clone(), backend=cand.key,
                                         **{n: inputs[n] for n in ("attn_mask", "is_causal", "scale") if n in inputs})

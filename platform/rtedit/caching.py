@@ -31,9 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import cache_dit
 import torch
-from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 
 from rtedit.errors import ConfigError
 
@@ -129,6 +127,9 @@ class DBCache:
         self._mask: list[int] = list(config.compute_mask)
         if not config.enabled:
             return
+        import cache_dit  # imported on attach only: it takes seconds, and rtedit.config imports this module
+        from cache_dit import TaylorSeerCalibratorConfig
+
         calibrator = TaylorSeerCalibratorConfig(taylorseer_order=config.taylorseer_order) \
             if config.taylorseer_order else None
         cache_dit.enable_cache(transformer, cache_config=self._db_config(len(self._mask), self._mask),
@@ -140,7 +141,9 @@ class DBCache:
                     tuple(config.compute_mask), config.policy, config.residual_diff_threshold,
                     {n: len(b) for n, b in self.groups.items()})
 
-    def _db_config(self, num_steps: int, mask: list[int]) -> DBCacheConfig:
+    def _db_config(self, num_steps: int, mask: list[int]):
+        from cache_dit import DBCacheConfig
+
         cfg = self.config
         return DBCacheConfig(
             Fn_compute_blocks=cfg.Fn,
@@ -163,6 +166,9 @@ class DBCache:
         self._pending = num_steps
         if not self.config.enabled:
             return
+        import cache_dit
+        from cache_dit import DBCacheConfig
+
         mask = list(self.config.compute_mask) if num_steps == len(self.config.compute_mask) else [1] * num_steps
         if mask != list(self.config.compute_mask):
             self.uncached_requests += 1
@@ -196,6 +202,8 @@ class DBCache:
 
     def summary(self) -> list:
         """cache-dit's own per-group summary (CacheStats list) of the last request; slow, for diagnostics."""
+        import cache_dit
+
         return cache_dit.summary(self.transformer, details=False, logging=False)
 
     def stats(self) -> dict[str, Any]:
@@ -227,6 +235,8 @@ class DBCache:
     def detach(self) -> None:
         """Removes cache-dit's hooks; the transformer runs uncached again."""
         if self.config.enabled and getattr(self.transformer, "_rtedit_dbcache", None) is self:
+            import cache_dit
+
             cache_dit.disable_cache(self.transformer)
             self.transformer._rtedit_dbcache = None
 

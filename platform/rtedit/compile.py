@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch._dynamo.backends.registry import list_backends, lookup_backend
 
 from rtedit.errors import ConfigError
 
@@ -43,6 +42,13 @@ logger = logging.getLogger(__name__)
 
 BRANCHES = ("transformer", "vae_encoder", "vae_decoder")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_COMMON_BACKENDS = {"inductor", "eager", "aot_eager", "cudagraphs"}  # checkable without importing dynamo (seconds)
+
+
+def _dynamo_backends() -> set[str]:
+    from torch._dynamo.backends.registry import list_backends  # imported on use: rtedit.config imports this module
+
+    return set(list_backends(exclude_tags=()))
 
 
 @dataclass
@@ -65,10 +71,9 @@ class CompileConfig:
                 raise ConfigError(f"compile.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.branch_backends, dict) or set(self.branch_backends) - set(BRANCHES):
             raise ConfigError(f"compile.branch_backends keys must be among {BRANCHES}, got {self.branch_backends!r}")
-        known = set(list_backends(exclude_tags=())) | {"inductor", "eager", "aot_eager"}
         for where, backend in [("backend", self.backend)] + [(f"branch_backends.{k}", v)
                                                             for k, v in self.branch_backends.items()]:
-            if not isinstance(backend, str) or backend not in known:
+            if not isinstance(backend, str) or (backend not in _COMMON_BACKENDS and backend not in _dynamo_backends()):
                 raise ConfigError(f"compile.{where} must be a torch._dynamo backend name, got {backend!r}")
         if self.mode not in MODES:
             raise ConfigError(f"compile.mode must be one of {MODES}, got {self.mode!r}")
@@ -107,6 +112,8 @@ class _CountingBackend:
     """A dynamo backend that counts the graphs it compiles for one branch, then hands them to the real backend."""
 
     def __init__(self, branch: _Branch, backend: str, mode: str | None):
+        from torch._dynamo.backends.registry import lookup_backend
+
         self.branch = branch
         self.inner = lookup_backend(backend)
         # torch.compile turns mode into inductor config patches; a backend object has to pass them itself.
