@@ -377,3 +377,21 @@ def clean_preference_batch(batch: Mapping[str, Any],
                            decode: bool = True) -> tuple[dict[str, list[Any]], ValidationReport]:
     """Keep the valid rows of a column batch of preference pairs; returns (columns, report)."""
     return _clean_batch(batch, PREFERENCE_SCHEMA.names, check_preference_row, decode)
+
+
+def clean_table(table: pa.Table, kind: str = "edit", decode: bool = True) -> tuple[pa.Table, ValidationReport]:
+    """Keep the valid rows of a pyarrow table (Ray Data's batch_format="pyarrow"); kind is "edit" or "preference"."""
+    if kind not in ("edit", "preference"):
+        raise ValueError(f"kind must be 'edit' or 'preference', got {kind!r}")
+    check = check_edit_row if kind == "edit" else check_preference_row
+    report = ValidationReport()
+    keep = []
+    for i, row in enumerate(table.to_pylist()):
+        report.total += 1
+        reason = check(row, decode=decode)
+        if reason is not None:
+            report.add_bad(row.get("id"), reason)
+        else:
+            report.valid += 1
+            keep.append(i)
+    return table.take(pa.array(keep, pa.int64())), report
