@@ -36,16 +36,20 @@ def image_size(data: bytes) -> tuple[int, int]:
     return PIL.Image.open(io.BytesIO(data)).size
 
 
+def worker_pythonpath() -> str:
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
 def start_ray(num_cpus: int = 6, **kwargs):
-    """A fresh local cluster (never a stale one), auth mode explicit, the repo shipped as working_dir."""
+    """A fresh local cluster (never a stale one), auth mode explicit, deployments/ importable on every worker."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
     return ray.init(
         address="local", num_cpus=num_cpus, include_dashboard=kwargs.pop("include_dashboard", False),
         object_store_memory=300 * 2**20, log_to_driver=False,
-        runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "artifacts", "bench", "jobs", ".hypothesis", ".pytest_cache"],
-                     "env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}},
+        # The repo root on the workers' path (not a working_dir upload: nothing to package, any cwd works).
+        runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}},
         **kwargs,
     )
 

@@ -1,0 +1,77 @@
+"""The Serve app's typed arguments, YAML files and session-affinity choice, without starting Ray."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("ray.serve")
+
+from pydantic import ValidationError  # noqa: E402
+
+from test_serve_helpers import REPO  # noqa: E402  (puts the repo root on sys.path)
+
+from deployments.affinity import pick_replica  # noqa: E402
+from deployments.config import AppArgs, replicas_options  # noqa: E402
+from deployments.router import auth_notice, classify  # noqa: E402
+from rtedit.errors import InvalidImage, UnsupportedRequest  # noqa: E402
+from rtedit.transport import PayloadTooLarge  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["serve.yaml", "serve-gpu.yaml"])
+def test_yaml_files_validate(name):
+    spec = yaml.safe_load((REPO / "deployments" / name).read_text())
+    app = spec["applications"][0]
+    assert app["import_path"] == "deployments.app:build_app"
+    assert "request_timeout_s" not in spec.get("http_options", {})  # it would cut websockets
+    args = AppArgs.model_validate(app["args"])
+    assert args.editor_config().model in ("tiny", "klein-4b-random")
+
+
+def test_gpu_yaml_shares_gpus_and_autoscales():
+    args = AppArgs.model_validate(yaml.safe_load((REPO / "deployments" / "serve-gpu.yaml").read_text())
+                                  ["applications"][0]["args"])
+    options = replicas_options(args.editor)
+    per_replica = options["ray_actor_options"]["num_gpus"]
+    assert per_replica * args.editor.replicas_per_gpu + args.text_encoder.num_gpus <= 1.0
+    assert options["autoscaling_config"]["max_replicas"] > options["autoscaling_config"]["min_replicas"]
+    assert "num_replicas" not in options
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        ({"editor": {"num_replicas": 0}}, "num_replicas"),
+        ({"editor": {"colour": 1}}, "colour"),
+        ({"router": {"limits": {"max_frame_bytes": 32 * 2**20}}}, "max_frame_bytes"),
+        ({"router": {"limits": {"bogus": 1}}}, "bogus"),
+        ({"router": {"defaults": {"format": "gif"}}}, "format"),
+        ({"engine": {"model": "tiny", "max_steps": 0}}, "max_steps"),
+        ({"editor": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}}, "min_replicas"),
+        ({"editor": {"min_frame_ms": float("nan")}}, "min_frame_ms"),
+    ],
+)
+def test_bad_arguments_name_the_field(args, field):
+    with pytest.raises((ValidationError, ValueError)) as info:
+        AppArgs.model_validate(args)
+    assert field in str(info.value)
+
+
+def test_rendezvous_affinity_is_stable_and_moves_only_the_lost_replicas_sessions():
+    replicas = ["a1", "b2", "c3"]
+    sessions = [f"s{i}" for i in range(300)]
+    before = {s: pick_replica(s, replicas) for s in sessions}
+    assert all(pick_replica(s, list(reversed(replicas))) == before[s] for s in sessions)  # order-free
+    assert set(before.values()) == set(replicas)  # sessions spread over every replica
+    after = {s: pick_replica(s, ["a1", "c3"]) for s in sessions}
+    moved = [s for s in sessions if after[s] != before[s]]
+    assert moved and all(before[s] == "b2" for s in moved)
+
+
+def test_errors_map_to_statuses_and_auth_notice():
+    assert classify(PayloadTooLarge("too_large", "big"))[0] == 413
+    assert classify(InvalidImage("bad"))[0] == 400
+    assert classify(UnsupportedRequest("steps"))[0] == 422
+    assert classify(RuntimeError("x"))[0] == 500
+    assert "no API key configured" in auth_notice(None)
+    assert "API key required" in auth_notice("k")
