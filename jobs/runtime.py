@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CKPT_TAG = "state"  # DeepSpeed checkpoint tag inside every reported checkpoint folder
 METRICS_CSV = "metrics.csv"
 EXPORT_DIR = "export"
+WORKERS_DIR = "workers"
 
 
 @dataclass
@@ -127,10 +128,16 @@ def _gathered(engine, zero_stage: int):
 def _save_and_report(engine, task, ctx: WorkerContext, log: MetricsLog, step: int, final: bool,
                      metrics: dict[str, Any]) -> None:
     """DeepSpeed checkpoint (every rank writes its shard) + metrics + optional export, reported as one checkpoint."""
+    import ray
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix=f"rtedit-ckpt-{ctx.rank}-") as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
+        # Which node and process each rank ran on: the merged checkpoint shows how the run was placed.
+        (Path(tmp) / WORKERS_DIR).mkdir(exist_ok=True)
+        (Path(tmp) / WORKERS_DIR / f"rank-{ctx.rank}.json").write_text(json.dumps(
+            {"rank": ctx.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+             "device": str(ctx.device), "precision": ctx.precision}))
         if ctx.rank == 0:
             log.write_csv(Path(tmp) / METRICS_CSV)
             (Path(tmp) / "job_config.yaml").write_text(yaml.safe_dump(to_dict(ctx.config), sort_keys=False))
@@ -228,6 +235,7 @@ class RunResult:
     metrics_png: Path
     export_dir: Path | None
     seconds: float
+    workers: list[dict[str, Any]]
 
 
 def fit_with_timeout(trainer, timeout_s: float):
@@ -280,7 +288,8 @@ def run(config: JobConfig, task: str, datasets: dict[str, Any] | None = None) ->
         train_loop,
         train_loop_config={"config": _sections(config), "task": task},
         scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=config.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=config.run.name, storage_path=_storage_path(config),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
@@ -298,6 +307,7 @@ def run(config: JobConfig, task: str, datasets: dict[str, Any] | None = None) ->
     export = None
     with result.checkpoint.as_directory() as folder:
         log = MetricsLog.read_csv(Path(folder) / METRICS_CSV)
+        workers = [json.loads(p.read_text()) for p in sorted((Path(folder) / WORKERS_DIR).glob("rank-*.json"))]
         if (Path(folder) / EXPORT_DIR).is_dir():
             export = out / EXPORT_DIR
             shutil.rmtree(export, ignore_errors=True)
@@ -305,7 +315,7 @@ def run(config: JobConfig, task: str, datasets: dict[str, Any] | None = None) ->
     csv_path = log.write_csv(out / METRICS_CSV)
     png_path = log.plot(out / "metrics.png", title=f"{config.run.name}: {len(log.rows)} steps")
     logger.info("run %s done in %.1fs: %s, %s", config.run.name, seconds, csv_path, png_path)
-    return RunResult(dict(result.metrics), result.checkpoint.path, csv_path, png_path, export, seconds)
+    return RunResult(dict(result.metrics), result.checkpoint.path, csv_path, png_path, export, seconds, workers)
 
 
 def _sections(config: JobConfig) -> dict[str, Any]:

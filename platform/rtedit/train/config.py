@@ -191,6 +191,8 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     """Only used with use_gpu."""
+    placement_strategy: typing.Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers: PACK fills a node first; STRICT_SPREAD puts each worker on its own node."""
 
     def validate(self) -> None:
         _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, ">= 1")
