@@ -82,3 +82,17 @@ def test_timeout_and_bad_task_fail_before_training(tmp_path):
 
     with pytest.raises(TimeoutError, match="timeout_s=0.2"):
         runtime.fit_with_timeout(Slow(), 0.2)
+
+
+@pytest.mark.slow
+def test_zero3_export_gathers_full_weights(ray_cluster, tmp_path):
+    import torch
+
+    config = _config(tmp_path, "run.name=zero3", "run.max_steps=3", "run.checkpoint_every=3",
+                     "deepspeed.zero_stage=3", "scaling.num_workers=2")
+    result = runtime.run(config, TASK)
+    assert result.metrics["step"] == 3
+    state = torch.load(result.export_dir / "model.pt", weights_only=True)
+    assert state["0.weight"].shape == (32, 16) and state["2.weight"].shape == (1, 32)  # not ZeRO-3 shards
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in state.values())
+    assert len(result.workers) == 2 and {w["precision"] for w in result.workers} == {"fp32"}
