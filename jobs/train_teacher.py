@@ -48,6 +48,10 @@ def build_task(ctx: WorkerContext) -> TeacherTask:
 
 def prepare(config: JobConfig) -> None:
     """Driver side, before any worker: validate the task section and build the latent caches."""
+    # Workers run in other folders (and on other nodes): hand them absolute paths.
+    for key in ("data_dir", "cache_dir", "taef2_dir"):
+        if config.task.get(key):
+            config.task[key] = str(Path(config.task[key]).expanduser().resolve())
     task = config.task_config(TeacherTaskConfig)
     for split in ("train", "eval"):
         if (Path(task.data_dir) / split).is_dir():

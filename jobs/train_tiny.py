@@ -30,10 +30,14 @@ class TinyTaskConfig:
     fail_marker: str | None = None
     fail_delay_s: float = 3.0
     """Seconds the failing worker waits first, so the controller has registered the last reported checkpoint."""
+    step_sleep_s: float = 0.0
+    """Seconds each batch waits: lets tests watch a run while it is going (metrics scrapes)."""
 
     def validate(self) -> None:
         if self.in_dim < 1 or self.hidden < 1:
             raise ConfigError(f"task.in_dim and task.hidden must be >= 1, got {self.in_dim}, {self.hidden}")
+        if self.step_sleep_s < 0:
+            raise ConfigError(f"task.step_sleep_s must be >= 0, got {self.step_sleep_s}")
         if self.noise < 0:
             raise ConfigError(f"task.noise must be >= 0, got {self.noise}")
         if self.fail_once_at_step is not None and not self.fail_marker:
@@ -57,6 +61,8 @@ class TinyTask:
             logger.warning("fault injection: rank %d exits at step %d", self.ctx.rank, index)
             time.sleep(cfg.fail_delay_s)
             os._exit(1)  # a crash, not an exception: the worker process dies
+        if cfg.step_sleep_s:
+            time.sleep(cfg.step_sleep_s)
         g = torch.Generator().manual_seed(self.ctx.config.run.seed * 7919 + self.ctx.rank * 104729 + index)
         x = torch.randn(self.ctx.config.run.batch_size, cfg.in_dim, generator=g)
         y = x @ self.w_true + cfg.noise * torch.randn(x.shape[0], 1, generator=g)

@@ -2,6 +2,10 @@
 resume by rerunning, and recovery from a worker killed mid-run."""
 
 import os
+import socket
+import threading
+import time
+import urllib.request
 
 import pytest
 
@@ -18,11 +22,18 @@ TINY = runtime.REPO_ROOT / "jobs" / "configs" / "tiny.yaml"
 TASK = "jobs.train_tiny:build_task"
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
+    port = _free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20,
-             log_to_driver=False)
-    yield
+             log_to_driver=False, _metrics_export_port=port)
+    yield port
     ray.shutdown()
 
 
@@ -96,3 +107,31 @@ def test_zero3_export_gathers_full_weights(ray_cluster, tmp_path):
     assert state["0.weight"].shape == (32, 16) and state["2.weight"].shape == (1, 32)  # not ZeRO-3 shards
     assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in state.values())
     assert len(result.workers) == 2 and {w["precision"] for w in result.workers} == {"fp32"}
+
+
+@pytest.mark.slow
+def test_loss_and_throughput_reach_the_prometheus_endpoint(ray_cluster, tmp_path):
+    found: list[str] = []
+    done = threading.Event()
+
+    def scrape() -> None:  # while the run goes: Ray exports gauges every few seconds
+        while not done.is_set() and not found:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{ray_cluster}/metrics", timeout=5).read().decode()
+                found.extend(l for l in body.splitlines() if l.startswith("ray_rtedit_train_"))
+            except OSError:
+                pass
+            time.sleep(1)
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    config = _config(tmp_path, "run.name=metrics", "run.max_steps=30", "run.checkpoint_every=30",
+                     "scaling.num_workers=1", "task.step_sleep_s=1.0")
+    try:
+        runtime.run(config, TASK)
+    finally:
+        done.set()
+        thread.join(10)
+    names = {line.split("{")[0] for line in found}
+    assert {"ray_rtedit_train_loss", "ray_rtedit_train_samples_per_s"} <= names, found[:5]
+    assert any('run="metrics"' in line for line in found)
