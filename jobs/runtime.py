@@ -328,7 +328,7 @@ def main(task: str, argv: list[str] | None = None, description: str = "",
          prepare: Callable[[JobConfig], None] | None = None) -> RunResult:
     """CLI of every training job: --config YAML, --set overrides, --address of a running cluster.
 
-    `prepare(config)` runs on the driver after validation and before Ray starts (precomputing data, say).
+    `prepare(config)` runs on the driver once Ray is up and before any worker starts (precomputing data, say).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, type=Path, help="job YAML under jobs/configs/")
@@ -340,14 +340,14 @@ def main(task: str, argv: list[str] | None = None, description: str = "",
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_job_config(args.config, args.set)  # validated before any worker starts
     resolve_task(task)
-    if prepare is not None:
-        prepare(config)
 
     import ray
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address or "local", log_to_driver=True)
     try:
+        if prepare is not None:
+            prepare(config)
         result = run(config, task)
     finally:
         ray.shutdown()

@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from jobs import runtime
 from jobs.runtime import WorkerContext
 from rtedit.train.config import JobConfig, to_dict
@@ -53,9 +55,16 @@ def prepare(config: JobConfig) -> None:
         if config.task.get(key):
             config.task[key] = str(Path(config.task[key]).expanduser().resolve())
     task = config.task_config(TeacherTaskConfig)
-    for split in ("train", "eval"):
-        if (Path(task.data_dir) / split).is_dir():
-            build_cache(task, split)
+    splits = [s for s in ("train", "eval") if (Path(task.data_dir) / s).is_dir()]
+    if config.scaling.use_gpu and not torch.cuda.is_available() and task.encode_device is None:
+        # A CPU head node would take long to encode the data: do it once in a one-GPU Ray task instead.
+        import ray
+
+        remote = ray.remote(num_gpus=1, num_cpus=1)(build_cache)
+        ray.get([remote.remote(task, split) for split in splits])
+        return
+    for split in splits:
+        build_cache(task, split)
 
 
 if __name__ == "__main__":

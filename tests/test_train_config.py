@@ -27,6 +27,16 @@ def test_every_committed_job_config_validates():
     for path in configs:
         config = load_job_config(path)
         assert config.run.max_steps >= 1
+    from jobs.train_teacher import TeacherTaskConfig
+    from jobs.train_tiny import TinyTaskConfig
+
+    tasks = {"tiny.yaml": TinyTaskConfig, "toy_teacher.yaml": TeacherTaskConfig}
+    assert sorted(tasks) == sorted(p.name for p in configs)  # a new job config needs its task check here
+    for name, cls in tasks.items():
+        load_job_config(REPO / "jobs" / "configs" / name).task_config(cls)
+    with pytest.raises(ConfigError, match=r"task\.head_dim"):
+        load_job_config(REPO / "jobs" / "configs" / "toy_teacher.yaml", ["task.head_dim=12"]).task_config(
+            TeacherTaskConfig)
 
 
 def test_defaults_and_overrides(tmp_path):
