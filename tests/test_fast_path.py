@@ -78,3 +78,23 @@ def test_dbcache_state_never_leaks_between_requests():
     # Static [1, 0]: the second of two steps is served from the cache in every group.
     exact = Editor(_two_block_bundle(), EditorConfig()).edit(b_img, "turn it to night", seed=2).array
     assert np.abs(exact - fresh).max() > 0
+
+
+def test_kernel_failure_while_serving_falls_back_for_the_whole_request(tiny_editor):
+    editor = Editor.from_preset("tiny", config=EditorConfig(select_attention=True))
+    assert editor.stats()["attention"]["active"] == "native"
+    real_forward, calls = editor.transformer.forward, {"n": 0}
+
+    def flaky_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step of the first request: mid-request
+            raise RuntimeError("simulated kernel failure")
+        return real_forward(*args, **kwargs)
+
+    editor.transformer.forward = flaky_forward
+    img = random_image(64, 64, seed=4)
+    out = editor.edit(img, "make it blue", steps=2, seed=1).array
+    attention = editor.stats()["attention"]
+    assert attention["active"] == "_native_math" and len(attention["fallbacks"]) == 1
+    assert "simulated kernel failure" in attention["fallbacks"][0]["reason"]
+    np.testing.assert_allclose(out, tiny_editor.edit(img, "make it blue", steps=2, seed=1).array, rtol=0, atol=1e-5)

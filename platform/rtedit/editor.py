@@ -338,7 +338,11 @@ class Editor:
         return self.codec.encode(pixels) if is_input else self.codec.encode_reference(pixels)
 
     def _denoise(self, plan: "FramePlan") -> torch.Tensor:
-        """2. denoise: Euler steps of the flow, condition tokens appended after the target tokens."""
+        """2. denoise; a kernel failure retries the whole stage on the next attention backend (DBCache refreshed)."""
+        return self.attention.run(self._denoise_steps, plan) if self.attention else self._denoise_steps(plan)
+
+    def _denoise_steps(self, plan: "FramePlan") -> torch.Tensor:
+        """Euler steps of the flow, condition tokens appended after the target tokens."""
         latents, num_target = plan.latents, plan.latents.shape[1]
         if self.dbcache is not None:
             self.dbcache.refresh(len(plan.timesteps))  # no cached residual may cross requests
@@ -352,8 +356,7 @@ class Editor:
                 img_ids=plan.img_ids,
                 return_dict=False,
             )
-            output = self.attention.run(self.transformer, **inputs) if self.attention else self.transformer(**inputs)
-            velocity = output[0][:, :num_target]
+            velocity = self.transformer(**inputs)[0][:, :num_target]
             # FlowMatchEulerDiscreteScheduler.step's arithmetic: float32 sample, cast back to the model dtype.
             latents = (latents.to(torch.float32) + (plan.sigmas[i + 1] - plan.sigmas[i]) * velocity).to(velocity.dtype)
         return latents
