@@ -58,6 +58,7 @@ def pct(values, q) -> float:
 
 async def one_client(k: int, url: str, frames: list[bytes], fps: float, duration: float, t0: float, prompt: str,
                      log: list) -> dict:
+    # t0: the shared start as time.time(); offsets in the log are wall-clock seconds since it.
     """One camera: a frame every 1/fps s. A client that falls behind skips frames rather than bursting
     (counted in `skipped`), so an overloaded load generator cannot pile frames up itself."""
     import websockets
@@ -78,7 +79,7 @@ async def one_client(k: int, url: str, frames: list[bytes], fps: float, duration
             stats["processed"] += 1
             sent = sent_at.pop(reply.id, None)
             if sent is not None:
-                log.append((sent - t0, now - sent))
+                log.append((time.time() - (now - sent) - t0, now - sent))
 
     try:
         async with websockets.connect(url, max_size=2**24, open_timeout=120, ping_interval=None) as ws:
@@ -120,15 +121,36 @@ def serve_rss() -> dict[str, float]:
     return out
 
 
-async def load_phase(url: str, clients: int, fps: float, duration: float, size: int) -> dict:
+async def _clients(url: str, ids: list[int], fps: float, duration: float, size: int, t0: float) -> tuple:
     base = photo(max(size, 64))
     frames = [to_jpeg(np.roll(base, s, axis=1)) for s in range(0, 40, 4)]
     log: list = []
-    t0 = time.perf_counter()
+    await asyncio.sleep(max(0.0, t0 - time.time()))
     results = await asyncio.gather(*[one_client(k, url, frames, fps, duration, t0, "make it look like winter", log)
-                                     for k in range(clients)], return_exceptions=True)
-    ok = [r for r in results if not isinstance(r, Exception)]
-    failures = [repr(r)[:200] for r in results if isinstance(r, Exception)] + [r["closed"] for r in ok if r["closed"]]
+                                     for k in ids], return_exceptions=True)
+    return [r if not isinstance(r, Exception) else {"failed": repr(r)[:200]} for r in results], log
+
+
+def _clients_proc(job: tuple) -> tuple:
+    return asyncio.run(_clients(*job))
+
+
+def load_phase(url: str, clients: int, fps: float, duration: float, size: int, procs: int) -> dict:
+    """Clients spread over `procs` processes (one Python process cannot generate 64 x 30 fps of JPEG frames)."""
+    import multiprocessing as mp
+
+    t0 = time.time() + 5.0 + procs  # a common start, after every process is up
+    groups = [list(range(clients))[i::procs] for i in range(procs)]
+    jobs = [(url, g, fps, duration, size, t0) for g in groups if g]
+    if procs > 1:
+        with mp.get_context("spawn").Pool(len(jobs)) as pool:
+            parts = pool.map(_clients_proc, jobs)
+    else:
+        parts = [_clients_proc(jobs[0])]
+    results = [r for part in parts for r in part[0]]
+    log = [x for part in parts for x in part[1]]
+    ok = [r for r in results if "failed" not in r]
+    failures = [r["failed"] for r in results if "failed" in r] + [r["closed"] for r in ok if r["closed"]]
     sent = sum(r["sent"] for r in ok)
     processed = sum(r["processed"] for r in ok)
     dropped = sum(r["dropped"] for r in ok)
@@ -136,7 +158,7 @@ async def load_phase(url: str, clients: int, fps: float, duration: float, size: 
     first = [x[1] * 1000 for x in log if x[0] < 10]
     last = [x[1] * 1000 for x in log if x[0] >= duration - 10]
     return {
-        "clients": clients, "fps_per_client": fps, "duration_s": duration, "frame_px": size,
+        "clients": clients, "procs": procs, "fps_per_client": fps, "duration_s": duration, "frame_px": size,
         "client_failures": len(failures), "failure_examples": failures[:3], "sent": sent,
         "skipped_by_client": sum(r["skipped"] for r in ok), "send_rate": sent / duration,
         "processed": processed, "processed_fps": processed / duration, "errors": sum(r["errors"] for r in ok),
@@ -246,8 +268,8 @@ def markdown(res: dict) -> str:
     rows = [
         ("machine", res["machine"]),
         ("config", res["config"]),
-        ("clients x fps x s (frame px)", f"{load.get('clients')} x {load.get('fps_per_client')} x "
-                                          f"{load.get('duration_s')} ({load.get('frame_px')})"),
+        ("clients x fps x s (frame px; client processes)", f"{load.get('clients')} x {load.get('fps_per_client')} x "
+         f"{load.get('duration_s')} ({load.get('frame_px')}; {load.get('procs')})"),
         ("frames sent (achieved send rate) / skipped by client", f"{load.get('sent')} "
          f"({load.get('send_rate', 0):.0f}/s) / {load.get('skipped_by_client')}"),
         ("processed FPS", f"{load.get('processed_fps', 0):.2f}"),
@@ -278,6 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fps", type=float, default=30)
     ap.add_argument("--duration", type=float, default=60)
     ap.add_argument("--size", type=int, default=128, help="load-phase frame side in pixels")
+    ap.add_argument("--procs", type=int, default=1, help="client processes for the load phase")
     ap.add_argument("--flicker-frames", type=int, default=12)
     ap.add_argument("--overhead-frames", type=int, default=8)
     ap.add_argument("--direct-model", default="tiny", help="model for the direct Editor.edit baseline ('' to skip)")
@@ -291,12 +314,14 @@ def main(argv=None) -> int:
     res: dict = {"machine": args.machine, "config": str(args.config.name if not args.url else args.url)}
     local = not args.url
     # Quiet-machine phases first: the load phase leaves replicas busy with its last frames.
-    res["overhead"] = overhead_phase(ws_url, args.overhead_frames, args.direct_model or None,
-                                     threads=args.direct_threads or None)
-    res["flicker"] = flicker_phase(ws_url, args.flicker_frames)
+    if args.overhead_frames:
+        res["overhead"] = overhead_phase(ws_url, args.overhead_frames, args.direct_model or None,
+                                         threads=args.direct_threads or None)
+    if args.flicker_frames:
+        res["flicker"] = flicker_phase(ws_url, args.flicker_frames)
     if local:
         res["rss_before_mib"] = sum(serve_rss().values())
-    res["load"] = asyncio.run(load_phase(ws_url, args.clients, args.fps, args.duration, args.size))
+    res["load"] = load_phase(ws_url, args.clients, args.fps, args.duration, args.size, args.procs)
     if local:
         time.sleep(5)
         res["rss_after_mib"] = sum(serve_rss().values())
