@@ -270,9 +270,11 @@ class Router:
                 pass
 
     # ---- HTTP ---------------------------------------------------------------------------------------------------
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request, base64_json: bool = False) -> bytes:
         """The body, refused on Content-Length before reading, and cut off while streaming if it lies."""
-        limit = self.limits.max_frame_bytes * 4 // 3 + 4096  # base64 JSON bodies grow by 4/3
+        limit = self.limits.max_frame_bytes
+        if base64_json:
+            limit = limit * 4 // 3 + 4096  # base64 grows the image by 4/3, plus the other JSON fields
         length = request.headers.get("content-length")
         if length is not None:
             if not length.isdigit():
@@ -308,7 +310,7 @@ class Router:
             return refused
         self._count("received", "json")
         try:
-            body = loads_json(await self._read_body(request), "body")
+            body = loads_json(await self._read_body(request, base64_json=True), "body")
             if not isinstance(body, dict):
                 raise FrameError("not_object", f"body must be a JSON object, got {type(body).__name__}")
             if not isinstance(body.get("image"), str):
