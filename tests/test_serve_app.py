@@ -423,6 +423,40 @@ def test_browser_uploads_image_and_shows_edited_result(app, tmp_path):
     assert received >= 1 and not error
 
 
+def test_browser_webcam_stream_keeps_at_most_two_frames_in_flight(app):
+    """Chromium's fake camera drives the live path: frames stream, FPS shows, never more than 2 in flight."""
+    from test_serve_helpers import REPO
+
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI (apt-get install chromium)")
+        pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.goto(f"{BASE}/?api_key={API_KEY}")
+            page.wait_for_function("document.getElementById('model').textContent.includes('tiny')", timeout=60_000)
+            page.select_option("#size", "256")
+            page.click("#camera")
+            in_flight = []
+            deadline = time.time() + 120
+            while time.time() < deadline and int(page.text_content("#received")) < 6:
+                in_flight.append(int(page.text_content("#inflight")))
+                time.sleep(0.1)
+            received, sent = int(page.text_content("#received")), int(page.text_content("#sent"))
+            fps = float(page.text_content("#fps"))
+            page.screenshot(path=str(REPO / "artifacts" / "serve_page_webcam.png"), full_page=True)
+            page.click("#stop")
+        finally:
+            browser.close()
+    assert received >= 6 and sent >= received
+    assert max(in_flight) <= 2 and fps > 0
+
+
 # ---- replica failure (last: it restarts a replica) ------------------------------------------------------------
 
 
