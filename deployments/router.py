@@ -32,7 +32,6 @@ logger = logging.getLogger("ray.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STAGE_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 WS_KEY_PROTOCOL = "rtedit.key."
-OPEN_PATHS = {"/", "/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico"}
 
 
 class EditorFailed(EditError):
