@@ -1,6 +1,5 @@
 """The Serve app's typed arguments, YAML files and session-affinity choice, without starting Ray."""
 
-
 import pytest
 import yaml
 
