@@ -42,7 +42,8 @@ class EditorDeployment:
 
             torch.set_num_threads(args.torch_threads)
         self.args = args
-        self.editor = Editor.from_config(EditorConfig.from_dict(engine))
+        # Prompts arrive as embeddings from the TextEncoder deployment: no Qwen3 in an editor replica.
+        self.editor = Editor.from_config(EditorConfig.from_dict({**engine, "text_encoder": False}))
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         self.embeddings: OrderedDict[str, PromptEmbedding] = OrderedDict()
@@ -65,7 +66,7 @@ class EditorDeployment:
 
     def _key(self, prompt: str) -> str:
         # The key is a hash of the prompt and encoder settings; no text encoder runs here.
-        return self.editor.prompt_encoder.key(prompt)
+        return self.editor.prompt_key(prompt)
 
     def _remember(self, emb: PromptEmbedding) -> None:
         self.embeddings[emb.key] = emb

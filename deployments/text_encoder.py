@@ -19,29 +19,34 @@ logger = logging.getLogger("ray.serve")
 
 @serve.deployment(name="TextEncoder", max_ongoing_requests=64, graceful_shutdown_timeout_s=5)
 class TextEncoder:
-    """Prompt -> PromptEmbedding through Editor.encode_prompts (PromptCache first, one encoder batch for misses)."""
+    """Prompt -> PromptEmbedding through a PromptService (PromptCache first, one encoder batch for misses).
+
+    It holds the text encoder alone: no transformer or VAE is loaded here.
+    """
 
     def __init__(self, engine: dict[str, Any], args: TextEncoderArgs):
-        from rtedit.editor import Editor
+        from rtedit.prompts import PromptService
 
-        self.editor = Editor.from_config(EditorConfig.from_dict(engine))
+        config = EditorConfig.from_dict(engine)
+        self.service = PromptService.from_config(config)
+        self.model_name = config.model
         self.encode_batch.set_max_batch_size(args.max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
         self.lookups = Counter("rtedit_prompt_cache_lookups", description="PromptCache lookups",
                                tag_keys=("result",))
         self.batch_sizes = Counter("rtedit_text_encoder_prompts", description="Prompts encoded", tag_keys=())
         self._seen = (0, 0)
-        logger.info("text encoder ready: %s", self.editor.model_info["name"])
+        logger.info("text encoder ready: %s", self.model_name)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def encode_batch(self, prompts: list[str]) -> list[PromptEmbedding | Exception]:
         try:
-            embeddings: list[Any] = await asyncio.to_thread(self.editor.encode_prompts, prompts)
+            embeddings: list[Any] = await asyncio.to_thread(self.service.encode_prompts, prompts)
         except Exception:  # noqa: BLE001 - one bad prompt must not fail the others in its batch
             embeddings = []
             for prompt in prompts:
                 try:
-                    embeddings.append(await asyncio.to_thread(self.editor.encode_prompt, prompt))
+                    embeddings.append(await asyncio.to_thread(self.service.encode_prompt, prompt))
                 except Exception as exc:  # noqa: BLE001 - returned to that prompt's caller
                     embeddings.append(exc)
         self._export_cache_counts()
@@ -56,7 +61,7 @@ class TextEncoder:
         return result
 
     def _export_cache_counts(self) -> None:
-        cache = self.editor.prompt_cache
+        cache = self.service.cache
         hits, misses = cache.hits, cache.misses
         if hits > self._seen[0]:
             self.lookups.inc(hits - self._seen[0], tags={"result": "hit"})
@@ -65,8 +70,8 @@ class TextEncoder:
         self._seen = (hits, misses)
 
     def stats(self) -> dict[str, Any]:
-        return self.editor.prompt_cache.stats()
+        return self.service.cache.stats()
 
     def check_health(self) -> None:
-        if self.editor.prompt_encoder is None:
+        if self.service.encoder is None:
             raise RuntimeError("text encoder deployment has no text encoder")

@@ -82,7 +82,8 @@ def test_dbcache_state_never_leaks_between_requests():
 
 def test_kernel_failure_while_serving_falls_back_for_the_whole_request(tiny_editor):
     editor = Editor.from_preset("tiny", config=EditorConfig(select_attention=True))
-    assert editor.stats()["attention"]["active"] == "native"
+    order = editor.stats()["attention"]["order"]  # fastest first; on a CPU native and math trade places
+    assert len(order) >= 2 and editor.stats()["attention"]["active"] == order[0]
     real_forward, calls = editor.transformer.forward, {"n": 0}
 
     def flaky_forward(*args, **kwargs):
@@ -95,6 +96,6 @@ def test_kernel_failure_while_serving_falls_back_for_the_whole_request(tiny_edit
     img = random_image(64, 64, seed=4)
     out = editor.edit(img, "make it blue", steps=2, seed=1).array
     attention = editor.stats()["attention"]
-    assert attention["active"] == "_native_math" and len(attention["fallbacks"]) == 1
+    assert attention["active"] == order[1] and len(attention["fallbacks"]) == 1
     assert "simulated kernel failure" in attention["fallbacks"][0]["reason"]
     np.testing.assert_allclose(out, tiny_editor.edit(img, "make it blue", steps=2, seed=1).array, rtol=0, atol=1e-5)

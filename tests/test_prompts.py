@@ -120,3 +120,24 @@ def test_encoder_refuses_taps_beyond_depth(tiny_editor):
 
     with pytest.raises(ModelLoadError):
         PromptEncoder(tiny_editor.text_encoder, tiny_editor.tokenizer, PromptConfig(layers=(9, 40)))
+
+
+def test_text_encoder_service_and_encoderless_editor_agree(tiny_editor):
+    """Serve splits the model: the text-encoder service alone, editor replicas without Qwen3; keys and tensors agree."""
+    import numpy as np
+
+    from conftest import random_image
+    from rtedit.config import EditorConfig
+    from rtedit.editor import Editor
+    from rtedit.prompts import PromptService
+
+    service = PromptService.from_config(EditorConfig(model="tiny"))
+    bare = Editor.from_preset("tiny", config=EditorConfig(text_encoder=False))
+    assert bare.text_encoder is None and bare.model_info["has_text_encoder"] is False
+    emb = service.encode_prompt("make it blue")
+    assert emb.key == bare.prompt_key("make it blue") == tiny_editor.prompt_key("make it blue")
+    assert torch.equal(emb.embeds, tiny_editor.encode_prompt("make it blue").embeds)
+    img = random_image(64, 64)
+    np.testing.assert_array_equal(bare.edit(img, emb).array, tiny_editor.edit(img, "make it blue").array)
+    with pytest.raises(InvalidRequest, match="no text encoder"):
+        bare.encode_prompt("make it blue")

@@ -104,6 +104,7 @@ class EditorConfig:
     device: str | None = None  # None: the preset's default (cuda when present for real models)
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
     max_steps: int = 50  # requests with more steps are rejected
+    text_encoder: bool = True  # False: no Qwen3 in this process; prompts arrive as PromptEmbeddings (Serve replicas)
     autoencoder: str = "vae"  # "vae" (FLUX.2's own, exact) or "taef2" (tiny, approximate; weights from taef2_dir)
     taef2_dir: str | None = None  # folder with taef2_encoder.pth / taef2_decoder.pth; None: rtedit.paths.taef2_dir()
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -127,6 +128,8 @@ class EditorConfig:
             raise ConfigError(f"autoencoder must be 'vae' or 'taef2', got {self.autoencoder!r}")
         if self.taef2_dir is not None and not isinstance(self.taef2_dir, str):
             raise ConfigError(f"taef2_dir must be a folder path, got {self.taef2_dir!r}")
+        if not isinstance(self.text_encoder, bool):
+            raise ConfigError(f"text_encoder must be true or false, got {self.text_encoder!r}")
         if not isinstance(self.select_attention, bool):
             raise ConfigError(f"select_attention must be true or false, got {self.select_attention!r}")
         self.prompt.validate()

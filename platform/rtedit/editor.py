@@ -31,7 +31,7 @@ from rtedit.images import (
 )
 from rtedit.latents import LatentIdCache, TimestepCache, initial_noise, pack, unpack
 from rtedit.presets import PRESETS, ModelBundle, build_preset, load_pretrained
-from rtedit.prompts import PromptCache, PromptEmbedding, PromptEncoder, check_prompt
+from rtedit.prompts import PromptCache, PromptEmbedding, PromptEncoder, PromptService, settings_key
 from rtedit.vae import LatentCodec
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,13 @@ class Editor:
         self.text_encoder, self.tokenizer = bundle.text_encoder, bundle.tokenizer
         self.device, self.dtype = self.transformer.device, self.transformer.dtype
         self.codec = LatentCodec(self.vae, self._load_taef2(config, sidecar))
-        self.prompt_encoder = (
+        encoder = (
             PromptEncoder(self.text_encoder, self.tokenizer, config.prompt, name=bundle.name)
             if self.text_encoder is not None and self.tokenizer is not None
             else None
         )
-        self.prompt_cache = PromptCache(config.prompt.cache_entries, config.prompt.cache_bytes)
+        # Without a text encoder the key still matches the one a text-encoder service computes for this model.
+        self.prompts = PromptService(encoder, config.prompt, settings_key(bundle.name, config.prompt))
         self.latent_ids = LatentIdCache()
         self.timestep_cache = TimestepCache(self.scheduler)
         self._lock = threading.Lock()
@@ -178,15 +179,17 @@ class Editor:
         if name not in PRESETS:
             raise ModelLoadError(f"unknown preset {name!r}; presets are {PRESETS}")
         dev = resolve_device(device, prefer_gpu=name != "tiny")
-        bundle = build_preset(name, dev, resolve_dtype(dtype, dev), seed=seed)
-        return cls(bundle, replace(config or EditorConfig(), model=name))
+        config = config or EditorConfig()
+        bundle = build_preset(name, dev, resolve_dtype(dtype, dev), seed=seed, text_encoder=config.text_encoder)
+        return cls(bundle, replace(config, model=name))
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, device=None, dtype=None, config: EditorConfig | None = None) -> "Editor":
         """A diffusers Flux2KleinPipeline folder or hub id, with its optional rtedit.json sidecar."""
         dev = resolve_device(device, prefer_gpu=True)
-        bundle = load_pretrained(str(path_or_id), dev, resolve_dtype(dtype, dev))
-        return cls(bundle, replace(config or EditorConfig(), model=str(path_or_id)))
+        config = config or EditorConfig()
+        bundle = load_pretrained(str(path_or_id), dev, resolve_dtype(dtype, dev), text_encoder=config.text_encoder)
+        return cls(bundle, replace(config, model=str(path_or_id)))
 
     @classmethod
     def from_pipeline(cls, pipe, config: EditorConfig | None = None) -> "Editor":
@@ -210,26 +213,25 @@ class Editor:
         return cls.from_pretrained(config.model, config.device, config.dtype, config)
 
     # ---- prompts ------------------------------------------------------------------------------------------------
+    @property
+    def prompt_encoder(self) -> PromptEncoder | None:
+        return self.prompts.encoder
+
+    @property
+    def prompt_cache(self) -> PromptCache:
+        return self.prompts.cache
+
+    def prompt_key(self, prompt: str) -> str:
+        """The cache key of an instruction for this model (no text encoder needed)."""
+        return self.prompts.key(prompt)
+
     def encode_prompt(self, prompt: str) -> PromptEmbedding:
         """The embedding of an instruction, from the PromptCache or the text encoder on a miss."""
-        return self.encode_prompts([prompt])[0]
+        return self.prompts.encode_prompt(prompt)
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[PromptEmbedding]:
         """Several instructions at once; the cache misses go through the text encoder as one batch."""
-        if self.prompt_encoder is None:
-            raise InvalidRequest(
-                "this editor has no text encoder; pass a PromptEmbedding made by an editor or text-encoder service"
-            )
-        prompts = [check_prompt(p, self.config.prompt) for p in prompts]
-        keys = [self.prompt_encoder.key(p) for p in prompts]
-        found = {k: self.prompt_cache.get(k) for k in dict.fromkeys(keys)}
-        missing = [p for p, k in zip(prompts, keys) if found[k] is None]
-        if missing:
-            unique = list(dict.fromkeys(missing))
-            for entry in self.prompt_encoder.encode(unique):
-                self.prompt_cache.put(entry)
-                found[entry.key] = entry
-        return [found[k] for k in keys]
+        return self.prompts.encode_prompts(prompts)
 
     def _embedding(self, prompt: str | PromptEmbedding) -> PromptEmbedding:
         if isinstance(prompt, PromptEmbedding):
@@ -361,6 +363,14 @@ class Editor:
             latents = (latents.to(torch.float32) + (plan.sigmas[i + 1] - plan.sigmas[i]) * velocity).to(velocity.dtype)
         return latents
 
+    def _warm_prompt(self) -> str | PromptEmbedding:
+        """A prompt for probes and warm-ups; zeros of the right shape where this process has no text encoder."""
+        if self.prompt_encoder is not None:
+            return "warm up"
+        length = self.config.prompt.max_length
+        embeds = torch.zeros(1, length, self.transformer.config.joint_attention_dim, dtype=self.dtype, device=self.device)
+        return PromptEmbedding(embeds, self.latent_ids.text(length, self.device), "warm-up")
+
     # ---- the fast path ------------------------------------------------------------------------------------------
     def _setup_fast_path(self) -> None:
         """Attention probe, then DBCache, then selective compile and the warm-up of every bucket, in that order."""
@@ -371,7 +381,7 @@ class Editor:
             h, w = max(cfg.buckets.sizes, key=lambda s: s[0] * s[1]) if cfg.buckets.sizes else (512, 512)
             refs = max(cfg.buckets.references)
             with torch.inference_mode():
-                plan = self._prepare(_gray(h, w), "a probe", [_gray(h, w)] * refs, 2, 0, h, w)
+                plan = self._prepare(_gray(h, w), self._warm_prompt(), [_gray(h, w)] * refs, 2, 0, h, w)
                 sample = dict(
                     hidden_states=torch.cat([plan.latents, plan.cond_tokens], dim=1).to(self.dtype),
                     timestep=plan.timesteps[0].expand(1).to(self.dtype) / 1000, guidance=None,
@@ -390,7 +400,7 @@ class Editor:
             self.compiled = compile_regions(cfg.compile, transformer=self.transformer, vae_encoder=ae.encoder, vae_decoder=ae.decoder)
             self.codec.reference_context = lambda: self.compiled.eager("vae_encoder")
             buckets = [(h, w, r) for (h, w) in cfg.buckets.sizes for r in cfg.buckets.references]
-            self.compiled.warm_up(buckets, lambda b: self.edit(_gray(b[0], b[1]), "warm up", references=[_gray(b[0], b[1])] * b[2], steps=self.warm_steps, height=b[0], width=b[1]))
+            self.compiled.warm_up(buckets, lambda b: self.edit(_gray(b[0], b[1]), self._warm_prompt(), references=[_gray(b[0], b[1])] * b[2], steps=self.warm_steps, height=b[0], width=b[1]))
 
     # ---- checks and reporting -----------------------------------------------------------------------------------
     def _check_request(self, references, steps, seed, height, width, output_format) -> None:

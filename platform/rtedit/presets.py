@@ -161,6 +161,53 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def _preset_configs(name: str, device: torch.device) -> tuple[dict, dict, dict]:
+    if name == "tiny":
+        return TINY_TRANSFORMER, TINY_QWEN3, TINY_VAE
+    if name == "klein-4b-random":
+        if device.type not in ("cuda", "meta"):
+            raise ModelLoadError(
+                "preset 'klein-4b-random' has the real FLUX.2 klein 4B shapes (~8 B parameters with its text encoder, "
+                "~32 GB in float32) and needs a CUDA GPU; use preset 'tiny' on a CPU, or device='meta' to build shapes"
+            )
+        return KLEIN_4B_TRANSFORMER, QWEN3_4B, {}
+    raise ModelLoadError(f"unknown preset {name!r}; presets are {PRESETS}, or pass a model folder / hub id")
+
+
+def _preset_sidecar(name: str) -> "Sidecar":
+    return Sidecar(prompt_length=512, text_encoder_layers=(9, 18, 27), random_weights=True, name=name)
+
+
+def _random_text_encoder(qwen_cfg: dict, device: torch.device, dtype: torch.dtype, seed: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    with torch.device(device), _default_dtype(dtype):
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(**qwen_cfg))
+    init_random_weights(text_encoder, seed + 1)  # seed + 1 in every build, so a lone text encoder matches
+    return text_encoder.eval().requires_grad_(False)
+
+
+def build_text_encoder(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A preset's text encoder alone (what the Serve text-encoder deployment holds): (encoder, tokenizer, sidecar)."""
+    _, qwen_cfg, _ = _preset_configs(name, device)
+    return _random_text_encoder(qwen_cfg, device, dtype, seed), load_qwen3_tokenizer(), _preset_sidecar(name)
+
+
+def load_text_encoder(path: str, device: torch.device, dtype: torch.dtype):
+    """A model folder's text encoder and tokenizer alone: (encoder, tokenizer, sidecar)."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    folder = Path(path).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")
+    try:
+        text_encoder = Qwen3ForCausalLM.from_pretrained(folder / "text_encoder", torch_dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the text encoder of {path}: {type(exc).__name__}: {exc}") from exc
+    return text_encoder.eval().requires_grad_(False), tokenizer, Sidecar.load(folder) or Sidecar()
+
+
 @torch.no_grad()
 def init_random_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
     """A fixed random init that keeps outputs finite at full size: N(0, std) matrices, zero biases, unit norms."""
@@ -179,42 +226,35 @@ def init_random_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -
             param.fill_(1.0)
 
 
-def build_preset(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> ModelBundle:
-    """Builds a preset's components with seeded random weights on `device` (the `meta` device builds shapes only)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def build_preset(
+    name: str, device: torch.device, dtype: torch.dtype, seed: int = 0, text_encoder: bool = True
+) -> ModelBundle:
+    """Builds a preset's components with seeded random weights on `device` (the `meta` device builds shapes only).
 
-    if name == "tiny":
-        tr_cfg, qwen_cfg, vae_cfg = TINY_TRANSFORMER, TINY_QWEN3, TINY_VAE
-    elif name == "klein-4b-random":
-        if device.type not in ("cuda", "meta"):
-            raise ModelLoadError(
-                "preset 'klein-4b-random' has the real FLUX.2 klein 4B shapes (~8 B parameters with its text encoder, "
-                "~32 GB in float32) and needs a CUDA GPU; use preset 'tiny' on a CPU, or device='meta' to build shapes"
-            )
-        tr_cfg, qwen_cfg, vae_cfg = KLEIN_4B_TRANSFORMER, QWEN3_4B, {}
-    else:
-        raise ModelLoadError(f"unknown preset {name!r}; presets are {PRESETS}, or pass a model folder / hub id")
+    text_encoder=False leaves Qwen3 out: an editor replica fed precomputed embeddings does not need it.
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    tr_cfg, qwen_cfg, vae_cfg = _preset_configs(name, device)
     with torch.device(device), _default_dtype(dtype):
         transformer = Flux2Transformer2DModel(**tr_cfg)
-        text_encoder = Qwen3ForCausalLM(Qwen3Config(**qwen_cfg))
         vae = AutoencoderKLFlux2(**vae_cfg)
-    for offset, module in enumerate((transformer, text_encoder, vae)):
+    for offset, module in ((0, transformer), (2, vae)):
         init_random_weights(module, seed + offset)
         module.eval().requires_grad_(False)
     return ModelBundle(
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        text_encoder=text_encoder,
-        tokenizer=load_qwen3_tokenizer(),
-        sidecar=Sidecar(prompt_length=512, text_encoder_layers=(9, 18, 27), random_weights=True, name=name),
+        text_encoder=_random_text_encoder(qwen_cfg, device, dtype, seed) if text_encoder else None,
+        tokenizer=load_qwen3_tokenizer() if text_encoder else None,
+        sidecar=_preset_sidecar(name),
         name=name,
         random_weights=True,
     )
 
 
-def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype, text_encoder: bool = True) -> ModelBundle:
     """Loads a diffusers Flux2KleinPipeline folder (or hub id) and its optional rtedit.json sidecar."""
     from diffusers import Flux2KleinPipeline
 
@@ -228,7 +268,8 @@ def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype) -
         )
     sidecar = Sidecar.load(folder) if looks_local else None
     try:
-        pipe = Flux2KleinPipeline.from_pretrained(path_or_id, torch_dtype=dtype)
+        skip = {} if text_encoder else {"text_encoder": None, "tokenizer": None}
+        pipe = Flux2KleinPipeline.from_pretrained(path_or_id, torch_dtype=dtype, **skip)
     except Exception as exc:
         raise ModelLoadError(f"could not load {path_or_id} as a Flux2KleinPipeline: {type(exc).__name__}: {exc}") from exc
     pipe.to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -50,6 +51,18 @@ class _DeepestLayerReached(Exception):
     """Raised by a hook to stop Qwen3 after the deepest tapped layer: later layers and lm_head are never run."""
 
 
+def settings_key(model_name: str, config: PromptConfig) -> str:
+    """What decides the embedding of a string, known without the text encoder (editor replicas compute it too).
+
+    The dtype is left out on purpose: a float32 encoder on a CPU and a bf16 editor on a GPU must agree on keys.
+    """
+    return f"{model_name}|{config.max_length}|{tuple(config.layers)}"
+
+
+def prompt_key(settings: str, prompt: str) -> str:
+    return hashlib.sha256(f"{settings}\x00{prompt}".encode()).hexdigest()
+
+
 class PromptEncoder:
     """Tokenises like Flux2KleinPipeline and stacks the tapped Qwen3 hidden states, computing nothing past them."""
 
@@ -60,11 +73,10 @@ class PromptEncoder:
         if max(config.layers) > len(layers):
             raise ModelLoadError(f"prompt.layers {config.layers} exceed the text encoder's {len(layers)} layers")
         self.text_encoder, self.tokenizer, self.config = text_encoder, tokenizer, config
-        # Everything that changes the embedding of a string goes into the cache key.
-        self.settings_key = f"{name}|{config.max_length}|{tuple(config.layers)}|{text_encoder.dtype}"
+        self.settings_key = settings_key(name, config)
 
     def key(self, prompt: str) -> str:
-        return hashlib.sha256(f"{self.settings_key}\x00{prompt}".encode()).hexdigest()
+        return prompt_key(self.settings_key, prompt)
 
     def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
         texts = [
@@ -171,3 +183,56 @@ class PromptCache:
             "evictions": self.evictions,
             "hit_rate": self.hits / total if total else 0.0,
         }
+
+
+class PromptService:
+    """Instructions -> cached embeddings: the PromptCache in front of a PromptEncoder (which may be absent).
+
+    An Editor owns one; the Serve text encoder builds one alone (`from_config`), without the transformer or VAE.
+    """
+
+    def __init__(self, encoder: PromptEncoder | None, config: PromptConfig, settings: str) -> None:
+        self.encoder, self.config, self.settings_key = encoder, config, settings
+        self.cache = PromptCache(config.cache_entries, config.cache_bytes)
+
+    @classmethod
+    def from_config(cls, config) -> "PromptService":
+        """The text encoder of `config.model` only (an EditorConfig), for a service that only encodes prompts."""
+        from rtedit.editor import resolve_device, resolve_dtype
+        from rtedit.presets import PRESETS, build_text_encoder, load_text_encoder
+
+        config.validate()
+        device = resolve_device(config.device, prefer_gpu=config.model != "tiny")
+        dtype = resolve_dtype(config.dtype, device)
+        loader = build_text_encoder if config.model in PRESETS else load_text_encoder
+        text_encoder, tokenizer, sidecar = loader(config.model, device, dtype)
+        prompt_cfg = dataclasses.replace(
+            config.prompt, max_length=sidecar.prompt_length, layers=tuple(sidecar.text_encoder_layers)
+        )
+        encoder = PromptEncoder(text_encoder, tokenizer, prompt_cfg, name=sidecar.name or config.model)
+        return cls(encoder, prompt_cfg, encoder.settings_key)
+
+    def key(self, prompt: str) -> str:
+        return prompt_key(self.settings_key, prompt)
+
+    def encode_prompts(self, prompts) -> list[PromptEmbedding]:
+        """Several instructions at once; the cache misses go through the text encoder as one batch."""
+        if self.encoder is None:
+            raise InvalidRequest(
+                "this editor has no text encoder; pass a PromptEmbedding made by an editor or text-encoder service"
+            )
+        prompts = [check_prompt(p, self.config) for p in prompts]
+        keys = [self.key(p) for p in prompts]
+        found = {k: self.cache.get(k) for k in dict.fromkeys(keys)}
+        missing = list(dict.fromkeys(p for p, k in zip(prompts, keys) if found[k] is None))
+        if missing:
+            for entry in self.encoder.encode(missing):
+                self.cache.put(entry)
+                found[entry.key] = entry
+        return [found[k] for k in keys]
+
+    def encode_prompt(self, prompt: str) -> PromptEmbedding:
+        return self.encode_prompts([prompt])[0]
+
+    def stats(self) -> dict:
+        return self.cache.stats()
