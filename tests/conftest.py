@@ -69,3 +69,15 @@ def random_image(height: int, width: int, seed: int = 0):
     base = rng.random((height // 8 + 1, width // 8 + 1, 3))
     img = np.kron(base, np.ones((8, 8, 1)))[:height, :width]
     return (np.clip(img + 0.1 * rng.random((height, width, 3)), 0, 1) * 255).astype(np.uint8)
+
+
+def tiny_transformer(num_layers: int = 2, num_single_layers: int = 2, seed: int = 0):
+    """The tiny preset's transformer geometry with enough blocks for DBCache to skip some (seeded)."""
+    import torch
+    from diffusers import Flux2Transformer2DModel
+
+    from rtedit.presets import TINY_TRANSFORMER
+
+    torch.manual_seed(seed)
+    config = {**TINY_TRANSFORMER, "num_layers": num_layers, "num_single_layers": num_single_layers}
+    return Flux2Transformer2DModel(**config).eval()

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 
 from rtedit.attention import (
@@ -20,6 +19,7 @@ from rtedit.attention import (
     select_attention_backend,
 )
 from rtedit.errors import ConfigError, InvalidRequest
+from conftest import tiny_transformer
 
 SPARE_SLOT = AttentionBackendName._NATIVE_NPU  # a registry slot nothing uses on this machine, for fakes
 QUICK = AttentionConfig(warmup=0, repeats=1)  # timing values are not asserted; keep the probe cheap on 2 cores
@@ -36,15 +36,6 @@ def restore_registry():
         getattr(reg, name).clear()
         getattr(reg, name).update(content)
     reg._active_backend = active
-
-
-def tiny_transformer() -> Flux2Transformer2DModel:
-    torch.manual_seed(0)
-    return Flux2Transformer2DModel(
-        patch_size=1, in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=False,
-    ).eval()
 
 
 def sample_inputs(n: int = 16, length: int = 8, seed: int = 1) -> dict:

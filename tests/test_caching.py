@@ -6,21 +6,12 @@ import cache_dit
 import pytest
 import torch
 from cache_dit import DBCacheConfig
-from diffusers import Flux2Transformer2DModel
 
 from rtedit.caching import CachingConfig, attach_cache, block_groups
 from rtedit.errors import ConfigError
+from conftest import tiny_transformer
 
 TIMESTEPS = (1.0, 0.5)  # a 2-step Euler schedule; the values only need to differ between steps
-
-
-def tiny_transformer() -> Flux2Transformer2DModel:
-    torch.manual_seed(0)
-    return Flux2Transformer2DModel(
-        patch_size=1, in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=False,
-    ).eval()
 
 
 def request_inputs(seed: int, n: int = 16, length: int = 8) -> dict:

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+from diffusers import AutoencoderKLFlux2
 from torch._dynamo.backends.registry import list_backends, register_backend
 
 from rtedit.compile import CompileConfig, compile_regions
 from rtedit.errors import ConfigError
+from conftest import tiny_transformer
 
 
 def _fails_to_compile(gm, example_inputs):
@@ -30,15 +31,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def tiny_transformer() -> Flux2Transformer2DModel:
-    torch.manual_seed(0)
-    return Flux2Transformer2DModel(
-        patch_size=1, in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=False,
-    ).eval()
 
 
 def tiny_vae() -> AutoencoderKLFlux2:

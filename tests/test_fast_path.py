@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_image
+from conftest import random_image, tiny_transformer
 from rtedit.caching import CachingConfig
 from rtedit.compile import CompileConfig
 from rtedit.config import EditorConfig, ShapeBuckets
 from rtedit.editor import Editor
 from rtedit.errors import ConfigError, InvalidRequest
-from rtedit.presets import TINY_TRANSFORMER, build_preset
+from rtedit.presets import build_preset
 
 BUCKETS = ShapeBuckets(sizes=((64, 64), (64, 96)), references=(0, 1))
 
@@ -58,10 +58,7 @@ def test_compile_and_dbcache_need_buckets():
 
 def _two_block_bundle():
     bundle = build_preset("tiny", torch.device("cpu"), torch.float32)
-    from diffusers import Flux2Transformer2DModel
-
-    torch.manual_seed(0)
-    bundle.transformer = Flux2Transformer2DModel(**{**TINY_TRANSFORMER, "num_layers": 3, "num_single_layers": 3}).eval()
+    bundle.transformer = tiny_transformer(num_layers=3, num_single_layers=3)
     return bundle
 
 
