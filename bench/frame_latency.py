@@ -170,9 +170,7 @@ def run_ours(editor, image, emb, args) -> list[dict]:
     # +attention: the start-up probe on the real shapes picks the fastest correct kernel.
     with torch.inference_mode():
         plan = editor._prepare(image, emb, (), args.steps, 0, None, None)
-        sample = dict(hidden_states=torch.cat([plan.latents, plan.cond_tokens], 1), timestep=plan.timesteps[0].expand(1).to(editor.dtype) / 1000,
-                      guidance=None, encoder_hidden_states=plan.emb.embeds, txt_ids=plan.emb.text_ids, img_ids=plan.img_ids, return_dict=False)
-        editor.attention = select_attention_backend(editor.transformer, sample)
+        editor.attention = select_attention_backend(editor.transformer, plan.step_inputs(plan.latents, plan.timesteps[0], editor.dtype))
     row = measure("+attention", f"chosen {editor.attention.chosen}")
     row["attention_probe"] = editor.attention.stats()["probe"]
     rows.append(row)

@@ -67,6 +67,18 @@ class FramePlan:
     lat_h: int
     lat_w: int
 
+    def step_inputs(self, latents: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> dict:
+        """The transformer's kwargs for one step: target tokens then condition tokens, as the pipeline orders them."""
+        return dict(
+            hidden_states=torch.cat([latents, self.cond_tokens], dim=1).to(dtype),
+            timestep=t.expand(1).to(latents.dtype) / 1000,
+            guidance=None,
+            encoder_hidden_states=self.emb.embeds,
+            txt_ids=self.emb.text_ids,
+            img_ids=self.img_ids,
+            return_dict=False,
+        )
+
 
 def _gray(height: int, width: int) -> np.ndarray:
     """A plain frame for probes and warm-ups."""
@@ -349,16 +361,7 @@ class Editor:
         if self.dbcache is not None:
             self.dbcache.refresh(len(plan.timesteps))  # no cached residual may cross requests
         for i, t in enumerate(plan.timesteps):
-            inputs = dict(
-                hidden_states=torch.cat([latents, plan.cond_tokens], dim=1).to(self.dtype),
-                timestep=t.expand(1).to(latents.dtype) / 1000,
-                guidance=None,
-                encoder_hidden_states=plan.emb.embeds,
-                txt_ids=plan.emb.text_ids,
-                img_ids=plan.img_ids,
-                return_dict=False,
-            )
-            velocity = self.transformer(**inputs)[0][:, :num_target]
+            velocity = self.transformer(**plan.step_inputs(latents, t, self.dtype))[0][:, :num_target]
             # FlowMatchEulerDiscreteScheduler.step's arithmetic: float32 sample, cast back to the model dtype.
             latents = (latents.to(torch.float32) + (plan.sigmas[i + 1] - plan.sigmas[i]) * velocity).to(velocity.dtype)
         return latents
@@ -382,12 +385,7 @@ class Editor:
             refs = max(cfg.buckets.references)
             with torch.inference_mode():
                 plan = self._prepare(_gray(h, w), self._warm_prompt(), [_gray(h, w)] * refs, 2, 0, h, w)
-                sample = dict(
-                    hidden_states=torch.cat([plan.latents, plan.cond_tokens], dim=1).to(self.dtype),
-                    timestep=plan.timesteps[0].expand(1).to(self.dtype) / 1000, guidance=None,
-                    encoder_hidden_states=plan.emb.embeds, txt_ids=plan.emb.text_ids, img_ids=plan.img_ids,
-                    return_dict=False,
-                )
+                sample = plan.step_inputs(plan.latents, plan.timesteps[0], self.dtype)
                 self.attention = select_attention_backend(self.transformer, sample, config=cfg.attention)
         if cfg.dbcache.enabled:
             from rtedit.caching import attach_cache
