@@ -81,3 +81,21 @@ def tiny_transformer(num_layers: int = 2, num_single_layers: int = 2, seed: int 
     torch.manual_seed(seed)
     config = {**TINY_TRANSFORMER, "num_layers": num_layers, "num_single_layers": num_single_layers}
     return Flux2Transformer2DModel(**config).eval()
+
+
+def tiny_transformer_inputs(n: int = 16, length: int = 8, seed: int = 1) -> dict:
+    """Random target tokens [1, n, 128], text [1, length, 48] and their 4-axis position ids for tiny_transformer."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.zeros(1, n, 4)
+    img_ids[0, :, 2] = torch.arange(n) // 4
+    img_ids[0, :, 3] = torch.arange(n) % 4
+    txt_ids = torch.zeros(1, length, 4)
+    txt_ids[0, :, 3] = torch.arange(length)
+    return {
+        "hidden_states": torch.randn(1, n, 128, generator=g),
+        "encoder_hidden_states": torch.randn(1, length, 48, generator=g),
+        "img_ids": img_ids,
+        "txt_ids": txt_ids,
+    }

@@ -19,7 +19,7 @@ from rtedit.attention import (
     select_attention_backend,
 )
 from rtedit.errors import ConfigError, InvalidRequest
-from conftest import tiny_transformer
+from conftest import tiny_transformer, tiny_transformer_inputs
 
 SPARE_SLOT = AttentionBackendName._NATIVE_NPU  # a registry slot nothing uses on this machine, for fakes
 QUICK = AttentionConfig(warmup=0, repeats=1)  # timing values are not asserted; keep the probe cheap on 2 cores
@@ -39,20 +39,7 @@ def restore_registry():
 
 
 def sample_inputs(n: int = 16, length: int = 8, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    img_ids = torch.zeros(1, n, 4)
-    img_ids[0, :, 2] = torch.arange(n) // 4
-    img_ids[0, :, 3] = torch.arange(n) % 4
-    txt_ids = torch.zeros(1, length, 4)
-    txt_ids[0, :, 3] = torch.arange(length)
-    return {
-        "hidden_states": torch.randn(1, n, 128, generator=g),
-        "encoder_hidden_states": torch.randn(1, length, 48, generator=g),
-        "timestep": torch.tensor([0.7]),
-        "img_ids": img_ids,
-        "txt_ids": txt_ids,
-        "return_dict": False,
-    }
+    return {**tiny_transformer_inputs(n, length, seed), "timestep": torch.tensor([0.7]), "return_dict": False}
 
 
 def backends_of(transformer) -> set:

@@ -9,20 +9,14 @@ from cache_dit import DBCacheConfig
 
 from rtedit.caching import CachingConfig, attach_cache, block_groups
 from rtedit.errors import ConfigError
-from conftest import tiny_transformer
+from conftest import tiny_transformer, tiny_transformer_inputs
 
 TIMESTEPS = (1.0, 0.5)  # a 2-step Euler schedule; the values only need to differ between steps
 
 
 def request_inputs(seed: int, n: int = 16, length: int = 8) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    img_ids = torch.zeros(1, n, 4)
-    img_ids[0, :, 2] = torch.arange(n) // 4
-    img_ids[0, :, 3] = torch.arange(n) % 4
-    txt_ids = torch.zeros(1, length, 4)
-    txt_ids[0, :, 3] = torch.arange(length)
-    return {"latents": torch.randn(1, n, 128, generator=g),
-            "encoder_hidden_states": torch.randn(1, length, 48, generator=g), "img_ids": img_ids, "txt_ids": txt_ids}
+    inputs = tiny_transformer_inputs(n, length, seed)
+    return {"latents": inputs.pop("hidden_states"), **inputs}
 
 
 @torch.no_grad()
