@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from rtedit.train import data, toy
@@ -26,9 +28,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-n", type=int, default=None, help="number of eval examples (default n // 8, >= 1)")
     parser.add_argument("--families", default=",".join(toy.FAMILIES), help="comma-separated families to draw")
     parser.add_argument("--rows-per-file", type=int, default=2048, help="rows per Parquet file")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes writing files in parallel (the bytes do not depend on it); 0: one per core")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
+    if args.rows_per_file < 1:
+        parser.error(f"--rows-per-file must be >= 1, got {args.rows_per_file}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    args.workers = args.workers or os.cpu_count() or 1
     args.eval_n = max(1, args.n // 8) if args.eval_n is None else args.eval_n
     if args.eval_n < 0:
         parser.error(f"--eval-n must be >= 0, got {args.eval_n}")
@@ -39,6 +48,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_part(folder: Path, seed: int, split: str, families: tuple[str, ...], part: int, start: int,
+               stop: int) -> tuple[str, dict[str, int]]:
+    """Examples start..stop-1 of a split as part-<part>.parquet (an example depends only on seed, split, index)."""
+    counts: dict[str, int] = {}
+
+    def rows():
+        for index in range(start, stop):
+            example = toy.make_example(seed, split, index, families)
+            counts[example.family] = counts.get(example.family, 0) + 1
+            yield example.to_edit_example()
+
+    (file,) = data.write_edit_examples(folder, rows(), rows_per_file=stop - start, first_part=part)
+    return file.name, counts
+
+
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
@@ -47,17 +71,20 @@ def main(argv: list[str] | None = None) -> dict:
                 "train_photos": list(toy.TRAIN_PHOTOS), "eval_photos": list(toy.EVAL_PHOTOS),
                 "held_out_combos": [[f, c] for f, c in toy.HELD_OUT_COMBOS], "splits": {}}
     for split, n in (("train", args.n), ("eval", args.eval_n)):
-        examples = []
-
-        def rows():
-            for example in toy.generate(n, args.seed, split, args.families):
-                examples.append(example.family)
-                yield example.to_edit_example()
-
-        files = data.write_edit_examples(args.out / split, rows(), rows_per_file=args.rows_per_file)
-        counts = {f: examples.count(f) for f in sorted(set(examples))}
-        manifest["splits"][split] = {"n": n, "files": [f.name for f in files], "families": counts}
-        logger.info("wrote %d %s examples in %d files", n, split, len(files))
+        parts = [(args.out / split, args.seed, split, args.families, k, lo, min(lo + args.rows_per_file, n))
+                 for k, lo in enumerate(range(0, n, args.rows_per_file))]
+        if args.workers > 1 and len(parts) > 1:
+            with ProcessPoolExecutor(min(args.workers, len(parts))) as pool:
+                written = list(pool.map(write_part, *zip(*parts)))
+        else:
+            written = [write_part(*p) for p in parts]
+        counts: dict[str, int] = {}
+        for _, part_counts in written:
+            for family, c in part_counts.items():
+                counts[family] = counts.get(family, 0) + c
+        manifest["splits"][split] = {"n": n, "files": [name for name, _ in written],
+                                     "families": dict(sorted(counts.items()))}
+        logger.info("wrote %d %s examples in %d files", n, split, len(written))
     manifest["seconds"] = round(time.perf_counter() - start, 2)
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps({"out": str(args.out), "train": args.n, "eval": args.eval_n, "seconds": manifest["seconds"]}))

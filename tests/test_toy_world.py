@@ -146,3 +146,17 @@ def test_cli_rejects_bad_arguments():
         make_toy_data.parse_args(["--out", "x", "--n", "0"])
     with pytest.raises(SystemExit):
         make_toy_data.parse_args(["--out", "x", "--n", "3", "--families", "grayscale,sharpen"])
+    with pytest.raises(SystemExit):
+        make_toy_data.parse_args(["--out", "x", "--n", "3", "--workers", "-1"])
+
+
+def test_cli_parallel_workers_write_the_same_bytes(tmp_path):
+    common = ["--n", "40", "--seed", "5", "--eval-n", "9", "--rows-per-file", "8"]
+    one = make_toy_data.main(["--out", str(tmp_path / "one"), *common])
+    two = make_toy_data.main(["--out", str(tmp_path / "two"), *common, "--workers", "2"])
+    assert one["splits"] == two["splits"] and len(one["splits"]["train"]["files"]) == 5
+    for split in ("train", "eval"):
+        names = sorted(p.name for p in (tmp_path / "one" / split).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "two" / split).iterdir())
+        for name in names:
+            assert (tmp_path / "one" / split / name).read_bytes() == (tmp_path / "two" / split / name).read_bytes()

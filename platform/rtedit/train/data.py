@@ -232,8 +232,8 @@ def check_preference_row(row: Mapping[str, Any], decode: bool = True) -> str | N
 
 
 def _write_rows(path: str | Path, rows: Iterable[Mapping[str, Any]], schema: pa.Schema, rows_per_file: int,
-                rows_per_group: int = 256) -> list[Path]:
-    """Write rows as part-NNNNN.parquet files in a folder; returns the files written."""
+                rows_per_group: int = 256, first_part: int = 0) -> list[Path]:
+    """Write rows as part-NNNNN.parquet files (numbered from first_part) in a folder; returns the files written."""
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
     folder = Path(path)
@@ -244,7 +244,7 @@ def _write_rows(path: str | Path, rows: Iterable[Mapping[str, Any]], schema: pa.
     def flush() -> None:
         if not chunk:
             return
-        file = folder / f"part-{len(files):05d}.parquet"
+        file = folder / f"part-{first_part + len(files):05d}.parquet"
         table = pa.Table.from_pylist(list(chunk), schema=schema)
         pq.write_table(table, file, row_group_size=rows_per_group, compression="zstd")
         files.append(file)
@@ -259,10 +259,12 @@ def _write_rows(path: str | Path, rows: Iterable[Mapping[str, Any]], schema: pa.
 
 
 def write_edit_examples(path: str | Path, examples: Iterable[EditExample | Mapping[str, Any]],
-                        rows_per_file: int = 4096) -> list[Path]:
-    """Write edit examples (dataclasses or row dicts) into a folder of Parquet files with EDIT_SCHEMA."""
+                        rows_per_file: int = 4096, first_part: int = 0) -> list[Path]:
+    """Write edit examples (dataclasses or row dicts) into a folder of Parquet files with EDIT_SCHEMA.
+
+    first_part numbers the first file, so parallel writers of one folder never collide."""
     rows = (e.to_row() if isinstance(e, EditExample) else e for e in examples)
-    return _write_rows(path, rows, EDIT_SCHEMA, rows_per_file)
+    return _write_rows(path, rows, EDIT_SCHEMA, rows_per_file, first_part=first_part)
 
 
 def write_preference_pairs(path: str | Path, pairs: Iterable[PreferencePair | Mapping[str, Any]],
