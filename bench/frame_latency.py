@@ -2,6 +2,7 @@
 
     python bench/frame_latency.py --size 512 --frames 500 --rows stock   --json out/stock-512.json
     python bench/frame_latency.py --size 512 --frames 500 --rows ours    --json out/ours-512.json --reference out/stock-512.json
+    python bench/frame_latency.py --merge out/*.json      # one table from rows split over processes (--only)
 
 klein-4b-random in bf16 on one GPU, one input image, 2 steps, prompt embeddings cached. Rows:
   stock: "stock eager" (Flux2KleinPipeline), then "stock compile" (compile_repeated_blocks + VAE encoder/decoder
@@ -52,6 +53,16 @@ def summarize(name: str, samples: dict[str, list[float]], output: np.ndarray, no
     # Printed as soon as measured, so a run cut short by a time limit still reports its finished rows.
     print(f"row done: {name}: " + " ".join(f"{s} {row[f'{s}_median']:.2f}/{row[f'{s}_p99']:.2f}" for s in STAGES), flush=True)
     return row
+
+
+def frame_counts(name: str, args) -> tuple[int, int]:
+    """(frames, warm-up frames) of a row: all for a row --only names; a row set up but not measured runs once, or
+    --parity-frames times for "exact" (rows split over several cards: it shows each card times alike)."""
+    if not args.only or name in args.only:
+        return args.frames, args.warmup
+    if name == "exact" and args.parity_frames > 1:
+        return args.parity_frames, args.warmup
+    return 1, 0
 
 
 class _HostClock:
@@ -120,13 +131,16 @@ def run_stock(editor, image, emb, args) -> list[dict]:
         return out, timer.stop()
 
     def measure(name, note=""):
-        for _ in range(args.warmup):
+        frames, warmup = frame_counts(name, args)
+        for _ in range(warmup):
             once()
         samples = {s: [] for s in STAGES}
-        for _ in range(args.frames):
+        for _ in range(frames):
             out, t = once()
             for s in STAGES:
                 samples[s].append(t[s])
+        if frames == 1:
+            return {"row": name, "_output": out, "_skipped": True}
         return summarize(name, samples, out, note)
 
     rows = [measure("stock eager")]
@@ -148,13 +162,16 @@ def run_ours(editor, image, emb, args) -> list[dict]:
     from rtedit.taef2 import load_taef2
 
     def measure(name, note=""):
-        for _ in range(args.warmup):
+        frames, warmup = frame_counts(name, args)
+        for _ in range(warmup):
             editor.edit(image, emb, steps=args.steps, seed=0)
         samples = {s: [] for s in STAGES}
-        for _ in range(args.frames):
+        for _ in range(frames):
             res = editor.edit(image, emb, steps=args.steps, seed=0)
             for s in STAGES:
                 samples[s].append(res.timings[s])
+        if frames == 1:  # set up but not measured here; its output still anchors the drift column
+            return {"row": name, "_output": res.array, "_skipped": True}
         row = summarize(name, samples, res.array, note)
         if editor.dbcache is not None:
             stats = editor.dbcache.stats()
@@ -204,13 +221,53 @@ def run_ours(editor, image, emb, args) -> list[dict]:
     return rows
 
 
+def print_table(rows: list[dict], header: str) -> None:
+    print(header)
+    print("| row | prepare | denoise | decode | total median | total p99 | frames | FPS | x stock eager | PSNR vs exact | card | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        speed = f"{r['speedup_vs_stock_eager']:.2f}" if "speedup_vs_stock_eager" in r else "-"
+        drift = f"{r['psnr_vs_exact_db']:.1f}" if r.get("psnr_vs_exact_db") is not None else "-"
+        print(f"| {r['row']} | {r['prepare_median']:.1f} | {r['denoise_median']:.1f} | {r['decode_median']:.1f} | "
+              f"{r['total_median']:.1f} | {r['total_p99']:.1f} | {r['frames']} | {r['fps']:.1f} | {speed} | {drift} | "
+              f"{r.get('card_uuid', '')[-8:]} | {r['note']} |")
+    for r in rows:
+        if "dbcache" in r:
+            print(f"{r['row']}: dbcache {json.dumps(r['dbcache'], default=str)}")
+        if "attention_probe" in r:
+            for p in r["attention_probe"]:
+                print(f"  attention probe {p}")
+
+
+def merge(paths: list[str]) -> int:
+    """One table from runs whose rows were split over processes or cards (--only): speedups against the stock
+    eager row, wherever it ran; every row keeps the card it ran on."""
+    runs = [json.load(open(p)) for p in paths]
+    order = ["stock eager", "stock compile", "exact", "+attention", "+compile", "+dbcache dynamic", "+dbcache static",
+             "+taef2 (dbcache dynamic)", "+taef2 (dbcache static)"]
+    rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (order.index(r["row"]) if r["row"] in order
+                                                                             else len(order), -r["frames"]))
+    stock = next(r for r in rows if r["row"] == "stock eager")
+    for r in rows:
+        r["speedup_vs_stock_eager"] = stock["total_median"] / r["total_median"]
+    cards = sorted({run["card"] for run in runs})
+    print_table(rows, f"merged from {len(paths)} runs: {', '.join(cards)}, {runs[0]['date']}, {runs[0]['size']}x{runs[0]['size']}")
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--merge"]:
+        return merge(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--frames", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rows", choices=["stock", "ours", "all"], default="all")
+    parser.add_argument("--only", nargs="+", default=None, metavar="ROW",
+                        help="measure only these rows; the others are set up (their effect kept) but not timed")
+    parser.add_argument("--parity-frames", type=int, default=0,
+                        help="with --only: time the exact row over this many frames as well, to compare cards")
     parser.add_argument("--reference", default=None, help="JSON of an earlier --rows stock run on the same card")
     parser.add_argument("--taef2-dir", default=None, help="TAEF2 weights folder (default: rtedit.paths.taef2_dir())")
     parser.add_argument("--json", default=None)
@@ -246,29 +303,21 @@ def main() -> int:
         with open(args.reference) as fh:
             stock = next(r for r in json.load(fh)["rows"] if r["row"] == "stock eager")
     exact = next((r for r in rows if r["row"] == "exact"), None)
+    rows = [r for r in rows if not r.get("_skipped")]
     for r in rows:
-        if stock:
+        if stock and not stock.get("_skipped"):
             r["speedup_vs_stock_eager"] = stock["total_median"] / r["total_median"]
         if exact is not None:
             r["psnr_vs_exact_db"] = psnr(r["_output"], exact["_output"])
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
-    header = f"{card}, {datetime.date.today()}, {args.model} {editor.dtype}, {args.size}x{args.size}, {args.steps} steps, 1 input image, prompt cached"
-    print(header)
-    print("| row | prepare | denoise | decode | total median | total p99 | FPS | x stock eager | PSNR vs exact | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    uuid = str(torch.cuda.get_device_properties(0).uuid) if torch.cuda.is_available() else "cpu"
     for r in rows:
-        speed = f"{r['speedup_vs_stock_eager']:.2f}" if "speedup_vs_stock_eager" in r else "-"
-        drift = f"{r['psnr_vs_exact_db']:.1f}" if "psnr_vs_exact_db" in r else "-"
-        print(f"| {r['row']} | {r['prepare_median']:.1f} | {r['denoise_median']:.1f} | {r['decode_median']:.1f} | "
-              f"{r['total_median']:.1f} | {r['total_p99']:.1f} | {r['fps']:.1f} | {speed} | {drift} | {r['note']} |")
-    for r in rows:
-        if "dbcache" in r:
-            print(f"{r['row']}: dbcache {json.dumps(r['dbcache'], default=str)}")
-        if "attention_probe" in r:
-            for p in r["attention_probe"]:
-                print(f"  attention probe {p}")
+        r["card_uuid"] = uuid
+    print_table(rows, f"{card} ({uuid}), {datetime.date.today()}, {args.model} {editor.dtype}, {args.size}x{args.size}, "
+                      f"{args.steps} steps, 1 input image, prompt cached")
     result = {
-        "card": card, "date": str(datetime.date.today()), "size": args.size, "steps": args.steps, "frames": args.frames,
+        "card": card, "card_uuid": uuid, "date": str(datetime.date.today()), "size": args.size, "steps": args.steps,
+        "frames": args.frames,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda},
         "rows": [{k: v for k, v in r.items() if k != "_output"} for r in rows],
     }
