@@ -46,11 +46,22 @@ def test_cache_matches_what_the_editor_serves(tmp_path, toy_data, taef2_weights)
     assert cache["separation"] > task.min_instruction_separation
     batch = teacher.FlowBatcher(cache, task, 4, 0, 0)(0)
     assert batch["noisy"].shape == (4, 64, 128) and batch["img_ids"].shape[0] == 64 + batch["cond"].shape[1]
+    # focus_share=1: every sigma is one the engine's 2-step sampler visits at this size.
+    import dataclasses
+    focused = dataclasses.replace(task, focus_steps=(2,), focus_share=1.0)
+    from rtedit.config import EditorConfig
+    from rtedit.editor import Editor
+    editor = Editor.from_config(EditorConfig(model="tiny", device="cpu"))
+    visited = editor.timestep_cache.get(64, 2, torch.device("cpu"))[1][:-1]
+    sigmas = torch.cat([teacher.FlowBatcher(cache, focused, 16, 0, 0)(i)["sigma"] for i in range(4)])
+    assert set(sigmas.tolist()) == set(visited.tolist()) and len(visited) == 2
+    from rtedit.errors import ConfigError
+    for bad in (dict(focus_share=0.5), dict(focus_steps=(2,), focus_share=1.5), dict(focus_steps=(0,))):
+        with pytest.raises(ConfigError):
+            dataclasses.replace(task, **bad).validate()
     # Export an untrained model and check the served embeddings and latents are those trained on.
     torch.manual_seed(0)
     folder = teacher.export_model(teacher.build_transformer(task), task, tmp_path / "export")
-    from rtedit.config import EditorConfig
-    from rtedit.editor import Editor
     editor = Editor.from_config(EditorConfig(model=str(folder), device="cpu", taef2_dir=str(taef2_weights)))
     text = cache["instructions"][3]
     torch.testing.assert_close(editor.encode_prompt(text).embeds[0].float(), cache["embeds"][3])

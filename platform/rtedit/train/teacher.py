@@ -61,6 +61,11 @@ class TeacherTaskConfig:
     # Rectified flow: sigma = sigmoid(N(logit_mean, logit_std)).
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    focus_steps: tuple[int, ...] = ()
+    """Step counts the model will serve at: a focus_share of every batch is trained exactly at the sigmas the
+    engine's sampler visits for them (its shifted schedule puts 2 steps at 1.0 and 0.877, where logit-normal
+    draws are rare)."""
+    focus_share: float = 0.0
     export_dtype: typing.Literal["float32", "bfloat16", "float16"] = "bfloat16"
     name: str = "rtedit-toy-teacher"
 
@@ -79,6 +84,11 @@ class TeacherTaskConfig:
              f"layer indices in 1..te_layers ({self.te_layers})")
         need(self.head_dim % 8 == 0, "head_dim", self.head_dim, "a multiple of 8 (four even rope axes)")
         need(self.logit_std > 0, "logit_std", self.logit_std, "> 0")
+        need(0.0 <= self.focus_share <= 1.0, "focus_share", self.focus_share, "in [0, 1]")
+        need(all(isinstance(n, int) and 1 <= n <= 64 for n in self.focus_steps), "focus_steps", self.focus_steps,
+             "step counts in 1..64")
+        need(self.focus_share == 0.0 or bool(self.focus_steps), "focus_steps", self.focus_steps,
+             "non-empty when focus_share > 0")
         need(self.min_instruction_separation >= 0, "min_instruction_separation", self.min_instruction_separation,
              ">= 0")
 
@@ -134,6 +144,18 @@ def build_placeholder_vae():
     from rtedit.presets import TINY_VAE
 
     return AutoencoderKLFlux2(**TINY_VAE).eval().requires_grad_(False)
+
+
+def sampler_sigmas(steps: tuple[int, ...], seq_len: int) -> torch.Tensor:
+    """The sigmas at which the engine's sampler evaluates the transformer for these step counts (no duplicates)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from rtedit.latents import TimestepCache
+    from rtedit.presets import SCHEDULER_CONFIG
+
+    schedules = TimestepCache(FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG))
+    visited = [schedules.get(seq_len, n, torch.device("cpu"))[1][:-1] for n in steps]  # the last sigma is 0
+    return torch.unique(torch.cat(visited).float()) if visited else torch.zeros(0)
 
 
 def instruction_separation(embeds: torch.Tensor) -> float:
@@ -264,6 +286,7 @@ class FlowBatcher:
         self.cond_ids = [ids.references(((h, w),), torch.device("cpu")),
                          ids.references(((h, w), (h, w)), torch.device("cpu"))]
         self.txt_ids = text_ids(cache["embeds"].shape[1])[0]
+        self.focus_sigmas = sampler_sigmas(tuple(cfg.focus_steps), h * w)
 
     def __call__(self, index: int) -> dict[str, torch.Tensor]:
         from rtedit.latents import pack
@@ -280,6 +303,10 @@ class FlowBatcher:
             cond.append(pack(self.cache["reference"][pick].float()))
         noise = torch.randn(clean.shape, generator=g)
         sigma = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(self.batch_size, generator=g))
+        if len(self.focus_sigmas):
+            focus = torch.rand(self.batch_size, generator=g) < self.cfg.focus_share
+            picks = self.focus_sigmas[torch.randint(len(self.focus_sigmas), (self.batch_size,), generator=g)]
+            sigma = torch.where(focus, picks, sigma)
         noisy = (1 - sigma[:, None, None]) * clean + sigma[:, None, None] * noise
         return {"noisy": noisy, "cond": torch.cat(cond, dim=1), "sigma": sigma, "velocity": noise - clean,
                 "embeds": self.cache["embeds"][self.cache["instruction"][pick]],
