@@ -5,10 +5,12 @@
     python bench/serve_load.py --config deployments/serve-gpu.yaml --direct-model klein-4b-random   # on a GPU host
 
 Phases:
-1. load: --clients websocket clients each send --fps frames a second for --duration seconds (no client-side
-   throttling: the server's mailboxes drop what the editors cannot take). Reports processed FPS, drop rate,
-   p50/p99 latency of processed frames, the p99 of the last 10 s against the first 10 s (frames must not pile up
-   before the mailbox), and the RSS of the Serve processes before and after.
+1. load: --clients websocket clients, each like the web page: a camera makes --fps frames a second for --duration
+   seconds and the newest one is sent while fewer than --max-in-flight (2, as on the page; 0: unthrottled) of the
+   client's frames are unanswered; camera frames never sent are client-side drops, frames the session mailbox
+   overwrote are server-side drops. Reports processed FPS, drop rate, p50/p99 send-to-reply latency, the p99 of
+   the last 10 s against the first 10 s (frames must not pile up before the mailbox), the p99 outside the router
+   (transport, proxy, mailbox) to show where frames wait, and the RSS of the Serve processes before and after.
 2. flicker: one session, a 512x512 window slowly panning over a photo; mean absolute frame-to-frame change of
    the output against that of the input (a still camera should give a still picture).
 3. overhead: 512x512 JPEG frames one at a time over the websocket against Editor.edit called directly in this
@@ -22,8 +24,10 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,15 +60,18 @@ def pct(values, q) -> float:
 # ---- phase 1: load ---------------------------------------------------------------------------------------------
 
 
-async def one_client(k: int, url: str, frames: list[bytes], fps: float, duration: float, t0: float, prompt: str,
-                     log: list) -> dict:
-    # t0: the shared start as time.time(); offsets in the log are wall-clock seconds since it.
-    """One camera: a frame every 1/fps s. A client that falls behind skips frames rather than bursting
-    (counted in `skipped`), so an overloaded load generator cannot pile frames up itself."""
+async def one_client(k: int, url: str, frames: list[bytes], fps: float, duration: float, max_in_flight: int,
+                     prompt: str, drain_s: float, log: list) -> dict:
+    """One web page (deployments/static/app.js): a camera makes frame i at i/fps s; the newest camera frame is
+    sent while fewer than max_in_flight (0: no limit) of this client's frames are unanswered. Camera frames
+    never sent are client-side drops. Log rows: (send offset, latency, router time, engine time, reply offset)
+    in seconds, offsets from this client's first camera frame."""
     import websockets
 
-    sent_at: dict[int, float] = {}
-    stats = {"sent": 0, "skipped": 0, "processed": 0, "errors": 0, "dropped": 0, "closed": None}
+    in_flight: dict[int, float] = {}  # frame id -> perf_counter at send
+    stats = {"camera": 0, "sent": 0, "processed": 0, "errors": 0, "server_dropped": 0, "unanswered": 0,
+             "closed": None}
+    wake = asyncio.Event()
 
     async def reader(ws):
         async for message in ws:
@@ -72,62 +79,99 @@ async def one_client(k: int, url: str, frames: list[bytes], fps: float, duration
                 continue
             reply = decode_reply(message)
             now = time.perf_counter()
-            stats["dropped"] = max(stats["dropped"], reply.meta.get("dropped", 0))
+            stats["server_dropped"] = max(stats["server_dropped"], reply.meta.get("dropped", 0))
+            sent = in_flight.get(reply.id)
+            # Frames the server dropped never come back: a reply also answers every earlier frame, as on the page.
+            for frame_id in [f for f in in_flight if reply.id is None or f <= reply.id]:
+                del in_flight[frame_id]
+            wake.set()
             if reply.error is not None:
                 stats["errors"] += 1
                 continue
             stats["processed"] += 1
-            sent = sent_at.pop(reply.id, None)
             if sent is not None:
-                log.append((time.time() - (now - sent) - t0, now - sent))
+                timings = reply.meta.get("timings", {})
+                log.append((sent - start, now - sent, timings.get("server", math.nan) / 1000,
+                            timings.get("total", math.nan) / 1000, now - start))
 
     try:
         async with websockets.connect(url, max_size=2**24, open_timeout=120, ping_interval=None) as ws:
             reader_task = asyncio.create_task(reader(ws))
-            period, i, start = 1.0 / fps, 0, time.perf_counter()
-            while True:
-                now = time.perf_counter()
-                if now - start >= duration:
-                    break
-                due = start + i * period
-                if due > now:
-                    await asyncio.sleep(due - now)
-                elif now - due > period:
-                    behind = int((now - due) / period)
-                    stats["skipped"] += behind
-                    i += behind
-                meta = {"id": i, **({"prompt": f"{prompt} #{k % 4}"} if stats["sent"] == 0 else {})}
-                sent_at[i] = time.perf_counter()
-                await ws.send(encode_frame(meta, frames[(i + k) % len(frames)]))
-                stats["sent"] += 1
-                i += 1
-            await asyncio.sleep(3.0)  # let in-flight frames come back
+            period, last_sent = 1.0 / fps, -1
+            start = time.perf_counter()
+            while (now := time.perf_counter()) - start < duration:
+                wake.clear()
+                newest = int((now - start) / period)  # the camera frame showing now
+                if newest > last_sent and (not max_in_flight or len(in_flight) < max_in_flight):
+                    frame_id = newest + 1  # ids start at 1, as on the page
+                    meta = {"id": frame_id, **({"prompt": f"{prompt} #{k % 4}"} if last_sent < 0 else {})}
+                    in_flight[frame_id] = time.perf_counter()
+                    await ws.send(encode_frame(meta, frames[(newest + k) % len(frames)]))
+                    stats["sent"] += 1
+                    last_sent = newest
+                    continue
+                if newest > last_sent:  # every slot is taken: only a reply can unblock
+                    timeout = start + duration - now
+                else:  # the newest frame is sent: wait for the camera's next one
+                    timeout = start + (newest + 1) * period - now
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+            stats["camera"] = math.ceil(duration * fps)
+            drain_end = time.perf_counter() + drain_s  # let frames in flight come back, so slow ones are counted
+            while in_flight and time.perf_counter() < drain_end:
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), drain_end - time.perf_counter())
+                except asyncio.TimeoutError:
+                    pass
+            stats["unanswered"] = len(in_flight)
             reader_task.cancel()
     except Exception as exc:  # noqa: BLE001 - a closed connection is a result to report, not a crash
         stats["closed"] = repr(exc)[:200]
     return stats
 
 
-def serve_rss() -> dict[str, float]:
-    """RSS (MiB) of this machine's Serve processes (proxy, controller, replicas), by process title."""
+def serve_usage() -> dict[str, dict[str, float]]:
+    """RSS (MiB) and CPU time (s) of this machine's Serve processes (proxy, controller, replicas), by process
+    title, plus this process and its waited-for children (the load clients)."""
     import psutil
 
-    out: dict[str, float] = {}
-    for p in psutil.process_iter(["cmdline", "memory_info"]):
+    out: dict[str, dict[str, float]] = {}
+    for p in psutil.process_iter(["cmdline", "memory_info", "cpu_times"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::ServeReplica") or cmd.startswith("ray::ProxyActor") or cmd.startswith("ray::Serve"):
-            name = cmd.split()[0]
-            out[name] = out.get(name, 0.0) + p.info["memory_info"].rss / 2**20
+        if cmd.startswith("ray::Serve") or cmd.startswith("ray::ProxyActor"):
+            # The title carries the running method ("ray::ServeController.listen_for_change"): keep the actor.
+            usage = out.setdefault(cmd.split()[0].split(".")[0], {"rss_mib": 0.0, "cpu_s": 0.0})
+            usage["rss_mib"] += p.info["memory_info"].rss / 2**20
+            usage["cpu_s"] += p.info["cpu_times"].user + p.info["cpu_times"].system
+    me = psutil.Process()
+    cpu = me.cpu_times()
+    out["load clients (this process)"] = {"rss_mib": math.nan,
+                                          "cpu_s": cpu.user + cpu.system + cpu.children_user + cpu.children_system}
     return out
 
 
-async def _clients(url: str, ids: list[int], fps: float, duration: float, size: int, t0: float) -> tuple:
+def sample_serve_rss(samples: list, t0: float, stop: threading.Event, every_s: float = 5.0) -> None:
+    """(seconds since t0, total Serve RSS in MiB) every every_s until stop: growth shows as a slope."""
+    while True:
+        usage = serve_usage()
+        samples.append((round(time.time() - t0, 1),
+                        round(sum(u["rss_mib"] for name, u in usage.items() if name.startswith("ray::")), 1)))
+        if stop.wait(every_s):
+            return
+
+
+async def _clients(url: str, ids: list[int], fps: float, duration: float, max_in_flight: int, drain_s: float,
+                   size: int, t0: float) -> tuple:
     base = photo(max(size, 64))
     frames = [to_jpeg(np.roll(base, s, axis=1)) for s in range(0, 40, 4)]
     log: list = []
     await asyncio.sleep(max(0.0, t0 - time.time()))
-    results = await asyncio.gather(*[one_client(k, url, frames, fps, duration, t0, "make it look like winter", log)
-                                     for k in ids], return_exceptions=True)
+    results = await asyncio.gather(*[one_client(k, url, frames, fps, duration, max_in_flight,
+                                                "make it look like winter", drain_s, log) for k in ids],
+                                   return_exceptions=True)
     return [r if not isinstance(r, Exception) else {"failed": repr(r)[:200]} for r in results], log
 
 
@@ -135,36 +179,52 @@ def _clients_proc(job: tuple) -> tuple:
     return asyncio.run(_clients(*job))
 
 
-def load_phase(url: str, clients: int, fps: float, duration: float, size: int, procs: int) -> dict:
-    """Clients spread over `procs` processes (one Python process cannot generate 64 x 30 fps of JPEG frames)."""
+def load_phase(url: str, clients: int, fps: float, duration: float, max_in_flight: int, drain_s: float, size: int,
+               procs: int, sample_rss: bool) -> dict:
+    """Clients spread over `procs` processes (one Python process may not keep up with many unthrottled clients).
+    With sample_rss, the Serve processes' RSS every 5 s from the common start (they must be on this machine)."""
     import multiprocessing as mp
 
     t0 = time.time() + 5.0 + procs  # a common start, after every process is up
     groups = [list(range(clients))[i::procs] for i in range(procs)]
-    jobs = [(url, g, fps, duration, size, t0) for g in groups if g]
+    jobs = [(url, g, fps, duration, max_in_flight, drain_s, size, t0) for g in groups if g]
+    rss_samples: list[tuple[float, float]] = []
+    sampling = threading.Event()
+    if sample_rss:
+        threading.Thread(target=sample_serve_rss, args=(rss_samples, t0, sampling), daemon=True).start()
     if procs > 1:
         with mp.get_context("spawn").Pool(len(jobs)) as pool:
             parts = pool.map(_clients_proc, jobs)
     else:
         parts = [_clients_proc(jobs[0])]
+    sampling.set()
     results = [r for part in parts for r in part[0]]
     log = [x for part in parts for x in part[1]]
     ok = [r for r in results if "failed" not in r]
     failures = [r["failed"] for r in results if "failed" in r] + [r["closed"] for r in ok if r["closed"]]
-    sent = sum(r["sent"] for r in ok)
-    processed = sum(r["processed"] for r in ok)
-    dropped = sum(r["dropped"] for r in ok)
-    lat = [x[1] * 1000 for x in log]
-    first = [x[1] * 1000 for x in log if x[0] < 10]
-    last = [x[1] * 1000 for x in log if x[0] >= duration - 10]
+    total = {key: sum(r[key] for r in ok) for key in ("camera", "sent", "processed", "errors", "server_dropped",
+                                                      "unanswered")}
+    client_dropped = total["camera"] - total["sent"]
+    rows = np.asarray(log, float).reshape(-1, 5)
+    sent_at, replied_at = rows[:, 0], rows[:, 4]
+    latency_ms, router_ms, engine_ms = rows[:, 1] * 1000, rows[:, 2] * 1000, rows[:, 3] * 1000
+    first, last = sent_at < 10, sent_at >= duration - 10
+    # Send-to-reply minus the router's time: websocket transport, Serve's proxy and the session mailbox.
+    outside_router_ms = latency_ms - router_ms
     return {
         "clients": clients, "procs": procs, "fps_per_client": fps, "duration_s": duration, "frame_px": size,
-        "client_failures": len(failures), "failure_examples": failures[:3], "sent": sent,
-        "skipped_by_client": sum(r["skipped"] for r in ok), "send_rate": sent / duration,
-        "processed": processed, "processed_fps": processed / duration, "errors": sum(r["errors"] for r in ok),
-        "dropped": dropped, "drop_rate": dropped / sent if sent else float("nan"),
-        "latency_p50_ms": pct(lat, 50), "latency_p99_ms": pct(lat, 99),
-        "p99_first10_ms": pct(first, 99), "p99_last10_ms": pct(last, 99),
+        "max_in_flight": max_in_flight, "client_failures": len(failures), "failure_examples": failures[:3],
+        **total, "client_dropped": client_dropped,
+        "drop_rate": (client_dropped + total["server_dropped"]) / total["camera"] if total["camera"] else math.nan,
+        "processed_fps": int((replied_at < duration).sum()) / duration,
+        "latency_p50_ms": pct(latency_ms, 50), "latency_p99_ms": pct(latency_ms, 99),
+        "p99_first10_ms": pct(latency_ms[first], 99), "p99_last10_ms": pct(latency_ms[last], 99),
+        "p99_last_over_first": pct(latency_ms[last], 99) / pct(latency_ms[first], 99),
+        "router_p50_ms": pct(router_ms, 50), "engine_p50_ms": pct(engine_ms, 50),
+        "editor_busy": float(engine_ms[replied_at < duration].sum()) / 1000 / duration,
+        "outside_router_p99_first10_ms": pct(outside_router_ms[first], 99),
+        "outside_router_p99_last10_ms": pct(outside_router_ms[last], 99),
+        "rss_mib_by_s": rss_samples,
     }
 
 
@@ -263,31 +323,55 @@ def start_local(config: Path, num_cpus: int):
     return "ws://127.0.0.1:8000"
 
 
+def rss_growth(load: dict, early_s: float, late_s: float) -> str:
+    """The sampled Serve RSS nearest early_s and late_s seconds into the run."""
+    samples = load.get("rss_mib_by_s")
+    if not samples:
+        return "not measured"
+    (t1, m1), (t2, m2) = (min(samples, key=lambda sample: abs(sample[0] - s)) for s in (early_s, late_s))
+    return f"{m1:.0f} (at {t1:.0f} s) -> {m2:.0f} (at {t2:.0f} s)"
+
+
 def markdown(res: dict) -> str:
     load, fl, ov = res.get("load", {}), res.get("flicker", {}), res.get("overhead", {})
+    nan = float("nan")
     rows = [
         ("machine", res["machine"]),
         ("config", res["config"]),
         ("clients x fps x s (frame px; client processes)", f"{load.get('clients')} x {load.get('fps_per_client')} x "
          f"{load.get('duration_s')} ({load.get('frame_px')}; {load.get('procs')})"),
-        ("frames sent (achieved send rate) / skipped by client", f"{load.get('sent')} "
-         f"({load.get('send_rate', 0):.0f}/s) / {load.get('skipped_by_client')}"),
-        ("processed FPS", f"{load.get('processed_fps', 0):.2f}"),
-        ("drop rate", f"{load.get('drop_rate', 0):.3f}"),
-        ("errors / failed clients", f"{load.get('errors')} / {load.get('client_failures')}"),
-        ("latency p50 / p99 (ms)", f"{load.get('latency_p50_ms', 0):.0f} / {load.get('latency_p99_ms', 0):.0f}"),
-        ("p99 first 10 s -> last 10 s (ms)", f"{load.get('p99_first10_ms', 0):.0f} -> "
-                                              f"{load.get('p99_last10_ms', 0):.0f}"),
-        ("Serve RSS before -> after (MiB)", f"{res.get('rss_before_mib', float('nan')):.0f} -> "
-                                            f"{res.get('rss_after_mib', float('nan')):.0f}"),
-        ("flicker: output / input change", f"{fl.get('output_change', 0):.4f} / {fl.get('input_change', 0):.4f} "
-                                           f"(ratio {fl.get('ratio', 0):.2f})"),
-        ("512px: Serve round trip p50 (ms)", f"{ov.get('serve_round_trip_p50_ms', 0):.1f}"),
-        ("512px: Editor.edit direct p50 (ms)", f"{ov.get('direct_edit_p50_ms', float('nan')):.1f}"),
-        ("512px: Serve cost per frame vs direct (ms)", f"{ov.get('serve_cost_per_frame_ms', float('nan')):.1f}"),
-        ("512px: round trip minus in-replica engine time (ms)",
-         f"{ov.get('serve_cost_vs_replica_engine_ms', float('nan')):.1f}"),
+        ("max frames in flight per client", load.get("max_in_flight") or "unlimited"),
+        ("camera frames / sent / processed", f"{load.get('camera')} / {load.get('sent')} / {load.get('processed')}"),
+        ("dropped by client / by server", f"{load.get('client_dropped')} / {load.get('server_dropped')}"),
+        ("drop rate (of camera frames)", f"{load.get('drop_rate', nan):.3f}"),
+        ("errors / unanswered / failed clients", f"{load.get('errors')} / {load.get('unanswered')} / "
+                                                 f"{load.get('client_failures')}"),
+        ("processed FPS", f"{load.get('processed_fps', nan):.1f}"),
+        ("latency p50 / p99 (ms, send to reply)", f"{load.get('latency_p50_ms', nan):.0f} / "
+                                                  f"{load.get('latency_p99_ms', nan):.0f}"),
+        ("p99 first 10 s -> last 10 s (ms)", f"{load.get('p99_first10_ms', nan):.0f} -> "
+         f"{load.get('p99_last10_ms', nan):.0f} ({load.get('p99_last_over_first', nan):.2f}x)"),
+        ("router time / engine time p50 (ms)", f"{load.get('router_p50_ms', nan):.0f} / "
+                                               f"{load.get('engine_p50_ms', nan):.0f}"),
+        ("editor busy (engine time / run time)", f"{load.get('editor_busy', nan):.2f}"),
+        ("p99 outside the router, first -> last 10 s (ms)", f"{load.get('outside_router_p99_first10_ms', nan):.0f}"
+         f" -> {load.get('outside_router_p99_last10_ms', nan):.0f}"),
+        ("Serve RSS before -> after (MiB)", f"{sum(res.get('rss_before_mib', {}).values()):.0f} -> "
+                                            f"{sum(res.get('rss_after_mib', {}).values()):.0f}"),
+        ("Serve RSS 10 s into the run -> end of sending (MiB)", rss_growth(load, 10, load.get("duration_s", 0))),
+        ("CPU s during load + drain", ", ".join(f"{name.removeprefix('ray::ServeReplica:rtedit:')} {s:.0f}"
+                                                   for name, s in res.get("load_cpu_s", {}).items())),
     ]
+    if fl:
+        rows.append(("flicker: output / input change", f"{fl['output_change']:.4f} / {fl['input_change']:.4f} "
+                                                       f"(ratio {fl['ratio']:.2f})"))
+    if ov:
+        rows += [
+            ("512px: Serve round trip p50 (ms)", f"{ov['serve_round_trip_p50_ms']:.1f}"),
+            ("512px: Editor.edit direct p50 (ms)", f"{ov.get('direct_edit_p50_ms', nan):.1f}"),
+            ("512px: Serve cost per frame vs direct (ms)", f"{ov.get('serve_cost_per_frame_ms', nan):.1f}"),
+            ("512px: round trip minus in-replica engine time (ms)", f"{ov['serve_cost_vs_replica_engine_ms']:.1f}"),
+        ]
     return "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
@@ -299,6 +383,10 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--fps", type=float, default=30)
     ap.add_argument("--duration", type=float, default=60)
+    ap.add_argument("--max-in-flight", type=int, default=2,
+                    help="unanswered frames a client allows, as the web page (0: unthrottled)")
+    ap.add_argument("--drain", type=float, default=120,
+                    help="seconds a client waits after the run for its unanswered frames (slow ones still count)")
     ap.add_argument("--size", type=int, default=128, help="load-phase frame side in pixels")
     ap.add_argument("--procs", type=int, default=1, help="client processes for the load phase")
     ap.add_argument("--flicker-frames", type=int, default=12)
@@ -320,11 +408,16 @@ def main(argv=None) -> int:
     if args.flicker_frames:
         res["flicker"] = flicker_phase(ws_url, args.flicker_frames)
     if local:
-        res["rss_before_mib"] = sum(serve_rss().values())
-    res["load"] = load_phase(ws_url, args.clients, args.fps, args.duration, args.size, args.procs)
+        before = serve_usage()
+    res["load"] = load_phase(ws_url, args.clients, args.fps, args.duration, args.max_in_flight, args.drain,
+                             args.size, args.procs, sample_rss=local)
     if local:
         time.sleep(5)
-        res["rss_after_mib"] = sum(serve_rss().values())
+        after = serve_usage()
+        res["rss_before_mib"] = {name: u["rss_mib"] for name, u in before.items() if name.startswith("ray::")}
+        res["rss_after_mib"] = {name: u["rss_mib"] for name, u in after.items() if name.startswith("ray::")}
+        # CPU seconds over the load phase (and its drain), per process: who takes the machine's cores.
+        res["load_cpu_s"] = {name: after[name]["cpu_s"] - before[name]["cpu_s"] for name in after if name in before}
     print(json.dumps(res, indent=1))
     print(markdown(res))
     if args.json:
