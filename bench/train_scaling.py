@@ -36,8 +36,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps <= args.skip:
         parser.error(f"--steps ({args.steps}) must exceed --skip ({args.skip})")
 
+    import logging
+
     import ray
     import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     from jobs import runtime, train_teacher
     from rtedit.train.config import load_job_config

@@ -56,7 +56,7 @@ def test_cache_matches_what_the_editor_serves(tmp_path, toy_data, taef2_weights)
     sigmas = torch.cat([teacher.FlowBatcher(cache, focused, 16, 0, 0)(i)["sigma"] for i in range(4)])
     assert set(sigmas.tolist()) == set(visited.tolist()) and len(visited) == 2
     from rtedit.errors import ConfigError
-    for bad in (dict(focus_share=0.5), dict(focus_steps=(2,), focus_share=1.5), dict(focus_steps=(0,))):
+    for bad in (dict(focus_steps=(), focus_share=0.5), dict(focus_steps=(2,), focus_share=1.5), dict(focus_steps=(0,))):
         with pytest.raises(ConfigError):
             dataclasses.replace(task, **bad).validate()
     # Export an untrained model and check the served embeddings and latents are those trained on.

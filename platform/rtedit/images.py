@@ -104,11 +104,16 @@ def fit_like_pipeline(arr: np.ndarray, multiple: int = 16) -> np.ndarray:
 
 def to_pixel_tensor(arr: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 HxWx3 -> [1, 3, H, W] in [-1, 1]; pinned host memory and a non-blocking copy on a GPU."""
-    host = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # PIL-backed arrays are read-only
+    return to_pixel_batch(arr[None], device, dtype)
+
+
+def to_pixel_batch(arrays: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 BxHxWx3 -> [B, 3, H, W] in [-1, 1] in one copy (dataset encoding: one pinned buffer per batch)."""
+    host = torch.from_numpy(arrays if arrays.flags.writeable else arrays.copy())  # PIL-backed arrays are read-only
     if device.type == "cuda":
         host = host.pin_memory()
     # Contiguous NCHW as the pipeline hands it over: a channels-last view makes cuDNN pick other conv kernels.
-    pixels = host.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).contiguous()
+    pixels = host.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
     # Same float32 arithmetic as VaeImageProcessor (x / 255, then 2x - 1) so outputs match the pipeline exactly.
     pixels = pixels.to(torch.float32) / 255.0
     return (2.0 * pixels - 1.0).to(dtype)
