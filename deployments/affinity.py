@@ -36,3 +36,16 @@ class SessionAffinityRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         # One rank only: when the session's replica is busy the request waits for it rather than moving.
         return [[by_id[pick_replica(session, list(by_id))]]]
+
+    def _remove_pending_request_from_indices(self, pending_request: PendingRequest) -> None:
+        """Also drop the request from Ray's per-model-id index, whose only cleanup is in MultiplexMixin (not used
+        here): without this every session frame stays referenced, image and all, for the router's lifetime."""
+        super()._remove_pending_request_from_indices(pending_request)
+        session = pending_request.metadata.multiplexed_model_id
+        queue = self._pending_requests_by_model_id.get(session)
+        if queue is None:
+            return
+        if pending_request in queue:
+            queue.remove(pending_request)
+        if not queue:
+            del self._pending_requests_by_model_id[session]

@@ -66,6 +66,30 @@ def test_rendezvous_affinity_is_stable_and_moves_only_the_lost_replicas_sessions
     assert moved and all(before[s] == "b2" for s in moved)
 
 
+def test_affinity_router_forgets_routed_requests():
+    """Ray indexes pending requests by multiplexed model id (our session id) and cleans that index only in
+    MultiplexMixin; the router must drop them itself or every frame leaks with its image (seen in the load bench)."""
+    import asyncio
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from deployments.affinity import SessionAffinityRouter
+
+    async def route_three_frames_and_cancel_one() -> dict:
+        router = SessionAffinityRouter(DeploymentID(name="Editor", app_name="rtedit"), DeploymentHandleSource.UNKNOWN)
+        pending = [PendingRequest(args=[b"frame"], kwargs={}, metadata=RequestMetadata(
+            request_id=f"r{i}", internal_request_id=f"i{i}", multiplexed_model_id="session-a")) for i in range(4)]
+        for request in pending:
+            router._add_pending_request_to_indices(request)
+        for request in pending[:3]:
+            router._fulfill_next_pending_request(object(), request.metadata)
+        router._remove_pending_request_from_indices(pending[3])  # what a cancelled request goes through
+        return router._pending_requests_by_model_id
+
+    assert not asyncio.run(route_three_frames_and_cancel_one())
+
+
 def test_errors_map_to_statuses_and_auth_notice():
     assert classify(PayloadTooLarge("too_large", "big"))[0] == 413
     assert classify(InvalidImage("bad"))[0] == 400
