@@ -1,6 +1,6 @@
 """Builds the Serve application from typed arguments: one bind injecting TextEncoder and Editor into the Router.
 
-    serve run deployments/serve.yaml          # tiny preset on CPU
+    serve run deployments/serve.yaml          # the trained toy editor (models/toy-editor) on CPU
     serve run deployments.app:build_app       # same, defaults
 """
 

@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rtedit.config import EditorConfig
+from rtedit.presets import PRESETS
 from rtedit.serving import SessionDefaults
 from rtedit.transport import FrameLimits
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "models/toy-editor"  # the toy editor trained by jobs.train_teacher (models/toy-editor/README.md)
+
+
+def resolve_model_path(model: Any) -> Any:
+    """A relative model folder as an absolute path (replicas run in other working directories): looked up from
+    the current directory, then from the repository root. Presets, hub ids and absolute paths pass unchanged."""
+    if not isinstance(model, str) or model in PRESETS or Path(model).is_absolute():
+        return model
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / model / "model_index.json").is_file():
+            return str((base / model).resolve())
+    return model
 
 
 class _Strict(BaseModel):
@@ -117,7 +133,7 @@ class RouterArgs(_Strict):
 class AppArgs(_Strict):
     """Everything `deployments.app:build_app` needs."""
 
-    engine: dict[str, Any] = Field(default_factory=lambda: {"model": "tiny"})
+    engine: dict[str, Any] = Field(default_factory=lambda: {"model": DEFAULT_MODEL}, validate_default=True)
     """rtedit.config.EditorConfig fields: model (preset, folder or hub id), device, dtype, prompt, images."""
     editor: EditorArgs = Field(default_factory=EditorArgs)
     text_encoder: TextEncoderArgs = Field(default_factory=TextEncoderArgs)
@@ -127,6 +143,7 @@ class AppArgs(_Strict):
     @field_validator("engine")
     @classmethod
     def _engine(cls, v: dict) -> dict:
+        v = {**v, "model": resolve_model_path(v.get("model"))} if "model" in v else v
         EditorConfig.from_dict(v)
         return v
 

@@ -23,7 +23,18 @@ def test_yaml_files_validate(name):
     assert app["import_path"] == "deployments.app:build_app"
     assert "request_timeout_s" not in spec.get("http_options", {})  # it would cut websockets
     args = AppArgs.model_validate(app["args"])
-    assert args.editor_config().model in ("tiny", "klein-4b-random")
+    expected = {"serve.yaml": str(REPO / "models" / "toy-editor"), "serve-gpu.yaml": "klein-4b-random"}[name]
+    assert args.editor_config().model == expected
+
+
+def test_relative_model_folders_resolve_from_the_repo_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # serve run from elsewhere: replicas must still find the folder
+    assert AppArgs().editor_config().model == str(REPO / "models" / "toy-editor")
+    assert AppArgs(engine={"model": "tiny"}).editor_config().model == "tiny"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "model_index.json").write_text("{}")
+    assert AppArgs(engine={"model": "mine"}).editor_config().model == str(tmp_path / "mine")
+    assert AppArgs(engine={"model": "org/name"}).editor_config().model == "org/name"  # a hub id stays one
 
 
 def test_gpu_yaml_shares_gpus_and_autoscales():

@@ -36,6 +36,8 @@ async function loadInfo() {
   const m = info.model || {};
   $("model").textContent = `model: ${m.name} on ${m.device} (${m.dtype})`;
   $("random-notice").hidden = !m.random_weights;
+  $("model-about").textContent = m.description || "";
+  $("model-about").hidden = !m.description;
   if (info.auth) { $("key-label").hidden = false; $("api-key").value = apiKey; }
 }
 
