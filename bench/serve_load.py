@@ -2,7 +2,7 @@
 
     python bench/serve_load.py                          # starts a local cluster with deployments/serve.yaml's app
     python bench/serve_load.py --url ws://host:8000     # against a running service (memory is then not measured)
-    python bench/serve_load.py --config deployments/serve-gpu.yaml --direct-model klein-4b-random   # on a GPU host
+    python bench/serve_load.py --config deployments/serve-gpu.yaml   # on a GPU host
 
 Phases:
 1. load: --clients websocket clients, each like the web page: a camera makes --fps frames a second for --duration
@@ -14,7 +14,8 @@ Phases:
 2. flicker: one session, a 512x512 window slowly panning over a photo; mean absolute frame-to-frame change of
    the output against that of the input (a still camera should give a still picture).
 3. overhead: 512x512 JPEG frames one at a time over the websocket against Editor.edit called directly in this
-   process (same model, steps, seed, output format): the difference is what Serve itself costs per frame.
+   process (the --config app's engine, same steps, seed, output format): the difference is what Serve itself
+   costs per frame.
 Prints a Markdown table (paste into bench/RESULTS.md) and writes JSON with --json.
 """
 
@@ -255,14 +256,15 @@ def flicker_phase(url: str, n: int, size: int = 512, step_px: int = 2) -> dict:
 # ---- phase 3: Serve's own per-frame cost ------------------------------------------------------------------------
 
 
-def overhead_phase(url: str, n: int, model: str | None, size: int = 512, threads: int | None = 1) -> dict:
-    """Serve round trips and direct Editor.edit calls interleaved, so both see the same machine load."""
+def overhead_phase(url: str, n: int, engine: dict | None, size: int = 512, threads: int | None = 1) -> dict:
+    """Serve round trips and direct Editor.edit calls (engine: the EditorConfig fields the app serves; None: no
+    direct baseline) interleaved, so both see the same machine load."""
     from websockets.sync.client import connect
 
     frame = to_jpeg(photo(size), 90)
     prompt = "make it look like a watercolor painting"
     editor = emb = None
-    if model:
+    if engine:
         import torch
 
         from rtedit.config import EditorConfig
@@ -270,7 +272,7 @@ def overhead_phase(url: str, n: int, model: str | None, size: int = 512, threads
 
         if threads:
             torch.set_num_threads(threads)  # as many threads as a CPU replica gets (Ray sets OMP_NUM_THREADS)
-        editor = Editor.from_config(EditorConfig(model=model))
+        editor = Editor.from_config(EditorConfig.from_dict(engine))
         emb = editor.encode_prompt(prompt)
     serve_ms, server_total, direct = [], [], []
     with connect(url, max_size=2**24, open_timeout=120) as ws:
@@ -302,24 +304,30 @@ def overhead_phase(url: str, n: int, model: str | None, size: int = 512, threads
 # ---- driver --------------------------------------------------------------------------------------------------
 
 
-def start_local(config: Path, num_cpus: int):
-    """A fresh local cluster running the app of a Serve YAML (like `serve run`)."""
+def app_spec(config: Path) -> tuple:
+    """The first application of a Serve YAML: (its name, its checked AppArgs)."""
     import yaml
 
+    from deployments.config import AppArgs
+
+    spec = yaml.safe_load(config.read_text())["applications"][0]
+    return spec["name"], AppArgs.model_validate(spec.get("args", {}))
+
+
+def start_local(config: Path, num_cpus: int):
+    """A fresh local cluster running the app of a Serve YAML (like `serve run`)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.config import AppArgs
 
-    spec = yaml.safe_load(config.read_text())
-    app_spec = spec["applications"][0]
+    name, app_args = app_spec(config)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
                                                                                    os.environ.get("PYTHONPATH")]))}})
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    serve.run(build_app(AppArgs.model_validate(app_spec.get("args", {}))), name=app_spec["name"], route_prefix="/")
+    serve.run(build_app(app_args), name=name, route_prefix="/")
     return "ws://127.0.0.1:8000"
 
 
@@ -385,13 +393,14 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=60)
     ap.add_argument("--max-in-flight", type=int, default=2,
                     help="unanswered frames a client allows, as the web page (0: unthrottled)")
-    ap.add_argument("--drain", type=float, default=120,
+    ap.add_argument("--drain", type=float, default=600,
                     help="seconds a client waits after the run for its unanswered frames (slow ones still count)")
     ap.add_argument("--size", type=int, default=128, help="load-phase frame side in pixels")
     ap.add_argument("--procs", type=int, default=1, help="client processes for the load phase")
     ap.add_argument("--flicker-frames", type=int, default=12)
     ap.add_argument("--overhead-frames", type=int, default=8)
-    ap.add_argument("--direct-model", default="tiny", help="model for the direct Editor.edit baseline ('' to skip)")
+    ap.add_argument("--direct-model", help="model of the direct Editor.edit baseline (default: the --config app's "
+                                           "engine; '' to skip)")
     ap.add_argument("--direct-threads", type=int, default=1, help="torch threads of the direct baseline (0: default)")
     ap.add_argument("--machine", default=os.uname().nodename)
     ap.add_argument("--json", type=Path)
@@ -403,8 +412,10 @@ def main(argv=None) -> int:
     local = not args.url
     # Quiet-machine phases first: the load phase leaves replicas busy with its last frames.
     if args.overhead_frames:
-        res["overhead"] = overhead_phase(ws_url, args.overhead_frames, args.direct_model or None,
-                                         threads=args.direct_threads or None)
+        engine = app_spec(args.config)[1].engine
+        if args.direct_model is not None:
+            engine = {**engine, "model": args.direct_model} if args.direct_model else None
+        res["overhead"] = overhead_phase(ws_url, args.overhead_frames, engine, threads=args.direct_threads or None)
     if args.flicker_frames:
         res["flicker"] = flicker_phase(ws_url, args.flicker_frames)
     if local:
