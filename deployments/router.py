@@ -364,7 +364,7 @@ class Router:
         if self.model_info is None:
             info = await self.editor.info.remote()
             self.model_info = {k: info.get(k) for k in ("name", "random_weights", "description", "device", "dtype",
-                                                        "transformer_params", "steps")}
+                                                        "transformer_params", "steps", "native_size")}
         return self.model_info
 
     @app.get("/api/info")

@@ -41,7 +41,9 @@ class TeacherTask:
         return flow_loss(model, batch, self.ctx.device, self.ctx.dtype), {}
 
     def export(self, model, folder: Path) -> None:
-        export_model(model, self.cfg, folder, job_config=to_dict(self.ctx.config))
+        # Trained at one image size: the latents' side times the autoencoder's 16 pixels per patchified token.
+        native = int(self.batches.cache["source"].shape[-1]) * 16
+        export_model(model, self.cfg, folder, job_config=to_dict(self.ctx.config), native_size=native)
 
 
 def build_task(ctx: WorkerContext) -> TeacherTask:

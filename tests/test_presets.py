@@ -110,6 +110,9 @@ def test_sidecar_is_applied_and_enforced(saved_folder, tmp_path):
         ('{"causal": "yes"}', "causal"),
         ('{"autoencoder": {"type": "vqgan"}}', "taef2"),
         ('{"mystery": 1}', "unknown field"),
+        ('{"tokenizer": "gpt2"}', "tokenizer"),
+        ('{"native_size": 100}', "native_size"),
+        ('{"native_size": 128.0}', "native_size"),
     ],
 )
 def test_bad_sidecars(tmp_path, content, pattern):

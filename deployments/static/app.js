@@ -38,6 +38,11 @@ async function loadInfo() {
   $("random-notice").hidden = !m.random_weights;
   $("model-about").textContent = m.description || "";
   $("model-about").hidden = !m.description;
+  if (m.native_size) {  // a model trained at one size (the toy editor: 128) edits best at it
+    const size = $("size");
+    if (![...size.options].some((o) => o.value === String(m.native_size))) size.add(new Option(m.native_size, m.native_size), 0);
+    size.value = String(m.native_size);
+  }
   if (info.auth) { $("key-label").hidden = false; $("api-key").value = apiKey; }
 }
 

@@ -443,6 +443,7 @@ class Editor:
             "has_text_encoder": self.prompt_encoder is not None,
             "autoencoder": self.codec.name,
             "steps": list(self.bundle.sidecar.steps) if self.bundle.sidecar.steps else None,
+            "native_size": self.bundle.sidecar.native_size,
         }
 
     def stats(self) -> dict:

@@ -73,6 +73,7 @@ class Sidecar:
     description: str | None = None
     random_weights: bool = False
     tokenizer: str | None = None  # PACKAGE_TOKENIZER: the folder ships no tokenizer/ (11 MB of Qwen3 files)
+    native_size: int | None = None  # the side in pixels it was trained at (the web page picks it); None: any
 
     @classmethod
     def from_dict(cls, data: Any, source: str = SIDECAR_NAME) -> "Sidecar":
@@ -91,6 +92,9 @@ class Sidecar:
                 if not isinstance(value, list) or not value or not all(_is_int(v, 1, 1000) for v in value):
                     raise ModelLoadError(f"{source}: {key} must be a non-empty list of positive integers, got {value!r}")
                 kw[key] = tuple(value)
+        native = kw.get("native_size")
+        if native is not None and not (_is_int(native, 16, 4096) and native % 16 == 0):
+            raise ModelLoadError(f"{source}: native_size must be a multiple of 16 in 16..4096, got {native!r}")
         if kw.get("tokenizer") not in (None, PACKAGE_TOKENIZER):
             raise ModelLoadError(f"{source}: tokenizer must be {PACKAGE_TOKENIZER!r} or absent, got {kw['tokenizer']!r}")
         if "causal" in kw and not isinstance(kw["causal"], bool):

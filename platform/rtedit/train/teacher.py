@@ -338,7 +338,7 @@ def flow_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: to
 
 
 def export_model(transformer: torch.nn.Module, cfg: TeacherTaskConfig, folder: str | Path,
-                 job_config: dict[str, Any] | None = None) -> Path:
+                 job_config: dict[str, Any] | None = None, native_size: int | None = None) -> Path:
     """Save a Flux2KleinPipeline folder (transformer, frozen text encoder, tokenizer, placeholder VAE, scheduler)
     with the rtedit.json sidecar that makes Editor.from_pretrained decode with TAEF2."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
@@ -366,6 +366,7 @@ def export_model(transformer: torch.nn.Module, cfg: TeacherTaskConfig, folder: s
                         f"rectified flow on the rtedit toy world (128x128 edits with exact targets)."),
         "random_weights": False,
         "tokenizer": PACKAGE_TOKENIZER,
+        "native_size": native_size,
     }
     (folder / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
     if job_config is not None:
