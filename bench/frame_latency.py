@@ -22,12 +22,15 @@ import datetime
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
 STAGES = ("prepare", "denoise", "decode", "total")
+ROWS = ("stock eager", "stock compile", "exact", "+attention", "+compile", "+dbcache dynamic", "+dbcache static",
+        "+taef2 (dbcache dynamic)", "+taef2 (dbcache static)")
 
 
 def frame(size: int) -> np.ndarray:
@@ -56,13 +59,13 @@ def summarize(name: str, samples: dict[str, list[float]], output: np.ndarray, no
 
 
 def frame_counts(name: str, args) -> tuple[int, int]:
-    """(frames, warm-up frames) of a row: all for a row --only names; a row set up but not measured runs once, or
-    --parity-frames times for "exact" (rows split over several cards: it shows each card times alike)."""
+    """(frames, warm-up frames) of a row: all for a row --only names, --parity-frames for "exact" when --only
+    leaves it out (rows split over several cards: it shows each card times alike), else 0: set up, not measured."""
     if not args.only or name in args.only:
         return args.frames, args.warmup
-    if name == "exact" and args.parity_frames > 1:
+    if name == "exact" and args.parity_frames > 0:
         return args.parity_frames, args.warmup
-    return 1, 0
+    return 0, 0
 
 
 class _HostClock:
@@ -135,11 +138,11 @@ def run_stock(editor, image, emb, args) -> list[dict]:
         for _ in range(warmup):
             once()
         samples = {s: [] for s in STAGES}
-        for _ in range(frames):
+        for _ in range(max(frames, 1)):  # a row set up but not measured still runs once for its output
             out, t = once()
             for s in STAGES:
                 samples[s].append(t[s])
-        if frames == 1:
+        if not frames:
             return {"row": name, "_output": out, "_skipped": True}
         return summarize(name, samples, out, note)
 
@@ -166,11 +169,11 @@ def run_ours(editor, image, emb, args) -> list[dict]:
         for _ in range(warmup):
             editor.edit(image, emb, steps=args.steps, seed=0)
         samples = {s: [] for s in STAGES}
-        for _ in range(frames):
+        for _ in range(max(frames, 1)):
             res = editor.edit(image, emb, steps=args.steps, seed=0)
             for s in STAGES:
                 samples[s].append(res.timings[s])
-        if frames == 1:  # set up but not measured here; its output still anchors the drift column
+        if not frames:  # set up but not measured here; its output still anchors the drift column
             return {"row": name, "_output": res.array, "_skipped": True}
         row = summarize(name, samples, res.array, note)
         if editor.dbcache is not None:
@@ -253,11 +256,8 @@ def print_table(rows: list[dict], header: str) -> None:
 def merge(paths: list[str]) -> int:
     """One table from runs whose rows were split over processes or cards (--only): speedups against the stock
     eager row, wherever it ran; every row keeps the card it ran on."""
-    runs = [json.load(open(p)) for p in paths]
-    order = ["stock eager", "stock compile", "exact", "+attention", "+compile", "+dbcache dynamic", "+dbcache static",
-             "+taef2 (dbcache dynamic)", "+taef2 (dbcache static)"]
-    rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (order.index(r["row"]) if r["row"] in order
-                                                                             else len(order), -r["frames"]))
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (ROWS.index(r["row"]), -r["frames"]))
     stock = next(r for r in rows if r["row"] == "stock eager")
     for r in rows:
         r["speedup_vs_stock_eager"] = stock["total_median"] / r["total_median"]
@@ -275,7 +275,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rows", choices=["stock", "ours", "all"], default="all")
-    parser.add_argument("--only", nargs="+", default=None, metavar="ROW",
+    parser.add_argument("--only", nargs="+", default=None, choices=ROWS, metavar="ROW",
                         help="measure only these rows; the others are set up (their effect kept) but not timed")
     parser.add_argument("--parity-frames", type=int, default=0,
                         help="with --only: time the exact row over this many frames as well, to compare cards")
@@ -285,6 +285,8 @@ def main() -> int:
     parser.add_argument("--model", default="klein-4b-random", choices=["klein-4b-random", "tiny"], help="tiny: CPU dry run")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of every compiled row")
     args = parser.parse_args()
+    if args.frames < 1 or args.parity_frames < 0:
+        parser.error(f"--frames must be >= 1 and --parity-frames >= 0, got {args.frames} and {args.parity_frames}")
     if not torch.cuda.is_available() and args.model != "tiny":
         raise SystemExit("frame_latency needs a CUDA GPU for klein-4b-random (use --model tiny for a CPU dry run)")
 
