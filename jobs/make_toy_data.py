@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -49,14 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_part(folder: Path, seed: int, split: str, families: tuple[str, ...], part: int, start: int,
-               stop: int) -> tuple[str, dict[str, int]]:
+               stop: int) -> tuple[str, Counter]:
     """Examples start..stop-1 of a split as part-<part>.parquet (an example depends only on seed, split, index)."""
-    counts: dict[str, int] = {}
+    counts: Counter = Counter()
 
     def rows():
         for index in range(start, stop):
             example = toy.make_example(seed, split, index, families)
-            counts[example.family] = counts.get(example.family, 0) + 1
+            counts[example.family] += 1
             yield example.to_edit_example()
 
     (file,) = data.write_edit_examples(folder, rows(), rows_per_file=stop - start, first_part=part)
@@ -78,10 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
                 written = list(pool.map(write_part, *zip(*parts)))
         else:
             written = [write_part(*p) for p in parts]
-        counts: dict[str, int] = {}
-        for _, part_counts in written:
-            for family, c in part_counts.items():
-                counts[family] = counts.get(family, 0) + c
+        counts = sum((part_counts for _, part_counts in written), Counter())
         manifest["splits"][split] = {"n": n, "files": [name for name, _ in written],
                                      "families": dict(sorted(counts.items()))}
         logger.info("wrote %d %s examples in %d files", n, split, len(written))

@@ -148,6 +148,8 @@ def test_cli_rejects_bad_arguments():
         make_toy_data.parse_args(["--out", "x", "--n", "3", "--families", "grayscale,sharpen"])
     with pytest.raises(SystemExit):
         make_toy_data.parse_args(["--out", "x", "--n", "3", "--workers", "-1"])
+    with pytest.raises(SystemExit):
+        make_toy_data.parse_args(["--out", "x", "--n", "3", "--rows-per-file", "0"])
 
 
 def test_cli_parallel_workers_write_the_same_bytes(tmp_path):
