@@ -1,6 +1,7 @@
 """The toy teacher end to end on CPU with a tiny transformer: precompute, Ray Train + DeepSpeed, export, serve
 the folder through Editor.from_pretrained, score it with eval_edit."""
 
+import dataclasses
 import json
 import os
 
@@ -14,6 +15,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ray = pytest.importorskip("ray")
 
 from jobs import eval_edit, make_toy_data, runtime, train_teacher  # noqa: E402
+from rtedit.config import EditorConfig  # noqa: E402
+from rtedit.editor import Editor  # noqa: E402
+from rtedit.errors import ConfigError  # noqa: E402
 from rtedit.train import teacher  # noqa: E402
 from rtedit.train.config import load_job_config  # noqa: E402
 
@@ -47,15 +51,11 @@ def test_cache_matches_what_the_editor_serves(tmp_path, toy_data, taef2_weights)
     batch = teacher.FlowBatcher(cache, task, 4, 0, 0)(0)
     assert batch["noisy"].shape == (4, 64, 128) and batch["img_ids"].shape[0] == 64 + batch["cond"].shape[1]
     # focus_share=1: every sigma is one the engine's 2-step sampler visits at this size.
-    import dataclasses
     focused = dataclasses.replace(task, focus_steps=(2,), focus_share=1.0)
-    from rtedit.config import EditorConfig
-    from rtedit.editor import Editor
     editor = Editor.from_config(EditorConfig(model="tiny", device="cpu"))
     visited = editor.timestep_cache.get(64, 2, torch.device("cpu"))[1][:-1]
     sigmas = torch.cat([teacher.FlowBatcher(cache, focused, 16, 0, 0)(i)["sigma"] for i in range(4)])
     assert set(sigmas.tolist()) == set(visited.tolist()) and len(visited) == 2
-    from rtedit.errors import ConfigError
     for bad in (dict(focus_steps=(), focus_share=0.5), dict(focus_steps=(2,), focus_share=1.5), dict(focus_steps=(0,))):
         with pytest.raises(ConfigError):
             dataclasses.replace(task, **bad).validate()

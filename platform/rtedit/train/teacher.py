@@ -82,7 +82,7 @@ class TeacherTaskConfig:
         for name in ("te_hidden", "te_layers", "te_heads", "num_layers", "num_single_layers", "num_heads",
                      "encode_batch"):
             need(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
-        need(self.te_hidden % self.te_heads == 0, "te_hidden", self.te_hidden, f"a multiple of te_heads")
+        need(self.te_hidden % self.te_heads == 0, "te_hidden", self.te_hidden, "a multiple of te_heads")
         need(bool(self.te_taps) and all(1 <= t <= self.te_layers for t in self.te_taps), "te_taps", self.te_taps,
              f"layer indices in 1..te_layers ({self.te_layers})")
         need(self.head_dim % 8 == 0, "head_dim", self.head_dim, "a multiple of 8 (four even rope axes)")
@@ -339,8 +339,9 @@ def flow_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: to
 
 def export_model(transformer: torch.nn.Module, cfg: TeacherTaskConfig, folder: str | Path,
                  job_config: dict[str, Any] | None = None, native_size: int | None = None) -> Path:
-    """Save a Flux2KleinPipeline folder (transformer, frozen text encoder, tokenizer, placeholder VAE, scheduler)
-    with the rtedit.json sidecar that makes Editor.from_pretrained decode with TAEF2."""
+    """Save a Flux2KleinPipeline folder (transformer, frozen text encoder, placeholder VAE, scheduler) with the
+    rtedit.json sidecar that makes Editor.from_pretrained decode with TAEF2, take the Qwen3 tokenizer from its
+    package, and open the web page at native_size."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
     from rtedit.presets import PACKAGE_TOKENIZER, SCHEDULER_CONFIG, SIDECAR_NAME
