@@ -59,6 +59,20 @@ def test_cache_matches_what_the_editor_serves(tmp_path, toy_data, taef2_weights)
     for bad in (dict(focus_steps=(), focus_share=0.5), dict(focus_steps=(2,), focus_share=1.5), dict(focus_steps=(0,))):
         with pytest.raises(ConfigError):
             dataclasses.replace(task, **bad).validate()
+    # family_weights: a family weighted 50x fills most of every batch; unknown names and zeros are refused.
+    families = cache["families"]
+    heavy = min(f for f in set(families) if f != "palette")
+    weighted = teacher.FlowBatcher(cache, dataclasses.replace(task, family_weights={heavy: 50.0}), 256, 0, 0)
+    no_ref = [i for i in range(40) if not weighted.sample(torch.Generator().manual_seed(i))[0]]
+    picks = torch.cat([weighted.sample(torch.Generator().manual_seed(i))[1] for i in no_ref])
+    share = np.mean([families[i] == heavy for i in picks.tolist()])
+    n_heavy, n_plain = families.count(heavy), sum(f not in (heavy, "palette") for f in families)
+    expected = 50 * n_heavy / (50 * n_heavy + n_plain)
+    assert abs(share - expected) < 0.05 and share > 2 * n_heavy / (n_heavy + n_plain)
+    with pytest.raises(ConfigError, match="does not have"):
+        teacher.FlowBatcher(cache, dataclasses.replace(task, family_weights={"teleport": 2.0}), 4, 0, 0)
+    with pytest.raises(ConfigError, match="family_weights"):
+        dataclasses.replace(task, family_weights={heavy: 0.0}).validate()
     # Export an untrained model and check the served embeddings and latents are those trained on.
     torch.manual_seed(0)
     folder = teacher.export_model(teacher.build_transformer(task), task, tmp_path / "export")

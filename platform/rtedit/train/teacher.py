@@ -19,7 +19,7 @@ import os
 import shutil
 import typing
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,9 @@ class TeacherTaskConfig:
     engine's sampler visits for them (its shifted schedule puts 2 steps at 1.0 and 0.877, where logit-normal
     draws are rare)."""
     focus_share: float = 0.0
+    family_weights: dict[str, float] = field(default_factory=dict)
+    """Sampling weight of an edit family's examples (a family not named weighs 1): more draws of the families a
+    uniform draw under-trains, e.g. {add: 3} for the one that has to draw new content."""
     export_dtype: typing.Literal["float32", "bfloat16", "float16"] = "bfloat16"
     name: str = "rtedit-toy-teacher"
 
@@ -92,6 +95,9 @@ class TeacherTaskConfig:
              "step counts in 1..64")
         need(self.focus_share == 0.0 or bool(self.focus_steps), "focus_steps", self.focus_steps,
              "non-empty when focus_share > 0")
+        for family, weight in self.family_weights.items():
+            # A zero would drop a family without a trace; leave it out of the data instead.
+            need(weight > 0, f"family_weights.{family}", weight, "> 0")
         need(self.min_instruction_separation >= 0, "min_instruction_separation", self.min_instruction_separation,
              ">= 0")
 
@@ -278,6 +284,17 @@ def load_cache(path: str | Path) -> dict[str, Any]:
 # Training step pieces
 
 
+def family_example_weights(families: list[str], weights: dict[str, float]) -> torch.Tensor | None:
+    """Per-example sampling weights from task.family_weights; None when it is empty (uniform draws)."""
+    if not weights:
+        return None
+    unknown = sorted(set(weights) - set(families))
+    if unknown:
+        raise ConfigError(f"task.family_weights names families the data does not have: {unknown}; "
+                          f"it has {sorted(set(families))}")
+    return torch.tensor([weights.get(f, 1.0) for f in families], dtype=torch.float64)
+
+
 class FlowBatcher:
     """Draws rectified-flow batches from a latent cache: batch i of a rank is a pure function of (seed, rank, i)."""
 
@@ -287,7 +304,11 @@ class FlowBatcher:
         self.cache, self.cfg, self.batch_size, self.seed, self.rank = cache, cfg, batch_size, seed, rank
         has_ref = cache["has_reference"]
         self.groups = [torch.nonzero(~has_ref).flatten(), torch.nonzero(has_ref).flatten()]
-        self.ref_share = float(has_ref.float().mean())
+        self.weights = family_example_weights(cache["families"], cfg.family_weights)
+        if self.weights is None:
+            self.ref_share = float(has_ref.float().mean())
+        else:
+            self.ref_share = float(self.weights[has_ref].sum() / self.weights.sum())
         h, w = cache["source"].shape[2:]
         ids = LatentIdCache()
         self.target_ids = ids.target(h, w, torch.device("cpu"))
@@ -297,15 +318,22 @@ class FlowBatcher:
         self.txt_ids = text_ids(cache["embeds"].shape[1])[0]
         self.focus_sigmas = sampler_sigmas(tuple(cfg.focus_steps), h * w)
 
-    def __call__(self, index: int) -> dict[str, torch.Tensor]:
-        from rtedit.latents import pack
-
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + index)
+    def sample(self, g: torch.Generator) -> tuple[bool, torch.Tensor]:
+        """(whether the batch has reference images, its example indices)."""
         # Examples with and without a reference have different token counts: a batch takes one kind.
         use_ref = bool(len(self.groups[1])) and (not len(self.groups[0]) or
                                                  torch.rand((), generator=g).item() < self.ref_share)
         group = self.groups[int(use_ref)]
-        pick = group[torch.randint(len(group), (self.batch_size,), generator=g)]
+        if self.weights is None:
+            return use_ref, group[torch.randint(len(group), (self.batch_size,), generator=g)]
+        draws = torch.multinomial(self.weights[group], self.batch_size, replacement=True, generator=g)
+        return use_ref, group[draws]
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+        from rtedit.latents import pack
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + index)
+        use_ref, pick = self.sample(g)
         clean = pack(self.cache["target"][pick].float())
         cond = [pack(self.cache["source"][pick].float())]
         if use_ref:
