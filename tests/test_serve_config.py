@@ -108,3 +108,39 @@ def test_errors_map_to_statuses_and_auth_notice():
     assert classify(RuntimeError("x"))[0] == 500
     assert "no API key configured" in auth_notice(None)
     assert "API key required" in auth_notice("k")
+
+
+def test_gpu_yaml_engine_runs_the_fast_path(taef2_weights):
+    """serve-gpu.yaml's engine section builds an editor with every fast-path piece on, serves its buckets and
+    refuses other sizes. CPU stand-ins: the tiny preset with two double blocks (DBCache needs a block to skip),
+    the eager compile backend, and one 64-px bucket (the YAML's 512/1024 warm-ups take minutes on a CPU)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from conftest import tiny_transformer
+    from rtedit.config import ShapeBuckets
+    from rtedit.editor import Editor
+    from rtedit.errors import InvalidRequest
+    from rtedit.presets import build_preset
+
+    engine = yaml.safe_load((REPO / "deployments" / "serve-gpu.yaml").read_text())["applications"][0]["args"]["engine"]
+    config = AppArgs(engine={**engine, "model": "tiny", "dtype": "float32", "device": "cpu",
+                             "taef2_dir": str(taef2_weights)}).editor_config()
+    assert config.autoencoder == "taef2" and config.select_attention and config.dbcache.enabled
+    assert config.compile.enabled and (512, 512) in config.buckets.sizes
+    config = dataclasses.replace(config, compile=dataclasses.replace(config.compile, backend="eager"),
+                                 buckets=ShapeBuckets(sizes=((64, 64),), references=config.buckets.references))
+    bundle = build_preset("tiny", torch.device("cpu"), torch.float32)
+    bundle.transformer = tiny_transformer(num_layers=2, num_single_layers=2)
+    editor = Editor(bundle, config)
+    stats = editor.stats()
+    assert any(row["chosen"] for row in stats["attention"]["probe"])
+    assert stats["dbcache"]["policy"] == "dynamic"
+    assert set(stats["compile"]["branches"]) == {"transformer", "vae_encoder", "vae_decoder"}
+    assert editor.codec.taef2 is not None
+    image = np.full((72, 100, 3), 128, np.uint8)
+    assert editor.edit(image, "make it winter", height=64, width=64).array.shape == (64, 64, 3)
+    with pytest.raises(InvalidRequest):
+        editor.edit(image, "make it winter", height=96, width=96)
