@@ -79,7 +79,7 @@ print(max(1000, int($TRAIN_S * 1000 / r['step_ms']) // 100 * 100))")}
     --set run.checkpoint_every=1000 --set run.output_dir=/tmp/teacher --set scaling.num_workers="$workers" "${extra[@]}"
   echo "teacher done"
   # The new model and the committed one, scored on the same held-out examples on the same card.
-  for model in /tmp/teacher models/toy-editor; do
+  for model in /tmp/teacher/export models/toy-editor; do
     [ -d "$model" ] || continue  # the committed model stays home when the carry needs its room
     name=$(basename "$model")
     for limit in 330 2200; do
