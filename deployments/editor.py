@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -95,11 +96,17 @@ class EditorDeployment:
             self.embeddings.move_to_end(key)
             self.embedding_hits += 1
             self.embedding_lookups.inc(tags={"result": "hit"})
+        cancel = threading.Event()
         try:
             # A thread keeps the replica's event loop free for health checks while torch runs.
             result = await asyncio.to_thread(
                 self.editor.edit, job.image, emb, references=job.references, steps=job.steps, seed=job.seed,
-                height=job.height, width=job.width, output_format=job.format)
+                height=job.height, width=job.width, output_format=job.format, cancel=cancel)
+        except asyncio.CancelledError:
+            # The request timed out or its client left: a thread cannot be killed, so stop it at its next step.
+            cancel.set()
+            self.errors.inc(tags={"type": "EditCancelled"})
+            raise
         except EditError as exc:
             self.errors.inc(tags={"type": type(exc).__name__})
             return {**error_payload(exc), "replica": self.replica}

@@ -1,6 +1,7 @@
 """The fast path wired into Editor: attention probe, DBCache refreshed per request, selective compile, buckets."""
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from rtedit.caching import CachingConfig
 from rtedit.compile import CompileConfig
 from rtedit.config import EditorConfig, ShapeBuckets
 from rtedit.editor import Editor
-from rtedit.errors import ConfigError, InvalidRequest
+from rtedit.errors import ConfigError, EditCancelled, InvalidRequest
 from rtedit.presets import build_preset
 
 BUCKETS = ShapeBuckets(sizes=((64, 64), (64, 96)), references=(0, 1))
@@ -95,4 +96,28 @@ def test_kernel_failure_while_serving_falls_back_for_the_whole_request(tiny_edit
     attention = editor.stats()["attention"]
     assert attention["active"] == order[1] and len(attention["fallbacks"]) == 1
     assert "simulated kernel failure" in attention["fallbacks"][0]["reason"]
+    np.testing.assert_allclose(out, tiny_editor.edit(img, "make it blue", steps=2, seed=1).array, rtol=0, atol=1e-5)
+
+
+def test_cancelled_edit_stops_at_the_next_step_and_frees_the_editor(tiny_editor):
+    """A caller that gives up (request timeout, client gone) stops the edit between steps; the attention fallback
+    must not mistake that for a kernel failure, and the next request is served normally."""
+    editor = Editor.from_preset("tiny", config=EditorConfig(select_attention=True))
+    cancel, calls = threading.Event(), {"n": 0}
+    real_forward = editor.transformer.forward
+
+    def forward_then_give_up(*args, **kwargs):
+        calls["n"] += 1
+        cancel.set()  # the caller leaves while step 1 runs
+        return real_forward(*args, **kwargs)
+
+    editor.transformer.forward = forward_then_give_up
+    img = random_image(64, 64, seed=4)
+    with pytest.raises(EditCancelled, match="before step 2"):
+        editor.edit(img, "make it blue", steps=2, seed=1, cancel=cancel)
+    assert calls["n"] == 1  # step 2 never ran, on this backend or another
+    stats = editor.stats()
+    assert stats["attention"]["fallbacks"] == [] and stats["errors"] == {"EditCancelled": 1}
+    editor.transformer.forward = real_forward
+    out = editor.edit(img, "make it blue", steps=2, seed=1, cancel=threading.Event()).array
     np.testing.assert_allclose(out, tiny_editor.edit(img, "make it blue", steps=2, seed=1).array, rtol=0, atol=1e-5)

@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 
 from rtedit.config import EditorConfig
-from rtedit.errors import EditError, InvalidRequest, ModelLoadError, UnsupportedRequest
+from rtedit.errors import EditCancelled, EditError, InvalidRequest, ModelLoadError, UnsupportedRequest
 from rtedit.images import (
     OUTPUT_FORMATS,
     ImageInput,
@@ -66,6 +66,11 @@ class FramePlan:
     sigmas: torch.Tensor
     lat_h: int
     lat_w: int
+    cancel: threading.Event | None = None  # set by a caller that gave up: the next step boundary stops the edit
+
+    def check_cancelled(self, where: str) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise EditCancelled(f"edit cancelled by its caller {where}")
 
     def step_inputs(self, latents: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> dict:
         """The transformer's kwargs for one step: target tokens then condition tokens, as the pipeline orders them."""
@@ -273,24 +278,32 @@ class Editor:
         height: int | None = None,
         width: int | None = None,
         output_format: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> EditResult:
-        """Edits `image` as `prompt` says, conditioned on optional reference images."""
+        """Edits `image` as `prompt` says, conditioned on optional reference images.
+
+        `cancel`: an event the caller sets when it no longer wants the result (a thread cannot be killed); the edit
+        then raises EditCancelled at its next stage or denoising step and frees the model for the next request.
+        """
         try:
             self._check_request(references, steps, seed, height, width, output_format)
             with self._lock, torch.inference_mode():
-                result = self._edit(image, prompt, tuple(references), steps, seed, height, width, output_format)
+                result = self._edit(image, prompt, tuple(references), steps, seed, height, width, output_format,
+                                    cancel)
         except EditError as exc:
             self._counts[f"error:{type(exc).__name__}"] += 1
             raise
         self._counts["edits"] += 1
         return result
 
-    def _edit(self, image, prompt, references, steps, seed, height, width, output_format) -> EditResult:
+    def _edit(self, image, prompt, references, steps, seed, height, width, output_format, cancel=None) -> EditResult:
         timer = StageTimer(self.device)
         plan = self._prepare(image, prompt, references, steps, seed, height, width)
+        plan.cancel = cancel
         timer.mark("prepare")
         latents = self._denoise(plan)
         timer.mark("denoise")
+        plan.check_cancelled("before decode")
         pil, array, data = self._decode(latents, plan, output_format)
         timer.mark("decode")
         return EditResult(pil, array, timer.timings(), data, seed, steps, plan.emb.truncated)
@@ -361,6 +374,7 @@ class Editor:
         if self.dbcache is not None:
             self.dbcache.refresh(len(plan.timesteps))  # no cached residual may cross requests
         for i, t in enumerate(plan.timesteps):
+            plan.check_cancelled(f"before step {i + 1}")
             velocity = self.transformer(**plan.step_inputs(latents, t, self.dtype))[0][:, :num_target]
             # FlowMatchEulerDiscreteScheduler.step's arithmetic: float32 sample, cast back to the model dtype.
             latents = (latents.to(torch.float32) + (plan.sigmas[i + 1] - plan.sigmas[i]) * velocity).to(velocity.dtype)

@@ -23,3 +23,7 @@ class UnsupportedRequest(InvalidRequest):
 
 class ConfigError(EditError, ValueError):
     """A configuration value is invalid (NaN, out of range, unknown field)."""
+
+
+class EditCancelled(EditError):
+    """The caller gave up on the edit (its request timed out, its client left): stopped at the next stage or step."""
