@@ -121,3 +121,8 @@ def test_cancelled_edit_stops_at_the_next_step_and_frees_the_editor(tiny_editor)
     editor.transformer.forward = real_forward
     out = editor.edit(img, "make it blue", steps=2, seed=1, cancel=threading.Event()).array
     np.testing.assert_allclose(out, tiny_editor.edit(img, "make it blue", steps=2, seed=1).array, rtol=0, atol=1e-5)
+    cancel.set()  # given up while waiting for the model: nothing runs
+    editor.transformer.forward = forward_then_give_up
+    with pytest.raises(EditCancelled, match="waited"):
+        editor.edit(img, "make it blue", steps=2, seed=1, cancel=cancel)
+    assert calls["n"] == 1

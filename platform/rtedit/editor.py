@@ -54,6 +54,11 @@ class EditResult:
     prompt_truncated: bool = False
 
 
+def stop_if_cancelled(cancel: threading.Event | None, where: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise EditCancelled(f"edit cancelled by its caller {where}")
+
+
 @dataclass
 class FramePlan:
     """Everything the denoise and decode stages need, produced by prepare."""
@@ -69,8 +74,7 @@ class FramePlan:
     cancel: threading.Event | None = None  # set by a caller that gave up: the next step boundary stops the edit
 
     def check_cancelled(self, where: str) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            raise EditCancelled(f"edit cancelled by its caller {where}")
+        stop_if_cancelled(self.cancel, where)
 
     def step_inputs(self, latents: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> dict:
         """The transformer's kwargs for one step: target tokens then condition tokens, as the pipeline orders them."""
@@ -297,6 +301,7 @@ class Editor:
         return result
 
     def _edit(self, image, prompt, references, steps, seed, height, width, output_format, cancel=None) -> EditResult:
+        stop_if_cancelled(cancel, "while it waited for the model")
         timer = StageTimer(self.device)
         plan = self._prepare(image, prompt, references, steps, seed, height, width)
         plan.cancel = cancel
