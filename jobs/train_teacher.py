@@ -16,6 +16,7 @@ import torch
 
 from jobs import runtime
 from jobs.runtime import WorkerContext
+from rtedit.editor import PATCH_PIXELS
 from rtedit.train.config import JobConfig, to_dict
 from rtedit.train.teacher import (FlowBatcher, TeacherTaskConfig, build_cache, build_transformer, cache_file,
                                   export_model, flow_loss, load_cache)
@@ -41,8 +42,8 @@ class TeacherTask:
         return flow_loss(model, batch, self.ctx.device, self.ctx.dtype), {}
 
     def export(self, model, folder: Path) -> None:
-        # Trained at one image size: the latents' side times the autoencoder's 16 pixels per patchified token.
-        native = int(self.batches.cache["source"].shape[-1]) * 16
+        # Trained at one image size: the patchified latents' side times the pixels per token.
+        native = int(self.batches.cache["source"].shape[-1]) * PATCH_PIXELS
         export_model(model, self.cfg, folder, job_config=to_dict(self.ctx.config), native_size=native)
 
 

@@ -73,9 +73,6 @@ class FramePlan:
     lat_w: int
     cancel: threading.Event | None = None  # set by a caller that gave up: the next step boundary stops the edit
 
-    def check_cancelled(self, where: str) -> None:
-        stop_if_cancelled(self.cancel, where)
-
     def step_inputs(self, latents: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> dict:
         """The transformer's kwargs for one step: target tokens then condition tokens, as the pipeline orders them."""
         return dict(
@@ -308,7 +305,7 @@ class Editor:
         timer.mark("prepare")
         latents = self._denoise(plan)
         timer.mark("denoise")
-        plan.check_cancelled("before decode")
+        stop_if_cancelled(cancel, "before decode")
         pil, array, data = self._decode(latents, plan, output_format)
         timer.mark("decode")
         return EditResult(pil, array, timer.timings(), data, seed, steps, plan.emb.truncated)
@@ -379,7 +376,7 @@ class Editor:
         if self.dbcache is not None:
             self.dbcache.refresh(len(plan.timesteps))  # no cached residual may cross requests
         for i, t in enumerate(plan.timesteps):
-            plan.check_cancelled(f"before step {i + 1}")
+            stop_if_cancelled(plan.cancel, f"before step {i + 1}")
             velocity = self.transformer(**plan.step_inputs(latents, t, self.dtype))[0][:, :num_target]
             # FlowMatchEulerDiscreteScheduler.step's arithmetic: float32 sample, cast back to the model dtype.
             latents = (latents.to(torch.float32) + (plan.sigmas[i + 1] - plan.sigmas[i]) * velocity).to(velocity.dtype)
