@@ -158,11 +158,11 @@ def run_stock(editor, image, emb, args) -> list[dict]:
 
 
 def run_ours(editor, image, emb, args) -> list[dict]:
-    from rtedit.attention import select_attention_backend
-    from rtedit.caching import CachingConfig, attach_cache
-    from rtedit.compile import CompileConfig, compile_regions
+    from rtedit.accel.attention_probe import select_attention_backend
+    from rtedit.accel.dbcache import CachingConfig, attach_cache
+    from rtedit.accel.compile import CompileConfig, compile_regions
     from rtedit.config import ShapeBuckets
-    from rtedit.taef2 import load_taef2
+    from rtedit.accel.taef2 import load_taef2
 
     def measure(name, note=""):
         frames, warmup = frame_counts(name, args)

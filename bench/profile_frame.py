@@ -44,8 +44,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("profile_frame needs a CUDA GPU")
 
-    from rtedit.caching import CachingConfig
-    from rtedit.compile import CompileConfig
+    from rtedit.accel.dbcache import CachingConfig
+    from rtedit.accel.compile import CompileConfig
     from rtedit.config import EditorConfig, ShapeBuckets
     from rtedit.editor import Editor
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rtedit.config import EditorConfig
 from rtedit.presets import PRESETS
-from rtedit.serving import SessionDefaults
+from rtedit.streaming import SessionDefaults
 from rtedit.transport import FrameLimits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ class RouterArgs(_Strict):
     limits: dict[str, Any] = Field(default_factory=dict)
     """rtedit.transport.FrameLimits fields."""
     defaults: dict[str, Any] = Field(default_factory=dict)
-    """rtedit.serving.SessionDefaults fields."""
+    """rtedit.streaming.SessionDefaults fields."""
     stats_window: int = Field(2048, ge=16)
     """Samples kept per stage for the p50/p99 of /api/stats."""
 

@@ -17,7 +17,7 @@ from deployments.config import EditorArgs
 from rtedit.config import EditorConfig
 from rtedit.errors import EditError
 from rtedit.prompts import PromptEmbedding
-from rtedit.serving import EditJob
+from rtedit.streaming import EditJob
 
 logger = logging.getLogger("ray.serve")
 

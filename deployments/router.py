@@ -25,7 +25,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from deployments.config import RouterArgs
 from rtedit.errors import EditError, InvalidRequest, UnsupportedRequest
-from rtedit.serving import EditJob, decode_base64, parse_settings, serve_stream
+from rtedit.streaming import EditJob, decode_base64, parse_settings, serve_stream
 from rtedit.transport import FrameError, PayloadTooLarge, decode_frame, encode_frame, error_reply, loads_json
 
 logger = logging.getLogger("ray.serve")
@@ -218,7 +218,7 @@ class Router:
     # ---- websocket ----------------------------------------------------------------------------------------------
     @app.websocket("/ws/predict")
     async def ws_predict(self, ws: WebSocket) -> None:
-        """Binary frames in, binary frames out; text messages set session settings (see rtedit.serving)."""
+        """Binary frames in, binary frames out; text messages set session settings (see rtedit.streaming)."""
         protocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
         offered = next((p for p in protocols if p.startswith(WS_KEY_PROTOCOL)), None)
         given = ws.query_params.get("api_key") or (offered[len(WS_KEY_PROTOCOL):] if offered else None)

@@ -24,7 +24,7 @@ from rtedit.editor import Editor
 from rtedit.images import pixels_to_array, to_pixel_tensor
 from rtedit.train import evaluation, toy
 from rtedit.train.data import decode_rgb, read_edit_examples
-from rtedit.train.teacher import to_uint8
+from rtedit.train.tasks.teacher import to_uint8
 
 logger = logging.getLogger("jobs.eval_edit")
 

@@ -31,7 +31,8 @@ import torch
 import yaml
 
 from rtedit.errors import ConfigError
-from rtedit.train.config import JobConfig, load_job_config, to_dict
+from rtedit.config_parsing import to_dict
+from rtedit.train.config import JobConfig, load_job_config
 from rtedit.train.runtime import (MetricsLog, build_optimizer, deepspeed_config, dtype_of, lr_multiplier,
                                   progress_line)
 

@@ -3,7 +3,7 @@
 A small Flux2Transformer2DModel editor, trained with rectified flow on toy-world TAEF2 latents (the source image
 enters as reference tokens, as in klein's editing), saved at the end as a diffusers folder with rtedit.json that
 Editor.from_pretrained loads and `serve` serves. The driver precomputes latents and instruction embeddings once
-(rtedit.train.teacher.build_cache); workers only read them, so scaling runs measure the trainer.
+(rtedit.train.tasks.teacher.build_cache); workers only read them, so scaling runs measure the trainer.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 
 from jobs import runtime
 from jobs.runtime import WorkerContext
-from rtedit.editor import PATCH_PIXELS
-from rtedit.train.config import JobConfig, to_dict
-from rtedit.train.teacher import (FlowBatcher, TeacherTaskConfig, build_cache, build_transformer, cache_file,
+from rtedit.model.packing import PATCH_PIXELS
+from rtedit.config_parsing import to_dict
+from rtedit.train.config import JobConfig
+from rtedit.train.tasks.teacher import (FlowBatcher, TeacherTaskConfig, build_cache, build_transformer, cache_file,
                                   export_model, flow_loss, load_cache)
 
 logger = logging.getLogger("jobs.train_teacher")

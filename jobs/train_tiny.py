@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from jobs.runtime import WorkerContext, main
-from rtedit.train.config import ConfigError
+from rtedit.errors import ConfigError
 
 logger = logging.getLogger("jobs.train_tiny")
 

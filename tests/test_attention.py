@@ -6,18 +6,15 @@ import pytest
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 
-from rtedit.attention import (
+from rtedit.accel.attention_backends import (
     AttentionBackendUnsupported,
     AttentionCandidate,
-    AttentionConfig,
-    AttentionSelector,
-    ProbeRow,
     candidate,
     fa3_fwd_attention,
     register_backend,
     sage1_attention,
-    select_attention_backend,
 )
+from rtedit.accel.attention_probe import AttentionConfig, AttentionSelector, ProbeRow, select_attention_backend
 from rtedit.errors import ConfigError, InvalidRequest
 from conftest import tiny_transformer, tiny_transformer_inputs
 
@@ -224,7 +221,7 @@ def test_config_validation_names_the_field(kwargs):
 
 def test_request_level_retry_with_dbcache_matches_a_clean_request():
     """The wiring the editor uses: the whole denoise (DBCache refresh included) is what run() retries."""
-    from rtedit.caching import CachingConfig, attach_cache
+    from rtedit.accel.dbcache import CachingConfig, attach_cache
 
     state = {"calls": 0}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from cache_dit import DBCacheConfig
 
-from rtedit.caching import CachingConfig, attach_cache, block_groups
+from rtedit.accel.dbcache import CachingConfig, attach_cache, block_groups
 from rtedit.errors import ConfigError
 from conftest import tiny_transformer, tiny_transformer_inputs
 

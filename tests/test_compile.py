@@ -5,7 +5,7 @@ import torch
 from diffusers import AutoencoderKLFlux2
 from torch._dynamo.backends.registry import list_backends, register_backend
 
-from rtedit.compile import CompileConfig, compile_regions
+from rtedit.accel.compile import CompileConfig, compile_regions
 from rtedit.errors import ConfigError
 from conftest import tiny_transformer
 
@@ -202,7 +202,7 @@ def test_inductor_smoke_on_the_vae_decoder():
 
 def test_compiled_blocks_run_under_dbcache_without_graph_breaks_or_recompiles():
     """The transformer branch with cache-dit attached: fullgraph holds, warmed requests never recompile."""
-    from rtedit.caching import CachingConfig, attach_cache
+    from rtedit.accel.dbcache import CachingConfig, attach_cache
 
     def two_steps(transformer, cache, frame):
         cache.refresh(2)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import random_image, tiny_transformer
-from rtedit.caching import CachingConfig
-from rtedit.compile import CompileConfig
+from rtedit.accel.dbcache import CachingConfig
+from rtedit.accel.compile import CompileConfig
 from rtedit.config import EditorConfig, ShapeBuckets
 from rtedit.editor import Editor
 from rtedit.errors import ConfigError, EditCancelled, InvalidRequest

@@ -18,7 +18,7 @@ from jobs import eval_edit, make_toy_data, runtime, train_teacher  # noqa: E402
 from rtedit.config import EditorConfig  # noqa: E402
 from rtedit.editor import Editor  # noqa: E402
 from rtedit.errors import ConfigError  # noqa: E402
-from rtedit.train import teacher  # noqa: E402
+from rtedit.train.tasks import teacher  # noqa: E402
 from rtedit.train.config import load_job_config  # noqa: E402
 
 TINY = ["task.te_hidden=16", "task.te_layers=2", "task.te_heads=2", "task.te_taps=[1, 2]", "task.num_layers=1",
@@ -49,7 +49,7 @@ def test_cache_matches_what_the_editor_serves(tmp_path, toy_data, taef2_weights)
     assert int(cache["has_reference"].sum()) == sum(f == "palette" for f in cache["families"])
     assert cache["separation"] > task.min_instruction_separation
     batch = teacher.FlowBatcher(cache, task, 4, 0, 0)(0)
-    assert batch["noisy"].shape == (4, 64, 128) and batch["img_ids"].shape[0] == 64 + batch["cond"].shape[1]
+    assert batch["noisy"].shape == (4, 64, 128) and batch["layout"].img_ids.shape[0] == 64 + batch["cond"].shape[1]
     # focus_share=1: every sigma is one the engine's 2-step sampler visits at this size.
     focused = dataclasses.replace(task, focus_steps=(2,), focus_share=1.0)
     editor = Editor.from_config(EditorConfig(model="tiny", device="cpu"))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rtedit.serving import EditJob, FrameMailbox, SessionDefaults, decode_references, serve_stream
+from rtedit.streaming import EditJob, FrameMailbox, SessionDefaults, decode_references, serve_stream
 from rtedit.transport import FrameError, FrameLimits, decode_reply, encode_frame
 
 IMG = b"\xff\xd8fake"

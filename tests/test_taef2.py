@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from rtedit.errors import InvalidImage, InvalidRequest, ModelLoadError
-from rtedit.taef2 import (
+from rtedit.accel.taef2 import (
     TAEF2_DECODER_FILE,
     TAEF2_ENCODER_FILE,
     TAEF2_LATENT_SPACE,

@@ -9,7 +9,8 @@ import yaml
 
 from rtedit.errors import ConfigError
 from rtedit.train import runtime
-from rtedit.train.config import JobConfig, OptimizerConfig, from_dict, load_job_config
+from rtedit.config_parsing import from_dict
+from rtedit.train.config import JobConfig, OptimizerConfig, load_job_config
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"run": {"name": "t", "storage_path": "/tmp/x", "max_steps": 10, "batch_size": 4}}

@@ -9,7 +9,7 @@ from rtedit.config import EditorConfig
 from rtedit.editor import Editor
 from rtedit.errors import ConfigError
 from rtedit.images import to_pixel_tensor
-from rtedit.latents import patchify, unpatchify
+from rtedit.model.packing import patchify, unpatchify
 
 
 def test_vae_codec_applies_bn_on_patchified_side(tiny_editor):

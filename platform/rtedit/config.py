@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from rtedit.attention import AttentionConfig
-from rtedit.caching import CachingConfig
-from rtedit.compile import CompileConfig
+from rtedit.accel.attention_probe import AttentionConfig
+from rtedit.accel.compile import CompileConfig
+from rtedit.accel.dbcache import CachingConfig
+from rtedit.config_parsing import from_dict
+from rtedit.device import DTYPES
 from rtedit.errors import ConfigError
-
-DTYPES = ("float32", "bfloat16", "float16")
+from rtedit.paths import REPO_ROOT
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
@@ -120,7 +122,7 @@ class EditorConfig:
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError(f"model must be a preset name, folder or hub id, got {self.model!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device is not None and not isinstance(self.device, str):
             raise ConfigError(f"device must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
         _check_int("max_steps", self.max_steps, 1, 50)
@@ -145,29 +147,54 @@ class EditorConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EditorConfig":
         """Builds a validated config from plain data (YAML, JSON, CLI); unknown fields are errors."""
-        return _from_dict(cls, data, "").validate()
+        return from_dict(cls, data).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def for_replica(self) -> "EditorConfig":
+        """The config of a Serve editor replica: prompts arrive as embeddings from the text encoder deployment."""
+        return dataclasses.replace(self, text_encoder=False)
 
-def _from_dict(cls: Any, data: Any, prefix: str) -> Any:
-    """cls is a dataclass type, or a default instance whose unspecified fields are kept."""
+
+def resolve_model_path(model: Any) -> Any:
+    """A relative model folder as an absolute path (replicas and jobs run in other working directories): looked
+    up from the current directory, then from the repository root. Presets, hub ids and absolute paths pass."""
+    from rtedit.presets import PRESETS
+
+    if not isinstance(model, str) or model in PRESETS or Path(model).is_absolute():
+        return model
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / model / "model_index.json").is_file():
+            return str((base / model).resolve())
+    return model
+
+
+def engine_section(data: Any, source: str = "config") -> dict[str, Any]:
+    """The engine section of a Serve YAML (`applications[0].args.engine`), or a bare engine section."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown field(s) {', '.join(prefix + u for u in unknown)}; known: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        factory = fields[name].default_factory
-        default = factory() if factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _from_dict(default, value, f"{prefix}{name}.")
-        elif isinstance(value, list) and isinstance(fields[name].default, tuple) or name in ("layers", "candidates"):
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-        else:
-            kwargs[name] = value
-    # Start from the field defaults of the instance (its default_factory may differ from the class defaults).
-    return dataclasses.replace(cls, **kwargs) if not isinstance(cls, type) else cls(**kwargs)
+        raise ConfigError(f"{source}: must hold a mapping, got {type(data).__name__}")
+    if "applications" not in data:
+        return data
+    apps = data["applications"]
+    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict):
+        raise ConfigError(f"{source}: applications must be a non-empty list of Serve applications")
+    args = apps[0].get("args") or {}
+    if not isinstance(args, dict) or not isinstance(args.get("engine", {}), dict):
+        raise ConfigError(f"{source}: applications[0].args.engine must be a mapping")
+    return args.get("engine", {})
+
+
+def load_engine_config(path: str | Path, overrides: dict[str, Any] | None = None) -> EditorConfig:
+    """The EditorConfig a Serve YAML (or a bare engine-section YAML) describes, with top-level overrides."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read engine config {path}: {exc}") from exc
+    section = {**engine_section(data, str(path)), **(overrides or {})}
+    if "model" in section:
+        section["model"] = resolve_model_path(section["model"])
+    return EditorConfig.from_dict(section)

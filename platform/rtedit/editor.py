@@ -1,14 +1,15 @@
 """The Editor: one frame in three timed stages (prepare, denoise, decode), the FLUX.2 klein editing path in our code.
 
 With every approximation off it computes exactly what `Flux2KleinPipeline(..., is_distilled=True)(guidance_scale=1)`
-computes for the same inputs and seed; tests hold it to that.
+computes for the same inputs and seed; tests hold it to that. The fast path (attention probe, DBCache, selective
+compile, TAEF2, warm-up) is built from the EditorConfig in one place, `_build_fast_path`, in one order.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -18,27 +19,29 @@ import PIL.Image
 import torch
 
 from rtedit.config import EditorConfig
-from rtedit.errors import EditCancelled, EditError, InvalidRequest, ModelLoadError, UnsupportedRequest
+from rtedit.device import resolve_device, resolve_dtype
+from rtedit.errors import EditCancelled, EditError, EngineDead, InvalidRequest, ModelLoadError, UnsupportedRequest
 from rtedit.images import (
-    OUTPUT_FORMATS,
     ImageInput,
     array_to_pil,
+    check_output_format,
     encode_image,
     fit_like_pipeline,
     pixels_to_array,
     to_pixel_tensor,
     to_uint8_array,
 )
-from rtedit.latents import LatentIdCache, TimestepCache, initial_noise, pack, unpack
+from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
+from rtedit.model.packing import PATCH_PIXELS, LatentIdCache, pack, unpack
+from rtedit.model.schedule import TimestepCache, euler_step, initial_noise
 from rtedit.presets import PRESETS, ModelBundle, build_preset, load_pretrained
-from rtedit.prompts import PromptCache, PromptEmbedding, PromptEncoder, PromptService, settings_key
+from rtedit.prompts import PromptCache, PromptEmbedding, PromptEncoder, PromptService, model_prompt_settings
+from rtedit.stage_timer import StageTimer
 from rtedit.vae import LatentCodec
 
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
-# The transformer sees 16x16-pixel patches: a VAE factor of 8 and 2x2 patchify.
-PATCH_PIXELS = 16
 
 
 @dataclass
@@ -54,9 +57,18 @@ class EditResult:
     prompt_truncated: bool = False
 
 
-def stop_if_cancelled(cancel: threading.Event | None, where: str) -> None:
-    if cancel is not None and cancel.is_set():
-        raise EditCancelled(f"edit cancelled by its caller {where}")
+@dataclass(frozen=True)
+class FrameRequest:
+    """One edit as its caller asked for it; `Editor._check_request` checks every field."""
+
+    image: ImageInput
+    prompt: str | PromptEmbedding
+    references: tuple[ImageInput, ...] = ()
+    steps: int = 2
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    output_format: str | None = None
 
 
 @dataclass
@@ -65,8 +77,8 @@ class FramePlan:
 
     emb: PromptEmbedding
     latents: torch.Tensor  # [1, N, 128] packed noise
-    cond_tokens: torch.Tensor  # [1, M, 128] input image then references
-    img_ids: torch.Tensor  # [1, N + M, 4]
+    conditions: torch.Tensor  # [1, M, 128] input image then references
+    layout: TokenLayout  # where X, I and R sit, with their position ids
     timesteps: torch.Tensor
     sigmas: torch.Tensor
     lat_h: int
@@ -74,72 +86,28 @@ class FramePlan:
     cancel: threading.Event | None = None  # set by a caller that gave up: the next step boundary stops the edit
 
     def step_inputs(self, latents: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> dict:
-        """The transformer's kwargs for one step: target tokens then condition tokens, as the pipeline orders them."""
-        return dict(
-            hidden_states=torch.cat([latents, self.cond_tokens], dim=1).to(dtype),
-            timestep=t.expand(1).to(latents.dtype) / 1000,
-            guidance=None,
-            encoder_hidden_states=self.emb.embeds,
-            txt_ids=self.emb.text_ids,
-            img_ids=self.img_ids,
-            return_dict=False,
-        )
+        """The transformer's kwargs for one step (the scheduler's t is 1000 x sigma, the model takes sigma)."""
+        sigma = t.expand(1).to(latents.dtype) / 1000
+        return transformer_inputs(self.layout, latents, self.conditions, sigma, self.emb.embeds, dtype)
+
+
+def stop_if_cancelled(cancel: threading.Event | None, where: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise EditCancelled(f"edit cancelled by its caller {where}")
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """A CUDA error after which the device's state is lost (an illegal access, a device-side assert)."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
 
 
 def _gray(height: int, width: int) -> np.ndarray:
     """A plain frame for probes and warm-ups."""
     return np.full((height, width, 3), 128, np.uint8)
-
-
-class StageTimer:
-    """Stage boundaries in ms: CUDA events on a GPU (no sync until the end), a host clock on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self._cuda = device.type == "cuda"
-        self._marks: list[tuple[str, object]] = [("start", self._now())]
-
-    def _now(self):
-        if self._cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def mark(self, stage: str) -> None:
-        self._marks.append((stage, self._now()))
-
-    def timings(self) -> dict[str, float]:
-        if self._cuda:
-            self._marks[-1][1].synchronize()
-            elapsed = lambda a, b: a.elapsed_time(b)  # noqa: E731
-        else:
-            elapsed = lambda a, b: (b - a) * 1000.0  # noqa: E731
-        out = {name: elapsed(prev, cur) for (_, prev), (name, cur) in zip(self._marks, self._marks[1:])}
-        out["total"] = elapsed(self._marks[0][1], self._marks[-1][1])
-        return out
-
-
-def resolve_device(device: str | torch.device | None, prefer_gpu: bool) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if prefer_gpu and torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelLoadError(f"invalid device {device!r}: {exc}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} asked for, but this machine has no CUDA GPU")
-    return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise ModelLoadError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
-    return table[dtype]
 
 
 class Editor:
@@ -148,39 +116,36 @@ class Editor:
     def __init__(self, bundle: ModelBundle, config: EditorConfig | None = None) -> None:
         config = (config or EditorConfig()).validate()
         sidecar = bundle.sidecar
-        # The model folder knows its own prompt length and taps; they override the defaults.
-        config = replace(
-            config,
-            prompt=replace(config.prompt, max_length=sidecar.prompt_length, layers=tuple(sidecar.text_encoder_layers)),
-        )
-        config.validate()
-        self.config = config
+        prompt_config, prompt_settings = model_prompt_settings(config.prompt, sidecar, bundle.name)
+        self.config = replace(config, prompt=prompt_config).validate()
         self.bundle = bundle
         self.transformer, self.vae, self.scheduler = bundle.transformer, bundle.vae, bundle.scheduler
         self.text_encoder, self.tokenizer = bundle.text_encoder, bundle.tokenizer
         self.device, self.dtype = self.transformer.device, self.transformer.dtype
-        self.codec = LatentCodec(self.vae, self._load_taef2(config, sidecar))
+        self.codec = LatentCodec(self.vae, self._load_taef2(self.config, sidecar))
         encoder = (
-            PromptEncoder(self.text_encoder, self.tokenizer, config.prompt, name=bundle.name)
+            PromptEncoder(self.text_encoder, self.tokenizer, prompt_config, name=bundle.name)
             if self.text_encoder is not None and self.tokenizer is not None
             else None
         )
         # Without a text encoder the key still matches the one a text-encoder service computes for this model.
-        self.prompts = PromptService(encoder, config.prompt, settings_key(bundle.name, config.prompt))
+        self.prompts = PromptService(encoder, prompt_config, prompt_settings)
         self.latent_ids = LatentIdCache()
         self.timestep_cache = TimestepCache(self.scheduler)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
+        self.device_failure: str | None = None  # set once the device failed beyond recovery (check_health raises)
         self.attention = self.dbcache = self.compiled = None
+        self.warm: dict | None = None  # what warm_up() did, once it ran
         self.warm_steps = sidecar.steps[0] if sidecar.steps else 2
-        self._setup_fast_path()
+        self._build_fast_path()
 
     def _load_taef2(self, config: EditorConfig, sidecar):
         """TAEF2 when the config or the model folder's rtedit.json asks for it; its weights are checked by sha256."""
         spec = sidecar.autoencoder
         if config.autoencoder != "taef2" and spec is None:
             return None
-        from rtedit.taef2 import TAEF2_SHA256, load_taef2
+        from rtedit.accel.taef2 import TAEF2_SHA256, load_taef2
 
         if spec is not None:
             for name, digest in spec.sha256.items():
@@ -189,6 +154,15 @@ class Editor:
         return load_taef2(config.taef2_dir, device=self.vae.device, dtype=self.vae.dtype)
 
     # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: EditorConfig) -> "Editor":
+        """The one entry point the CLI, Serve, the jobs and the benchmarks share: a preset, a folder or a hub id,
+        with the fast path the config asks for built and warmed."""
+        config.validate()
+        if config.model in PRESETS:
+            return cls.from_preset(config.model, config.device, config.dtype, config)
+        return cls.from_pretrained(config.model, config.device, config.dtype, config)
+
     @classmethod
     def from_preset(
         cls, name: str, device=None, dtype=None, config: EditorConfig | None = None, seed: int = 0
@@ -222,14 +196,6 @@ class Editor:
         )
         return cls(bundle, config)
 
-    @classmethod
-    def from_config(cls, config: EditorConfig) -> "Editor":
-        """The one entry point the CLI, Serve and jobs share: a preset name or a model folder / hub id."""
-        config.validate()
-        if config.model in PRESETS:
-            return cls.from_preset(config.model, config.device, config.dtype, config)
-        return cls.from_pretrained(config.model, config.device, config.dtype, config)
-
     # ---- prompts ------------------------------------------------------------------------------------------------
     @property
     def prompt_encoder(self) -> PromptEncoder | None:
@@ -252,10 +218,7 @@ class Editor:
         return self.prompts.encode_prompts(prompts)
 
     def _embedding(self, prompt: str | PromptEmbedding) -> PromptEmbedding:
-        if isinstance(prompt, PromptEmbedding):
-            emb = prompt
-        else:
-            emb = self.encode_prompt(prompt)
+        emb = prompt if isinstance(prompt, PromptEmbedding) else self.encode_prompt(prompt)
         expected = self.transformer.config.joint_attention_dim
         if emb.embeds.ndim != 3 or emb.embeds.shape[0] != 1 or emb.embeds.shape[2] != expected:
             raise InvalidRequest(f"prompt embeddings must be [1, L, {expected}], got {list(emb.embeds.shape)}")
@@ -288,50 +251,59 @@ class Editor:
         """
         try:
             self._check_request(references, steps, seed, height, width, output_format)
+            request = FrameRequest(image, prompt, tuple(references), steps, int(seed), height, width, output_format)
             with self._lock, torch.inference_mode():
-                result = self._edit(image, prompt, tuple(references), steps, seed, height, width, output_format,
-                                    cancel)
+                result = self._edit(request, cancel)
         except EditError as exc:
             self._counts[f"error:{type(exc).__name__}"] += 1
             raise
+        except Exception as exc:
+            if not is_device_failure(exc):
+                raise
+            self.device_failure = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            self._counts["error:EngineDead"] += 1
+            log.error("the device failed while editing (%s); this editor serves nothing more", self.device_failure)
+            raise EngineDead(f"the editor's device failed ({self.device_failure}); restart it") from exc
         self._counts["edits"] += 1
         return result
 
-    def _edit(self, image, prompt, references, steps, seed, height, width, output_format, cancel=None) -> EditResult:
+    def _edit(self, request: FrameRequest, cancel: threading.Event | None = None) -> EditResult:
         stop_if_cancelled(cancel, "while it waited for the model")
+        if self.device_failure is not None:
+            raise EngineDead(f"the editor's device failed earlier ({self.device_failure}); restart it")
         timer = StageTimer(self.device)
-        plan = self._prepare(image, prompt, references, steps, seed, height, width)
+        plan = self._prepare(request)
         plan.cancel = cancel
         timer.mark("prepare")
         latents = self._denoise(plan)
         timer.mark("denoise")
         stop_if_cancelled(cancel, "before decode")
-        pil, array, data = self._decode(latents, plan, output_format)
+        pil, array, data = self._decode(latents, plan, request.output_format)
         timer.mark("decode")
-        return EditResult(pil, array, timer.timings(), data, seed, steps, plan.emb.truncated)
+        return EditResult(pil, array, timer.timings(), data, request.seed, request.steps, plan.emb.truncated)
 
-    def _prepare(self, image, prompt, references, steps, seed, height, width) -> "FramePlan":
+    def _prepare(self, request: FrameRequest) -> FramePlan:
         """1. prepare: prompt embedding, condition images -> latent tokens, noise, position ids, timesteps."""
-        emb = self._embedding(prompt)
+        emb = self._embedding(request.prompt)
         limits = self.config.images
-        arrays = [fit_like_pipeline(to_uint8_array(image, limits, "image"))]
-        arrays += [fit_like_pipeline(to_uint8_array(r, limits, f"reference {i}")) for i, r in enumerate(references)]
-        explicit = height is not None or width is not None
-        height = height or arrays[0].shape[0]
-        width = width or arrays[0].shape[1]
+        arrays = [fit_like_pipeline(to_uint8_array(request.image, limits, "image"))]
+        arrays += [fit_like_pipeline(to_uint8_array(r, limits, f"reference {i}"))
+                   for i, r in enumerate(request.references)]
+        explicit = request.height is not None or request.width is not None
+        height = request.height or arrays[0].shape[0]
+        width = request.width or arrays[0].shape[1]
         if self.config.buckets.sizes:
             height, width, arrays = self._into_bucket(height, width, arrays, explicit)
         lat_h, lat_w = height // PATCH_PIXELS, width // PATCH_PIXELS
         cond_latents = [self._encode_condition(arr, is_input=i == 0) for i, arr in enumerate(arrays)]
-        cond_tokens = torch.cat([pack(lat) for lat in cond_latents], dim=1)
         cond_ids = self.latent_ids.references(tuple(tuple(lat.shape[2:]) for lat in cond_latents), self.device)
-        target_ids = self.latent_ids.target(lat_h, lat_w, self.device)
-        noise = initial_noise(seed, (1, self.transformer.config.in_channels, lat_h, lat_w), self.dtype, self.device)
-        timesteps, sigmas = self.timestep_cache.get(lat_h * lat_w, steps, self.device)
-        return FramePlan(
-            emb=emb, latents=pack(noise), cond_tokens=cond_tokens, img_ids=torch.cat([target_ids, cond_ids], dim=1),
-            timesteps=timesteps, sigmas=sigmas, lat_h=lat_h, lat_w=lat_w,
-        )
+        per_image = torch.split(cond_ids[0], [lat.shape[2] * lat.shape[3] for lat in cond_latents])
+        layout = token_layout(self.latent_ids.target(lat_h, lat_w, self.device), per_image, emb.text_ids)
+        noise = initial_noise(request.seed, (1, self.transformer.config.in_channels, lat_h, lat_w), self.dtype,
+                              self.device)
+        timesteps, sigmas = self.timestep_cache.get(lat_h * lat_w, request.steps, self.device)
+        return FramePlan(emb=emb, latents=pack(noise), conditions=torch.cat([pack(lat) for lat in cond_latents], 1),
+                         layout=layout, timesteps=timesteps, sigmas=sigmas, lat_h=lat_h, lat_w=lat_w)
 
     def _into_bucket(self, height: int, width: int, arrays: list[np.ndarray], explicit: bool):
         """Serving shapes are fixed: the output is a bucket size, and every condition image is resized to it.
@@ -349,11 +321,31 @@ class Editor:
                 f"{len(arrays) - 1} references are not served here; reference counts: {list(buckets.references)}"
             )
         h, w = size
-        resize = lambda a: np.asarray(PIL.Image.fromarray(a).resize((w, h), PIL.Image.Resampling.BILINEAR))  # noqa: E731
-        arrays = [a if a.shape[:2] == size else resize(a) for a in arrays]
-        return h, w, arrays
+        resized = [a if a.shape[:2] == size else
+                   np.asarray(PIL.Image.fromarray(a).resize((w, h), PIL.Image.Resampling.BILINEAR)) for a in arrays]
+        return h, w, resized
 
-    def _decode(self, latents: torch.Tensor, plan: "FramePlan", output_format):
+    def _encode_condition(self, arr: np.ndarray, is_input: bool) -> torch.Tensor:
+        """The input image rides the main (bucketed, compilable) path; references are encoded on their own."""
+        pixels = to_pixel_tensor(arr, self.codec.device, self.codec.dtype)
+        return self.codec.encode(pixels) if is_input else self.codec.encode_reference(pixels)
+
+    def _denoise(self, plan: FramePlan) -> torch.Tensor:
+        """2. denoise; a kernel failure retries the whole stage on the next attention backend (DBCache refreshed)."""
+        return self.attention.run(self._denoise_steps, plan) if self.attention else self._denoise_steps(plan)
+
+    def _denoise_steps(self, plan: FramePlan) -> torch.Tensor:
+        """Euler steps of the flow; the velocity is read off the target tokens."""
+        latents = plan.latents
+        if self.dbcache is not None:
+            self.dbcache.refresh(len(plan.timesteps))  # no cached residual may cross requests
+        for i, t in enumerate(plan.timesteps):
+            stop_if_cancelled(plan.cancel, f"before step {i + 1}")
+            velocity = self.transformer(**plan.step_inputs(latents, t, self.dtype))[0][:, plan.layout.target]
+            latents = euler_step(latents, velocity, plan.sigmas[i], plan.sigmas[i + 1])
+        return latents
+
+    def _decode(self, latents: torch.Tensor, plan: FramePlan, output_format: str | None):
         """3. decode: unpack, undo the latent batch-norm, unpatchify, VAE decode, quantise and encode."""
         pixels = self.codec.decode(unpack(latents, plan.lat_h, plan.lat_w))
         array = pixels_to_array(pixels)
@@ -361,26 +353,66 @@ class Editor:
         data = encode_image(pil, output_format) if output_format else None
         return pil, array, data
 
-    def _encode_condition(self, arr: np.ndarray, is_input: bool) -> torch.Tensor:
-        """The input image rides the main (bucketed, compilable) path; references are encoded on their own."""
-        pixels = to_pixel_tensor(arr, self.codec.device, self.codec.dtype)
-        return self.codec.encode(pixels) if is_input else self.codec.encode_reference(pixels)
+    # ---- the fast path and warm-up ------------------------------------------------------------------------------
+    def _build_fast_path(self) -> None:
+        """Attention probe, then DBCache, then selective compile and the warm-up of every bucket, in that order:
+        the probe switches attention processors, and compiled graphs must see the final processors and hooks."""
+        cfg = self.config
+        if cfg.select_attention:
+            self.attention = self._probe_attention()
+        if cfg.dbcache.enabled:
+            from rtedit.accel.dbcache import attach_cache
 
-    def _denoise(self, plan: "FramePlan") -> torch.Tensor:
-        """2. denoise; a kernel failure retries the whole stage on the next attention backend (DBCache refreshed)."""
-        return self.attention.run(self._denoise_steps, plan) if self.attention else self._denoise_steps(plan)
+            self.dbcache = attach_cache(self.transformer, cfg.dbcache)
+        if cfg.compile.enabled:
+            from rtedit.accel.compile import compile_regions
 
-    def _denoise_steps(self, plan: "FramePlan") -> torch.Tensor:
-        """Euler steps of the flow, condition tokens appended after the target tokens."""
-        latents, num_target = plan.latents, plan.latents.shape[1]
-        if self.dbcache is not None:
-            self.dbcache.refresh(len(plan.timesteps))  # no cached residual may cross requests
-        for i, t in enumerate(plan.timesteps):
-            stop_if_cancelled(plan.cancel, f"before step {i + 1}")
-            velocity = self.transformer(**plan.step_inputs(latents, t, self.dtype))[0][:, :num_target]
-            # FlowMatchEulerDiscreteScheduler.step's arithmetic: float32 sample, cast back to the model dtype.
-            latents = (latents.to(torch.float32) + (plan.sigmas[i + 1] - plan.sigmas[i]) * velocity).to(velocity.dtype)
-        return latents
+            autoencoder = self.codec.taef2 if self.codec.taef2 is not None else self.vae
+            self.compiled = compile_regions(cfg.compile, transformer=self.transformer,
+                                            vae_encoder=autoencoder.encoder, vae_decoder=autoencoder.decoder)
+            self.codec.reference_context = functools.partial(self.compiled.eager, "vae_encoder")
+            self.warm_up()  # compiled regions are compiled now, for every bucket: no request ever compiles
+
+    def _probe_attention(self):
+        """The start-up kernel probe on one real step at the largest bucket (attention cost grows fastest there)."""
+        from rtedit.accel.attention_probe import select_attention_backend
+
+        cfg = self.config
+        h, w = max(cfg.buckets.sizes, key=lambda s: s[0] * s[1]) if cfg.buckets.sizes else (512, 512)
+        request = FrameRequest(_gray(h, w), self._warm_prompt(), (_gray(h, w),) * max(cfg.buckets.references),
+                               height=h, width=w)
+        with torch.inference_mode():
+            plan = self._prepare(request)
+            sample = plan.step_inputs(plan.latents, plan.timesteps[0], self.dtype)
+            return select_attention_backend(self.transformer, sample, config=cfg.attention)
+
+    def warm_buckets(self) -> list[tuple[int, int, int]]:
+        """(height, width, references) of every shape this editor serves; the model's native size when the config
+        lists no buckets."""
+        buckets = self.config.buckets
+        if buckets.sizes:
+            return [(h, w, r) for (h, w) in buckets.sizes for r in buckets.references]
+        side = self.bundle.sidecar.native_size or max(64, self.config.images.min_side)
+        return [(side, side, 0)]
+
+    def warm_up(self, passes: int = 2) -> dict:
+        """Runs every bucket `passes` times at the served step count, so no request pays for lazy initialisation
+        or compiles; zero prompt embeddings of the right shape where this process has no text encoder."""
+        def run(bucket: tuple[int, int, int]) -> None:
+            h, w, refs = bucket
+            self.edit(_gray(h, w), self._warm_prompt(), references=[_gray(h, w)] * refs, steps=self.warm_steps,
+                      height=h, width=w)
+
+        buckets = self.warm_buckets()
+        if self.compiled is not None:
+            report = self.compiled.warm_up(buckets, run, passes)
+        else:
+            for _ in range(passes):
+                for bucket in buckets:
+                    run(bucket)
+            report = {"buckets": len(buckets)}
+        self.warm = {**report, "shapes": buckets, "steps": self.warm_steps}
+        return self.warm
 
     def _warm_prompt(self) -> str | PromptEmbedding:
         """A prompt for probes and warm-ups; zeros of the right shape where this process has no text encoder."""
@@ -389,32 +421,6 @@ class Editor:
         length = self.config.prompt.max_length
         embeds = torch.zeros(1, length, self.transformer.config.joint_attention_dim, dtype=self.dtype, device=self.device)
         return PromptEmbedding(embeds, self.latent_ids.text(length, self.device), "warm-up")
-
-    # ---- the fast path ------------------------------------------------------------------------------------------
-    def _setup_fast_path(self) -> None:
-        """Attention probe, then DBCache, then selective compile and the warm-up of every bucket, in that order."""
-        cfg = self.config
-        if cfg.select_attention:
-            from rtedit.attention import select_attention_backend
-
-            h, w = max(cfg.buckets.sizes, key=lambda s: s[0] * s[1]) if cfg.buckets.sizes else (512, 512)
-            refs = max(cfg.buckets.references)
-            with torch.inference_mode():
-                plan = self._prepare(_gray(h, w), self._warm_prompt(), [_gray(h, w)] * refs, 2, 0, h, w)
-                sample = plan.step_inputs(plan.latents, plan.timesteps[0], self.dtype)
-                self.attention = select_attention_backend(self.transformer, sample, config=cfg.attention)
-        if cfg.dbcache.enabled:
-            from rtedit.caching import attach_cache
-
-            self.dbcache = attach_cache(self.transformer, cfg.dbcache)
-        if cfg.compile.enabled:
-            from rtedit.compile import compile_regions
-
-            ae = self.codec.taef2 if self.codec.taef2 is not None else self.vae
-            self.compiled = compile_regions(cfg.compile, transformer=self.transformer, vae_encoder=ae.encoder, vae_decoder=ae.decoder)
-            self.codec.reference_context = lambda: self.compiled.eager("vae_encoder")
-            buckets = [(h, w, r) for (h, w) in cfg.buckets.sizes for r in cfg.buckets.references]
-            self.compiled.warm_up(buckets, lambda b: self.edit(_gray(b[0], b[1]), self._warm_prompt(), references=[_gray(b[0], b[1])] * b[2], steps=self.warm_steps, height=b[0], width=b[1]))
 
     # ---- checks and reporting -----------------------------------------------------------------------------------
     def _check_request(self, references, steps, seed, height, width, output_format) -> None:
@@ -444,8 +450,13 @@ class Editor:
                 raise InvalidRequest(f"{name} must be at least {self.config.images.min_side}, got {value}")
         if height and width and height * width > self.config.images.max_pixels:
             raise InvalidRequest(f"{height}x{width} is over the limit of {self.config.images.max_pixels} pixels")
-        if output_format is not None and str(output_format).lower() not in OUTPUT_FORMATS:
-            raise InvalidRequest(f"output_format must be one of {sorted(set(OUTPUT_FORMATS))}, got {output_format!r}")
+        if output_format is not None:
+            check_output_format(output_format)
+
+    def check_health(self) -> None:
+        """Raises EngineDead once the device has failed beyond recovery (Serve then replaces the replica)."""
+        if self.device_failure is not None:
+            raise EngineDead(f"the editor's device failed ({self.device_failure})")
 
     @property
     def model_info(self) -> dict:
@@ -463,13 +474,13 @@ class Editor:
         }
 
     def stats(self) -> dict:
-        fast = {
+        return {
+            "attention_backend": self.attention.active if self.attention else "native (not probed)",
             "attention": self.attention.stats() if self.attention else {"chosen": "native (not probed)"},
             "dbcache": self.dbcache.stats() if self.dbcache else {"enabled": False},
             "compile": self.compiled.stats() if self.compiled else {"enabled": False},
-        }
-        return {
-            **fast,
+            "warm_up": self.warm,
+            "device_failure": self.device_failure,
             "edits": self._counts["edits"],
             "errors": {k.split(":", 1)[1]: v for k, v in self._counts.items() if k.startswith("error:")},
             "prompt_cache": self.prompt_cache.stats(),

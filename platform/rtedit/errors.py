@@ -27,3 +27,7 @@ class ConfigError(EditError, ValueError):
 
 class EditCancelled(EditError):
     """The caller gave up on the edit (its request timed out, its client left): stopped at the next stage or step."""
+
+
+class EngineDead(EditError):
+    """The editor's device failed beyond recovery (a CUDA error that loses its state): restart the replica."""

@@ -13,11 +13,13 @@ import torch
 
 from rtedit.config import ImageLimits
 from rtedit.errors import InvalidImage, InvalidRequest
+from rtedit.transport import OUTPUT_FORMATS
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, bytes, bytearray, memoryview]
 
 DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP")
-OUTPUT_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+# PIL's name of each output format (rtedit.transport.OUTPUT_FORMATS); "jpg" is accepted for "jpeg".
+_PIL_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 # Flux2KleinPipeline shrinks larger inputs to about one megapixel before encoding them.
 PIPELINE_MAX_AREA = 1024 * 1024
 
@@ -130,12 +132,18 @@ def array_to_pil(arr: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray((arr * 255).round().astype(np.uint8))
 
 
+def check_output_format(fmt: object) -> str:
+    """The lower-case name of an output format, or InvalidRequest naming the ones there are."""
+    key = fmt.lower() if isinstance(fmt, str) else fmt
+    if key not in _PIL_FORMATS:
+        raise InvalidRequest(f"output format must be one of {list(OUTPUT_FORMATS)}, got {fmt!r}")
+    return key
+
+
 def encode_image(image: PIL.Image.Image, fmt: str, quality: int = 90) -> bytes:
     """PIL -> JPEG/PNG/WebP bytes."""
-    key = fmt.lower() if isinstance(fmt, str) else fmt
-    if key not in OUTPUT_FORMATS:
-        raise InvalidRequest(f"output format must be one of {sorted(set(OUTPUT_FORMATS))}, got {fmt!r}")
+    key = check_output_format(fmt)
     buf = io.BytesIO()
-    kwargs = {"quality": quality} if OUTPUT_FORMATS[key] in ("JPEG", "WEBP") else {}
-    image.save(buf, format=OUTPUT_FORMATS[key], **kwargs)
+    kwargs = {"quality": quality} if _PIL_FORMATS[key] in ("JPEG", "WEBP") else {}
+    image.save(buf, format=_PIL_FORMATS[key], **kwargs)
     return buf.getvalue()

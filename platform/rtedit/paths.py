@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 SHARED_ENV = "RTEDIT_SHARED_DIR"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # platform/rtedit/paths.py -> the checkout
 
 
 def shared_dir() -> Path:
@@ -11,8 +12,7 @@ def shared_dir() -> Path:
     env = os.environ.get(SHARED_ENV)
     if env:
         return Path(env).expanduser().resolve()
-    repo_root = Path(__file__).resolve().parents[2]
-    return (repo_root.parent / "shared").resolve()
+    return (REPO_ROOT.parent / "shared").resolve()
 
 
 def taef2_dir() -> Path:

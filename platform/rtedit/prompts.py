@@ -13,7 +13,7 @@ import torch
 
 from rtedit.config import PromptConfig
 from rtedit.errors import InvalidRequest, ModelLoadError
-from rtedit.latents import text_ids
+from rtedit.model.packing import text_ids
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,14 @@ def settings_key(model_name: str, config: PromptConfig) -> str:
     The dtype is left out on purpose: a float32 encoder on a CPU and a bf16 editor on a GPU must agree on keys.
     """
     return f"{model_name}|{config.max_length}|{tuple(config.layers)}"
+
+
+def model_prompt_settings(config: PromptConfig, sidecar, model_name: str) -> tuple[PromptConfig, str]:
+    """The prompt settings a model serves with, and their cache settings key: the folder's own prompt length and
+    tapped layers (rtedit.json) override the config. The text-encoder service and every editor replica call
+    this, so their keys agree."""
+    config = dataclasses.replace(config, max_length=sidecar.prompt_length, layers=tuple(sidecar.text_encoder_layers))
+    return config, settings_key(model_name, config)
 
 
 def prompt_key(settings: str, prompt: str) -> str:
@@ -198,7 +206,7 @@ class PromptService:
     @classmethod
     def from_config(cls, config) -> "PromptService":
         """The text encoder of `config.model` only (an EditorConfig), for a service that only encodes prompts."""
-        from rtedit.editor import resolve_device, resolve_dtype
+        from rtedit.device import resolve_device, resolve_dtype
         from rtedit.presets import PRESETS, build_text_encoder, load_text_encoder
 
         config.validate()
@@ -206,11 +214,9 @@ class PromptService:
         dtype = resolve_dtype(config.dtype, device)
         loader = build_text_encoder if config.model in PRESETS else load_text_encoder
         text_encoder, tokenizer, sidecar = loader(config.model, device, dtype)
-        prompt_cfg = dataclasses.replace(
-            config.prompt, max_length=sidecar.prompt_length, layers=tuple(sidecar.text_encoder_layers)
-        )
-        encoder = PromptEncoder(text_encoder, tokenizer, prompt_cfg, name=sidecar.name or config.model)
-        return cls(encoder, prompt_cfg, encoder.settings_key)
+        name = sidecar.name or config.model  # what the editor's ModelBundle.name is for the same model
+        prompt_cfg, settings = model_prompt_settings(config.prompt, sidecar, name)
+        return cls(PromptEncoder(text_encoder, tokenizer, prompt_cfg, name=name), prompt_cfg, settings)
 
     def key(self, prompt: str) -> str:
         return prompt_key(self.settings_key, prompt)

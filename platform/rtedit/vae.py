@@ -1,6 +1,6 @@
 """Pixels <-> the transformer's latent space: the FLUX.2 VAE or TAEF2, plus the latent batch-norm.
 
-Where TAEF2 plugs in (settled in rtedit.taef2): it encodes to and decodes from the *BN-normalised* latent, so with
+Where TAEF2 plugs in (settled in rtedit.accel.taef2): it encodes to and decodes from the *BN-normalised* latent, so with
 TAEF2 the FLUX.2 batch-norm is skipped; with the full VAE it stays on the patchified side, as in the pipeline.
 """
 
@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from rtedit.latents import bn_denormalize, bn_normalize, patchify, unpatchify
+from rtedit.model.packing import bn_denormalize, bn_normalize, patchify, unpatchify
 
 AUTOENCODERS = ("vae", "taef2")
 

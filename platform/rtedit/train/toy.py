@@ -23,7 +23,7 @@ from rtedit.train.data import EditExample, encode_png
 
 SIZE = 128
 
-# Photos inside the scikit-image wheel (DESIGN.md section 6); the eval split crops only the held-out ones.
+# Photos inside the scikit-image wheel (no download needed); the eval split crops only the held-out ones.
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
                 "colorwheel", "logo", "camera", "coins", "moon", "brick", "grass", "gravel", "cell", "page")
 EVAL_PHOTOS = ("chelsea", "stereo_motorcycle", "clock")

@@ -1,41 +1,19 @@
 """Attention backend probing, timing, selection and runtime fallback for a diffusers transformer.
 
-At start-up, `select_attention_backend` runs every candidate kernel on the model's real attention inputs
-(captured from one forward), keeps those within bf16 tolerance of the math backend, times a full transformer
-forward with each, and installs the fastest correct one. While serving, `AttentionSelector.run` wraps each
-transformer call: if the active backend raises, the next correct backend (by probe time) is installed for the
-rest of the process and the reason is recorded in `stats()`.
-
-Candidates are diffusers backends by name ("native", "_native_cudnn", "_native_flash", "_native_math", ...)
-plus two kernels diffusers cannot use on its own, registered here as custom diffusers backends:
-- "fa3_fwd": FlashAttention 3 forward from the `fa3-fwd` 0.0.3 wheel (`fa3_fwd_interface.flash_attn_func`),
-  invisible to diffusers' `_flash_3`, which looks for the official `flash_attn_3` distribution.
-- "sage1": SageAttention 1.0.6, which diffusers refuses (its `sage` backend requires sageattention>=2.1.1).
-
-diffusers' dispatcher silently drops arguments a backend does not declare, so the custom backends declare the
-mask, causal, dropout and parallel arguments and raise `AttentionBackendUnsupported` for any they cannot apply.
-
-Editor wiring (start-up, after the weights are on their device, before caching.attach_cache and compile):
-    selector = select_attention_backend(transformer, sample_inputs, config=AttentionConfig())
-    # sample_inputs: the transformer kwargs of one real denoise step at the largest configured bucket
-per request, around the whole denoise stage (so a retry starts the request over: DBCache refresh, scheduler
-timesteps and the noise are all re-made inside it; retrying a single step would misalign cache-dit's step count):
-    latents = selector.run(self._denoise, latents, prompt, steps, ...)   # _denoise calls dbcache.refresh(steps)
-and `editor.stats()["attention"] = selector.stats()`. After a fallback, compiled blocks see a new backend and
-recompile once per bucket shape (counted in rtedit.compile's stats).
-
-Custom kernels come from third-party wheels; install them with pinned hashes (pip --require-hashes):
-fa3-fwd 0.0.3 (fa3_fwd-0.0.3-cp39-abi3-manylinux_2_24_x86_64.whl)
-    sha256 44d26c6cfc69dde5a0f9c6bebbccbb96ed20e97bc8b9ddda638b0bf62e91b93d
-sageattention 1.0.6 (sageattention-1.0.6-py3-none-any.whl)
-    sha256 fafc66569bed62a16839e820c2612141b5a20accf55b876d941bab9c0ac5d888
+At start-up, `select_attention_backend` runs every candidate kernel (rtedit.accel.attention_backends) on the
+model's real attention inputs (captured from one forward), keeps those within bf16 tolerance of the math backend,
+times a full transformer forward with each, and installs the fastest correct one. While serving,
+`AttentionSelector.run` wraps the whole denoise stage: if the active backend raises, the next correct backend (by
+probe time) is installed for the rest of the process and the reason is recorded in `stats()`. A retry starts the
+stage over (DBCache refreshed, the noise re-made), since retrying one step would misalign cache-dit's step count.
+The Editor runs the probe before DBCache and compile are attached (rtedit.editor.Editor._build_fast_path); after a
+fallback, compiled blocks see a new backend and recompile once per bucket shape (counted in the compile stats).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import logging
 import math
 import statistics
@@ -46,20 +24,23 @@ from typing import Any
 
 import torch
 
+from rtedit.accel.attention_backends import (
+    CUSTOM_NAMES,
+    KNOWN_NAMES,
+    DEFAULT_CANDIDATES,
+    REFERENCE,
+    AttentionBackendUnsupported,
+    AttentionCandidate,
+    diffusers_backend_names,
+    unavailable_reason,
+    dispatch_module,
+    candidate,
+    install_backend,
+    register_backend,
+)
 from rtedit.errors import ConfigError, EditError
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CANDIDATES = ("native", "_native_cudnn", "_native_flash", "fa3_fwd", "sage1", "_native_math")
-REFERENCE = "_native_math"
-
-# diffusers backends that only exist as CUDA kernels for half precision; on other devices they are unavailable.
-_CUDA_HALF_ONLY = {"_native_cudnn", "_native_flash", "_native_efficient", "flash", "flash_varlen", "_flash_3",
-                   "_flash_varlen_3", "sage", "sage_varlen", "xformers"}
-
-
-class AttentionBackendUnsupported(RuntimeError):
-    """A custom backend was asked for something its kernel cannot do (a mask, dropout, context parallelism...)."""
 
 
 @dataclass
@@ -76,9 +57,9 @@ class AttentionConfig:
         if isinstance(self.candidates, str) or not isinstance(self.candidates, (tuple, list)) or not self.candidates:
             raise ConfigError(f"attention.candidates must be a non-empty list of names, got {self.candidates!r}")
         for name in self.candidates:
-            if not isinstance(name, str) or (name not in _KNOWN and name not in _diffusers_names()):
+            if not isinstance(name, str) or (name not in KNOWN_NAMES and name not in diffusers_backend_names()):
                 raise ConfigError(f"attention.candidates: unknown backend {name!r}; known: "
-                                  f"{', '.join(sorted(set(_CUSTOM_NAMES) | _diffusers_names()))}")
+                                  f"{', '.join(sorted(set(CUSTOM_NAMES) | diffusers_backend_names()))}")
         if len(set(self.candidates)) != len(self.candidates):
             raise ConfigError(f"attention.candidates has duplicates: {self.candidates!r}")
         if (isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float))
@@ -92,195 +73,6 @@ class AttentionConfig:
         if not isinstance(self.require_mask, bool):
             raise ConfigError(f"attention.require_mask must be a bool, got {self.require_mask!r}")
         return self
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Custom backends. Inputs arrive in diffusers' layout [batch, seq, heads, head_dim] (BSHD).
-
-
-def _refuse_unsupported(name: str, query, key, attn_mask, dropout_p, is_causal, return_lse, _parallel_config) -> None:
-    if attn_mask is not None:
-        raise AttentionBackendUnsupported(f"{name} cannot apply an attention mask; it must never be dropped silently")
-    if dropout_p:
-        raise AttentionBackendUnsupported(f"{name} has no dropout, got dropout_p={dropout_p}")
-    if is_causal and query.shape[1] != key.shape[1]:
-        # These kernels align the causal mask bottom-right, SDPA top-left: results differ when lengths differ.
-        raise AttentionBackendUnsupported(f"{name}: is_causal with query length {query.shape[1]} != key length "
-                                          f"{key.shape[1]} would not match SDPA's causal alignment")
-    if return_lse:
-        raise AttentionBackendUnsupported(f"{name} does not return the log-sum-exp (only context parallelism needs it)")
-    if _parallel_config is not None:
-        raise AttentionBackendUnsupported(f"{name} does not support context parallelism")
-
-
-def fa3_fwd_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    return_lse: bool = False,
-    _parallel_config: Any = None,
-) -> torch.Tensor:
-    """FlashAttention 3 forward (fa3-fwd wheel). BSHD in and out; GQA is native (fewer KV heads)."""
-    _refuse_unsupported("fa3_fwd", query, key, attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
-    from fa3_fwd_interface import flash_attn_func
-
-    out = flash_attn_func(query, key, value, softmax_scale=scale, causal=is_causal)
-    # Official FA3 releases differ on whether the lse is returned too; keep only the output.
-    return out[0] if isinstance(out, tuple) else out
-
-
-def sage1_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    return_lse: bool = False,
-    _parallel_config: Any = None,
-) -> torch.Tensor:
-    """SageAttention 1.0.6 (Triton, INT8 QK, FP16 PV). BSHD in and out."""
-    _refuse_unsupported("sage1", query, key, attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
-    from sageattention import sageattn
-
-    # sageattn smooths K in place (k -= mean); the caller's key may be kept (e.g. a KV cache), so hand it a copy.
-    out = sageattn(query, key.clone(), value, tensor_layout="NHD", is_causal=is_causal, sm_scale=scale)
-    return out.to(query.dtype)
-
-
-def _fa3_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
-    import diffusers.models.attention_dispatch as dispatch
-
-    if getattr(dispatch, "_CAN_USE_FLASH_ATTN_3", False):
-        return "the official flash_attn_3 is installed and owns diffusers' '_flash_3' slot: use '_flash_3'"
-    if device.type != "cuda":
-        return f"needs a CUDA device (Hopper), got {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major != 9:
-        return f"the fa3-fwd wheel is built for sm_90a only, got sm_{major}{minor}"
-    if dtype != torch.bfloat16:
-        return f"the fa3-fwd wheel is built for bfloat16 only (FP16 disabled), got {dtype}"
-    return _import_error("fa3_fwd_interface")
-
-
-def _sage1_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
-    import diffusers.models.attention_dispatch as dispatch
-
-    if getattr(dispatch, "_CAN_USE_SAGE_ATTN", False):
-        return "sageattention>=2.1.1 is installed and owns diffusers' 'sage' slot: use 'sage'"
-    if device.type != "cuda":
-        return f"needs a CUDA device (Triton kernels), got {device.type}"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"needs bfloat16 or float16 inputs, got {dtype}"
-    return _import_error("sageattention")
-
-
-def _import_error(module: str) -> str | None:
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # a CUDA wheel on the wrong host fails with OSError as well as ImportError
-        return f"import {module} failed: {type(exc).__name__}: {exc}"
-    return None
-
-
-@dataclass(frozen=True)
-class AttentionCandidate:
-    """One probe candidate: a diffusers registry slot, and optionally our own function to register there."""
-
-    name: str
-    key: Any  # diffusers AttentionBackendName: the slot in diffusers' registry the processors are pointed at
-    fn: Callable[..., torch.Tensor] | None = None  # custom implementation registered under `key`; None = diffusers'
-    unavailable: Callable[[torch.device, torch.dtype], str | None] | None = None  # returns a reason, or None
-    supports_mask: bool = True
-
-
-# Custom kernels take the diffusers slot of their own family: dispatch only accepts AttentionBackendName members,
-# and the enum cannot be extended. Each slot's check above refuses when diffusers' own kernel is installed there.
-_CUSTOM_NAMES = ("fa3_fwd", "sage1")
-_KNOWN = set(DEFAULT_CANDIDATES) | set(_CUSTOM_NAMES)  # checkable without importing diffusers (seconds)
-
-
-def _dispatch():
-    """diffusers' attention dispatcher, imported on first use: rtedit.config imports this module."""
-    import diffusers.models.attention_dispatch as dispatch
-
-    return dispatch
-
-
-def _diffusers_names() -> set[str]:
-    return {member.value for member in _dispatch().AttentionBackendName}
-
-
-def _custom(name: str) -> AttentionCandidate:
-    slots = _dispatch().AttentionBackendName
-    if name == "fa3_fwd":
-        return AttentionCandidate("fa3_fwd", slots._FLASH_3, fa3_fwd_attention, _fa3_unavailable, False)
-    return AttentionCandidate("sage1", slots.SAGE, sage1_attention, _sage1_unavailable, False)
-
-
-def candidate(name: str) -> AttentionCandidate:
-    """The candidate for a backend name: one of ours, or a diffusers backend as diffusers ships it."""
-    if name in _CUSTOM_NAMES:
-        return _custom(name)
-    if name not in _diffusers_names():
-        raise ConfigError(f"unknown attention backend {name!r}")
-    masked = name in {"native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers"}
-    return AttentionCandidate(name, _dispatch().AttentionBackendName(name), None, None, masked)
-
-
-def _diffusers_unavailable(cand: AttentionCandidate, device: torch.device, dtype: torch.dtype) -> str | None:
-    try:
-        _dispatch()._check_attention_backend_requirements(cand.key)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if cand.name in _CUDA_HALF_ONLY:
-        if device.type != "cuda":
-            return f"a CUDA kernel, the device is {device.type}"
-        if dtype not in (torch.bfloat16, torch.float16):
-            return f"needs bfloat16 or float16, the model runs in {dtype}"
-    if cand.name.endswith("_hub"):
-        return "downloads its kernel from the Hugging Face Hub, which serving never does"
-    return None
-
-
-def register_backend(cand: AttentionCandidate) -> None:
-    """Registers a custom candidate's function in diffusers' registry under its slot (process-wide)."""
-    if cand.fn is None:
-        return
-    registry = _dispatch()._AttentionBackendRegistry
-    if registry._backends.get(cand.key) is cand.fn:
-        return
-    registry.register(cand.key)(cand.fn)
-    logger.info("registered %s as diffusers attention backend slot %r", cand.name, cand.key.value)
-
-
-def install_backend(transformer: torch.nn.Module, cand: AttentionCandidate) -> None:
-    """Points every attention processor of `transformer` at the candidate's registry slot."""
-    if cand.fn is None:
-        registry = _dispatch()._AttentionBackendRegistry
-        active = registry._active_backend
-        transformer.set_attention_backend(cand.key.value)  # checks diffusers' requirements, then sets processors
-        # It also changes the process-wide default (used by other models' processors without a backend); the
-        # choice belongs to this model alone, so put the default back.
-        registry.set_active_backend(active)
-        return
-    register_backend(cand)
-    # set_attention_backend would refuse our slot (it checks for diffusers' own package); set processors directly.
-    count = 0
-    for module in transformer.modules():
-        processor = getattr(module, "processor", None)
-        if processor is not None and hasattr(processor, "_attention_backend"):
-            processor._attention_backend = cand.key
-            count += 1
-    if count == 0:
-        raise ConfigError(f"{type(transformer).__name__} has no attention processor that takes a backend")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,8 +98,8 @@ class ProbeRow:
 
 def _capture_attention_inputs(transformer, sample_inputs, limit: int = 4) -> list[dict[str, Any]]:
     """Runs one forward on the math backend, recording the distinct attention calls it makes."""
-    registry = _dispatch()._AttentionBackendRegistry
-    slot = _dispatch().AttentionBackendName._NATIVE_MATH
+    registry = dispatch_module()._AttentionBackendRegistry
+    slot = dispatch_module().AttentionBackendName._NATIVE_MATH
     original = registry._backends[slot]
     captured: list[dict[str, Any]] = []
     seen: set[tuple] = set()
@@ -333,7 +125,7 @@ def _capture_attention_inputs(transformer, sample_inputs, limit: int = 4) -> lis
 
 
 def _kernel_rel_err(cand: AttentionCandidate, calls: list[dict[str, Any]]) -> float:
-    dispatch_attention_fn, math_slot = _dispatch().dispatch_attention_fn, _dispatch().AttentionBackendName._NATIVE_MATH
+    dispatch_attention_fn, math_slot = dispatch_module().dispatch_attention_fn, dispatch_module().AttentionBackendName._NATIVE_MATH
     worst = 0.0
     for call in calls:
         inputs = {k: v for k, v in call.items() if k not in ("query", "key", "value", "_parallel_config")}
@@ -473,7 +265,7 @@ def select_attention_backend(
     rows = []
     for cand in cands:
         reason = cand.unavailable(device, dtype) if cand.unavailable else (
-            None if cand.fn is not None else _diffusers_unavailable(cand, device, dtype))
+            None if cand.fn is not None else unavailable_reason(cand, device, dtype))
         if reason is None and needs_mask and not cand.supports_mask:
             reason = "cannot apply attention masks, which this model's calls (or the config) require"
         if reason is not None:

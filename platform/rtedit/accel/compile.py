@@ -9,19 +9,16 @@ the branch stays compiled and the eager error propagates.
 Recompiles are counted per branch by wrapping the compiler backend: dynamo calls the backend once per graph it
 compiles, so every compile and recompile of our regions passes through the counter, and nothing else's does.
 
-Shapes: static (`dynamic=False`). Requests are resized or padded into configured buckets (DESIGN.md section 1),
-so compiled regions only ever see bucket shapes; each bucket gets its own static graph (best kernels, CUDA graphs
+Shapes: static (`dynamic=False`). Requests are resized into configured buckets (rtedit.config.ShapeBuckets), so
+compiled regions only ever see bucket shapes; each bucket gets its own static graph (best kernels, CUDA graphs
 possible) and `warm_up(buckets, run)` compiles all of them at start-up, twice over, checking the second pass
 compiles nothing. A request in a warmed bucket then never compiles; a shape outside them would (and is counted).
 The dynamo recompile limit is raised to cover every bucket, and hitting it raises instead of silently running
 eagerly (`fail_on_recompile_limit_hit`), which the branch guard records.
 
-Editor wiring (start-up, after attention selection and DBCache):
-    regions = compile_regions(CompileConfig(), transformer=editor.transformer,
-                              vae_encoder=editor.vae.encoder, vae_decoder=editor.vae.decoder)  # or TAEF2's
-    regions.warm_up(buckets, lambda bucket: editor.edit(<dummy image of the bucket's size and reference count>))
-per request: nothing; encode odd-sized references eagerly with `with regions.eager("vae_encoder"): ...`;
-`editor.stats()["compile"] = regions.stats()` (the benchmark asserts every `recompiles` is 0 after warm-up).
+The Editor compiles after attention selection and DBCache and warms every bucket at once
+(rtedit.editor.Editor._build_fast_path); odd-sized references run eagerly inside `regions.eager("vae_encoder")`,
+and `Editor.stats()["compile"]` is `regions.stats()` (the benchmark asserts every `recompiles` is 0 after warm-up).
 Changing the attention backend after warm-up (a serving fallback) changes guarded state and recompiles.
 """
 

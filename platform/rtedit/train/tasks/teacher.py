@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from rtedit.device import DTYPES
 from rtedit.errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -55,7 +55,7 @@ class TeacherTaskConfig:
     te_taps: tuple[int, ...] = (1, 2, 3)
     te_seed: int = 0
     min_instruction_separation: float = 0.05
-    """Smallest allowed distance between two instructions' embeddings, relative to their mean norm (DESIGN.md 6)."""
+    """Smallest allowed distance between two instructions' embeddings, relative to their mean norm (a deep random encoder can collapse them)."""
     # Transformer: in_channels 128 as klein (TAEF2 latents patchified 2x2).
     num_layers: int = 2
     num_single_layers: int = 6
@@ -159,12 +159,10 @@ def sampler_sigmas(steps: tuple[int, ...], seq_len: int) -> torch.Tensor:
     """The sigmas at which the engine's sampler evaluates the transformer for these step counts (no duplicates)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from rtedit.latents import TimestepCache
+    from rtedit.model import schedule
     from rtedit.presets import SCHEDULER_CONFIG
 
-    schedules = TimestepCache(FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG))
-    visited = [schedules.get(seq_len, n, torch.device("cpu"))[1][:-1] for n in steps]  # the last sigma is 0
-    return torch.unique(torch.cat(visited).float()) if visited else torch.zeros(0)
+    return schedule.sampler_sigmas(FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), steps, seq_len)
 
 
 def instruction_separation(embeds: torch.Tensor) -> float:
@@ -187,7 +185,7 @@ def instruction_separation(embeds: torch.Tensor) -> float:
 
 
 def _fingerprint(cfg: TeacherTaskConfig, split_dir: Path) -> str:
-    from rtedit.taef2 import TAEF2_SHA256
+    from rtedit.accel.taef2 import TAEF2_SHA256
 
     files = sorted((str(p.relative_to(split_dir)), p.stat().st_size) for p in split_dir.rglob("*.parquet"))
     keys = {k: getattr(cfg, k) for k in ("prompt_length", "te_hidden", "te_layers", "te_heads", "te_taps", "te_seed",
@@ -209,7 +207,7 @@ def build_cache(cfg: TeacherTaskConfig, split: str, device: torch.device | None 
     from rtedit.config import PromptConfig
     from rtedit.images import fit_like_pipeline, to_pixel_batch
     from rtedit.prompts import PromptEncoder
-    from rtedit.taef2 import load_taef2
+    from rtedit.accel.taef2 import load_taef2
     from rtedit.train.data import decode_rgb, read_edit_examples
     from rtedit.vae import LatentCodec
 
@@ -299,7 +297,8 @@ class FlowBatcher:
     """Draws rectified-flow batches from a latent cache: batch i of a rank is a pure function of (seed, rank, i)."""
 
     def __init__(self, cache: dict[str, Any], cfg: TeacherTaskConfig, batch_size: int, seed: int, rank: int):
-        from rtedit.latents import LatentIdCache, text_ids
+        from rtedit.model.inputs import token_layout
+        from rtedit.model.packing import LatentIdCache, text_ids
 
         self.cache, self.cfg, self.batch_size, self.seed, self.rank = cache, cfg, batch_size, seed, rank
         has_ref = cache["has_reference"]
@@ -310,12 +309,11 @@ class FlowBatcher:
         else:
             self.ref_share = float(self.weights[has_ref].sum() / self.weights.sum())
         h, w = cache["source"].shape[2:]
-        ids = LatentIdCache()
-        self.target_ids = ids.target(h, w, torch.device("cpu"))
-        # One condition image (the source), or the source then the reference: the order Editor.edit uses.
-        self.cond_ids = [ids.references(((h, w),), torch.device("cpu")),
-                         ids.references(((h, w), (h, w)), torch.device("cpu"))]
-        self.txt_ids = text_ids(cache["embeds"].shape[1])[0]
+        ids, cpu = LatentIdCache(), torch.device("cpu")
+        target, txt = ids.target(h, w, cpu), text_ids(cache["embeds"].shape[1])
+        # The source is the input image I; a palette example's reference R follows it, as Editor.edit orders them.
+        source, reference = ids.references(((h, w), (h, w)), cpu)[0].split(h * w)
+        self.layouts = [token_layout(target, [source], txt), token_layout(target, [source, reference], txt)]
         self.focus_sigmas = sampler_sigmas(tuple(cfg.focus_steps), h * w)
 
     def sample(self, g: torch.Generator) -> tuple[bool, torch.Tensor]:
@@ -329,8 +327,8 @@ class FlowBatcher:
         draws = torch.multinomial(self.weights[group], self.batch_size, replacement=True, generator=g)
         return use_ref, group[draws]
 
-    def __call__(self, index: int) -> dict[str, torch.Tensor]:
-        from rtedit.latents import pack
+    def __call__(self, index: int) -> dict[str, Any]:
+        from rtedit.model.packing import pack
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + index)
         use_ref, pick = self.sample(g)
@@ -347,17 +345,21 @@ class FlowBatcher:
         noisy = (1 - sigma[:, None, None]) * clean + sigma[:, None, None] * noise
         return {"noisy": noisy, "cond": torch.cat(cond, dim=1), "sigma": sigma, "velocity": noise - clean,
                 "embeds": self.cache["embeds"][self.cache["instruction"][pick]],
-                "img_ids": torch.cat([self.target_ids, self.cond_ids[int(use_ref)]], dim=1)[0], "txt_ids": self.txt_ids}
+                "layout": self.layouts[int(use_ref)]}
 
 
-def flow_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+def flow_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The transformer's inputs for a training batch, built as the engine builds a serving step's."""
+    from rtedit.model.inputs import transformer_inputs
+
+    return transformer_inputs(batch["layout"].to(device), batch["noisy"].to(device), batch["cond"].to(device),
+                              batch["sigma"].to(device), batch["embeds"].to(device), dtype)
+
+
+def flow_loss(model: torch.nn.Module, batch: dict[str, Any], device: torch.device,
               dtype: torch.dtype) -> torch.Tensor:
     """MSE between the predicted and the true velocity on the target tokens (condition tokens carry no loss)."""
-    noisy = batch["noisy"].to(device, dtype)
-    hidden = torch.cat([noisy, batch["cond"].to(device, dtype)], dim=1)
-    pred = model(hidden_states=hidden, timestep=batch["sigma"].to(device, dtype), guidance=None,
-                 encoder_hidden_states=batch["embeds"].to(device, dtype), txt_ids=batch["txt_ids"].to(device),
-                 img_ids=batch["img_ids"].to(device), return_dict=False)[0][:, :noisy.shape[1]]
+    pred = model(**flow_inputs(batch, device, dtype))[0][:, batch["layout"].target]
     return torch.nn.functional.mse_loss(pred.float(), batch["velocity"].to(device).float())
 
 
@@ -373,7 +375,7 @@ def export_model(transformer: torch.nn.Module, cfg: TeacherTaskConfig, folder: s
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
     from rtedit.presets import PACKAGE_TOKENIZER, SCHEDULER_CONFIG, SIDECAR_NAME
-    from rtedit.taef2 import TAEF2_DECODER_FILE, TAEF2_ENCODER_FILE, TAEF2_SHA256
+    from rtedit.accel.taef2 import TAEF2_DECODER_FILE, TAEF2_ENCODER_FILE, TAEF2_SHA256
 
     folder = Path(folder)
     dtype = DTYPES[cfg.export_dtype]

@@ -1,17 +1,16 @@
-"""Latent layout for FLUX.2: pure reshapes, position ids and timesteps, with the caches the frame path keys them by.
+"""Latent layout for FLUX.2: pure reshapes and position ids, with the id cache the frame path keys by shape.
 
 Shapes: the VAE latent is [B, 32, H/8, W/8]; patchified [B, 128, H/16, W/16]; packed tokens [B, H/16 * W/16, 128].
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 
-import numpy as np
 import torch
-from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
+# The transformer sees 16x16-pixel patches: a VAE factor of 8 and 2x2 patchify.
+PATCH_PIXELS = 16
 # Reference i sits at T = 10 + 10 * i in the 4-axis RoPE ids, as in Flux2KleinPipeline._prepare_image_ids.
 REFERENCE_T_SCALE = 10
 
@@ -69,12 +68,6 @@ def text_ids(length: int) -> torch.Tensor:
     return ids.unsqueeze(0)
 
 
-def initial_noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The seed's noise, drawn from a CPU generator exactly as diffusers' randn_tensor draws it, on every device."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
-
-
 class LatentIdCache:
     """Position ids of the target grid and of each reference layout, built once per shape and device."""
 
@@ -104,32 +97,3 @@ class LatentIdCache:
 
     def __len__(self) -> int:
         return len(self._ids)
-
-
-class TimestepCache:
-    """The pipeline's sigma schedule (linspace, empirical mu shift) per (sequence length, steps, device).
-
-    A private copy of the scheduler computes it, so the shared scheduler's state is never touched per request.
-    """
-
-    def __init__(self, scheduler) -> None:
-        self._scheduler = copy.deepcopy(scheduler)
-        self._schedules: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, seq_len: int, steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (timesteps [steps], sigmas [steps + 1]) on the device."""
-        key = (seq_len, steps, str(device))
-        with self._lock:
-            if key not in self._schedules:
-                mu = compute_empirical_mu(image_seq_len=seq_len, num_steps=steps)
-                if getattr(self._scheduler.config, "use_flow_sigmas", False):
-                    self._scheduler.set_timesteps(steps, device=device, mu=mu)
-                else:
-                    sigmas = np.linspace(1.0, 1 / steps, steps)
-                    self._scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-                self._schedules[key] = (self._scheduler.timesteps.clone(), self._scheduler.sigmas.clone())
-            return self._schedules[key]
-
-    def __len__(self) -> int:
-        return len(self._schedules)

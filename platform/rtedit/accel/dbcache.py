@@ -17,11 +17,8 @@ TaylorSeer extrapolates cached residuals from the last two computed steps. With 
 step, so it returns the step-1 residual itself (bit-identical to plain DBCache) and only adds copies; it is
 refused unless the mask has two computed steps before a cached one.
 
-Editor wiring (start-up, after attention selection, before compile):
-    dbcache = attach_cache(transformer, CachingConfig())
-per request, before the first transformer call of the denoise loop:
-    dbcache.refresh(num_steps)
-and `editor.stats()["dbcache"] = dbcache.stats()` (between requests).
+The Editor attaches it after attention selection and before compile, refreshes it before the first transformer
+call of every request, and reports `stats()` between requests (rtedit.editor.Editor).
 """
 
 from __future__ import annotations
