@@ -64,3 +64,32 @@ def test_garbage_image_file(tmp_path):
     src.write_bytes(b"nonsense")
     proc = run_cli("edit", "--image", str(src), "--prompt", "x", "--out", str(tmp_path / "o.png"))
     assert proc.returncode == 2 and "InvalidImage" in proc.stderr
+
+
+def test_config_reproduces_a_serve_yaml_engine(tmp_path):
+    """--config reads applications[0].args.engine of a Serve YAML (or a bare engine section); flags override it."""
+    import json
+
+    import yaml
+
+    serve_yaml = tmp_path / "serve.yaml"
+    engine = {"model": "tiny", "max_steps": 3, "buckets": {"sizes": [[64, 64]], "references": [0]},
+              "prompt": {"cache_entries": 7}}
+    serve_yaml.write_text(yaml.safe_dump({"applications": [{"name": "rtedit", "args": {"engine": engine}}]}))
+    info = json.loads(run_cli("info", "--config", str(serve_yaml), check=True).stdout)
+    assert info["engine"]["max_steps"] == 3 and info["engine"]["buckets"]["sizes"] == [[64, 64]]
+    assert info["engine"]["prompt"]["cache_entries"] == 7 and info["engine"]["text_encoder"] is True
+    assert info["fast_path"]["warm_up"] is None  # nothing to compile here: warming is the replica's choice
+    bare = tmp_path / "engine.yaml"
+    bare.write_text(yaml.safe_dump(engine))
+    assert json.loads(run_cli("info", "--config", str(bare), check=True).stdout)["engine"] == info["engine"]
+    # The config's limits hold: 4 steps are over its max_steps.
+    src = tmp_path / "in.png"
+    PIL.Image.fromarray(random_image(64, 64)).save(src)
+    proc = run_cli("edit", "--config", str(serve_yaml), "--image", str(src), "--prompt", "make it blue",
+                   "--out", str(tmp_path / "o.png"), "--steps", "4")
+    assert proc.returncode == 2 and "steps must be in 1..3" in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"applications": [{"args": {"engine": {"modle": "tiny"}}}]}))
+    proc = run_cli("info", "--config", str(bad))
+    assert proc.returncode == 2 and "unknown field(s) modle" in proc.stderr and "Traceback" not in proc.stderr

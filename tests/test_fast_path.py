@@ -126,3 +126,63 @@ def test_cancelled_edit_stops_at_the_next_step_and_frees_the_editor(tiny_editor)
     with pytest.raises(EditCancelled, match="waited"):
         editor.edit(img, "make it blue", steps=2, seed=1, cancel=cancel)
     assert calls["n"] == 1
+
+
+def test_warm_up_without_a_text_encoder_runs_every_bucket_with_zero_embeddings():
+    """A Serve replica has no Qwen3: warm-up feeds zero embeddings of the served shape to every bucket."""
+    cfg = EditorConfig(text_encoder=False, buckets=BUCKETS, compile=CompileConfig(enabled=True, backend="eager"))
+    editor = Editor.from_config(cfg)
+    assert editor.prompt_encoder is None
+    assert editor.warm["shapes"] == [(64, 64, 0), (64, 64, 1), (64, 96, 0), (64, 96, 1)]
+    assert editor.warm["buckets"] == 4 and editor.stats()["edits"] == 8  # two passes over four buckets
+    assert editor.stats()["warm_up"] is editor.warm
+    plain = Editor.from_config(EditorConfig(text_encoder=False))
+    assert plain.warm is None  # nothing compiled: warming is the caller's choice
+    report = plain.warm_up(passes=1)
+    assert report["shapes"] == [(64, 64, 0)] and plain.stats()["edits"] == 1
+
+
+def test_a_device_failure_makes_the_editor_refuse_and_fail_its_health_check(monkeypatch):
+    """A CUDA error loses the device's state: that edit and every later one raise EngineDead, health fails."""
+    from rtedit.errors import EngineDead
+
+    editor = Editor.from_preset("tiny")
+    editor.check_health()
+    img = random_image(64, 64)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(editor.transformer, "forward", broken)
+    with pytest.raises(EngineDead, match="illegal memory access"):
+        editor.edit(img, "make it blue")
+    monkeypatch.undo()
+    with pytest.raises(EngineDead, match="restart"):
+        editor.edit(img, "make it blue")
+    with pytest.raises(EngineDead):
+        editor.check_health()
+    assert editor.stats()["errors"]["EngineDead"] == 2 and "illegal" in editor.stats()["device_failure"]
+
+
+def test_an_ordinary_exception_is_not_a_device_failure(monkeypatch):
+    editor = Editor.from_preset("tiny")
+    monkeypatch.setattr(editor.transformer, "forward", lambda *a, **k: (_ for _ in ()).throw(ValueError("bug")))
+    with pytest.raises(ValueError, match="bug"):
+        editor.edit(random_image(64, 64), "make it blue")
+    editor.check_health()
+    assert editor.device_failure is None
+
+
+def test_stats_name_the_active_attention_backend(fast_editor, tiny_editor):
+    assert fast_editor.stats()["attention_backend"] == fast_editor.attention.active
+    assert tiny_editor.stats()["attention_backend"] == "native (not probed)"
+
+
+def test_package_exports_the_engine_without_importing_torch_eagerly():
+    import subprocess
+    import sys
+
+    code = ("import sys, rtedit; assert 'torch' not in sys.modules, 'torch imported eagerly'; "
+            "from rtedit import Editor, EditorConfig, EditResult; import rtedit.editor as e; "
+            "assert Editor is e.Editor and EditResult is e.EditResult and EditorConfig().model == 'tiny'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

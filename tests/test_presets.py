@@ -95,6 +95,31 @@ def test_sidecar_is_applied_and_enforced(saved_folder, tmp_path):
     assert ed.edit(random_image(64, 64), "make it blue", steps=2).array.shape == (64, 64, 3)
     with pytest.raises(UnsupportedRequest, match="steps"):
         ed.edit(random_image(64, 64), "make it blue", steps=4)
+    # The text-encoder service and a replica without Qwen3 key prompts alike for the folder's own settings.
+    from rtedit.config import EditorConfig
+    from rtedit.prompts import PromptService
+
+    service = PromptService.from_config(EditorConfig(model=str(folder)))
+    replica = Editor.from_config(EditorConfig(model=str(folder), text_encoder=False))
+    assert service.key("make it blue") == replica.prompt_key("make it blue") == ed.prompt_key("make it blue")
+    assert service.config.max_length == replica.config.prompt.max_length == 64
+    assert replica.prompt_key("make it blue") != Editor.from_preset("tiny").prompt_key("make it blue")
+
+
+@pytest.mark.parametrize("sidecar", [{"causal": True}, {"condition_timestep": 0.0}])
+def test_causal_folders_are_refused_until_the_engine_serves_them(saved_folder, tmp_path, sidecar):
+    import shutil
+
+    from rtedit.config import EditorConfig
+    from rtedit.prompts import PromptService
+
+    folder = tmp_path / "causal"
+    shutil.copytree(saved_folder, folder)
+    (folder / "rtedit.json").write_text(json.dumps(sidecar))
+    with pytest.raises(UnsupportedRequest, match="causal models are not served"):
+        Editor.from_pretrained(str(folder))
+    with pytest.raises(UnsupportedRequest, match="causal models are not served"):
+        PromptService.from_config(EditorConfig(model=str(folder)))
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,17 @@ commands:
 
 Models (--model): 'tiny' (random weights, CPU, seconds), 'klein-4b-random' (real klein 4B shapes, random
 weights, needs a GPU), or a local diffusers folder / hub id of a FLUX.2 klein model.
+
+Any serving configuration can be reproduced with --config: a Serve YAML (its applications[0].args.engine, e.g.
+deployments/serve-gpu.yaml) or a bare engine-section YAML; --model, --device and --dtype override it.
 """
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="preset name, diffusers folder or hub id (default: tiny)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a Serve YAML (applications[0].args.engine) or an engine-section YAML to build the editor from")
+    p.add_argument("--model", default=None, help="preset name, diffusers folder or hub id (default: tiny, or the "
+                                                 "--config's model)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the model's own choice)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
 
@@ -53,16 +59,28 @@ def _read(path: Path, what: str) -> bytes:
         raise SystemExit(f"rtedit: cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
+def _editor_config(args: argparse.Namespace):
+    """The --config file's engine section (or the defaults), with --model/--device/--dtype on top."""
+    from rtedit.config import EditorConfig, load_engine_config
+
+    overrides = {k: v for k, v in (("model", args.model), ("device", args.device), ("dtype", args.dtype)) if v}
+    if args.config is None:
+        return EditorConfig.from_dict({"model": "tiny", **overrides})
+    # The CLI always has the text encoder: it takes the instruction as text.
+    return load_engine_config(args.config, {**overrides, "text_encoder": True})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rtedit.config import EditorConfig
     from rtedit.editor import Editor
 
     try:
-        config = EditorConfig(model=args.model, device=args.device, dtype=args.dtype).validate()
+        config = _editor_config(args)
         if args.command == "info":
             editor = Editor.from_config(config)
-            print(json.dumps(editor.model_info, indent=2))
+            # The engine section printed back is what the editor was built from: enough to rebuild it.
+            print(json.dumps({**editor.model_info, "engine": config.to_dict(), "fast_path": {
+                k: editor.stats()[k] for k in ("attention_backend", "warm_up")}}, indent=2, default=str))
             return 0
         fmt = args.out.suffix.lower().lstrip(".")
         if fmt not in ("jpg", "jpeg", "png", "webp"):
