@@ -42,3 +42,12 @@ def dtype_named(name: str) -> torch.dtype:
     if name in PRECISIONS:
         return PRECISIONS[name]
     raise ConfigError(f"unknown dtype {name!r}; known: {sorted(DTYPES) + sorted(PRECISIONS)}")
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """A CUDA error after which the device's state is lost (an illegal access, a device-side assert)."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)

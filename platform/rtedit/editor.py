@@ -19,12 +19,12 @@ import PIL.Image
 import torch
 
 from rtedit.config import EditorConfig
-from rtedit.device import resolve_device, resolve_dtype
-from rtedit.errors import EditCancelled, EditError, EngineDead, InvalidRequest, ModelLoadError, UnsupportedRequest
+from rtedit.device import is_device_failure, resolve_device, resolve_dtype
+from rtedit.errors import EditCancelled, EditError, EngineDead, InvalidRequest, ModelLoadError
+from rtedit.frame_request import FrameRequest, check_request
 from rtedit.images import (
     ImageInput,
     array_to_pil,
-    check_output_format,
     encode_image,
     fit_like_pipeline,
     pixels_to_array,
@@ -41,9 +41,6 @@ from rtedit.vae import LatentCodec
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 2**63 - 1
-
-
 @dataclass
 class EditResult:
     """One edited frame."""
@@ -55,20 +52,6 @@ class EditResult:
     seed: int = 0
     steps: int = 2
     prompt_truncated: bool = False
-
-
-@dataclass(frozen=True)
-class FrameRequest:
-    """One edit as its caller asked for it; `Editor._check_request` checks every field."""
-
-    image: ImageInput
-    prompt: str | PromptEmbedding
-    references: tuple[ImageInput, ...] = ()
-    steps: int = 2
-    seed: int = 0
-    height: int | None = None
-    width: int | None = None
-    output_format: str | None = None
 
 
 @dataclass
@@ -94,15 +77,6 @@ class FramePlan:
 def stop_if_cancelled(cancel: threading.Event | None, where: str) -> None:
     if cancel is not None and cancel.is_set():
         raise EditCancelled(f"edit cancelled by its caller {where}")
-
-
-def is_device_failure(exc: BaseException) -> bool:
-    """A CUDA error after which the device's state is lost (an illegal access, a device-side assert)."""
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
 
 
 def _gray(height: int, width: int) -> np.ndarray:
@@ -250,8 +224,8 @@ class Editor:
         then raises EditCancelled at its next stage or denoising step and frees the model for the next request.
         """
         try:
-            self._check_request(references, steps, seed, height, width, output_format)
-            request = FrameRequest(image, prompt, tuple(references), steps, int(seed), height, width, output_format)
+            request = check_request(FrameRequest(image, prompt, references, steps, seed, height, width, output_format),
+                                    self.config, self.bundle.sidecar.steps)
             with self._lock, torch.inference_mode():
                 result = self._edit(request, cancel)
         except EditError as exc:
@@ -423,36 +397,6 @@ class Editor:
         return PromptEmbedding(embeds, self.latent_ids.text(length, self.device), "warm-up")
 
     # ---- checks and reporting -----------------------------------------------------------------------------------
-    def _check_request(self, references, steps, seed, height, width, output_format) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise InvalidRequest(f"steps must be an integer, got {steps!r}")
-        if not 1 <= steps <= self.config.max_steps:
-            raise InvalidRequest(f"steps must be in 1..{self.config.max_steps}, got {steps}")
-        allowed = self.bundle.sidecar.steps
-        if allowed is not None and steps not in allowed:
-            raise UnsupportedRequest(f"this model was trained for steps {list(allowed)}; got steps={steps}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise InvalidRequest(f"seed must be an integer, got {seed!r}")
-        if not 0 <= int(seed) <= MAX_SEED:
-            raise InvalidRequest(f"seed must be in 0..{MAX_SEED}, got {seed}")
-        if isinstance(references, (str, bytes)) or not isinstance(references, (list, tuple)):
-            raise InvalidRequest(f"references must be a list of images, got {type(references).__name__}")
-        if len(references) > self.config.images.max_references:
-            raise InvalidRequest(
-                f"{len(references)} references given; at most {self.config.images.max_references} are accepted"
-            )
-        for name, value in (("height", height), ("width", width)):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidRequest(f"{name} must be an integer number of pixels, got {value!r}")
-            if value < self.config.images.min_side:
-                raise InvalidRequest(f"{name} must be at least {self.config.images.min_side}, got {value}")
-        if height and width and height * width > self.config.images.max_pixels:
-            raise InvalidRequest(f"{height}x{width} is over the limit of {self.config.images.max_pixels} pixels")
-        if output_format is not None:
-            check_output_format(output_format)
-
     def check_health(self) -> None:
         """Raises EngineDead once the device has failed beyond recovery (Serve then replaces the replica)."""
         if self.device_failure is not None:

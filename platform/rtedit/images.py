@@ -136,7 +136,7 @@ def check_output_format(fmt: object) -> str:
     """The lower-case name of an output format, or InvalidRequest naming the ones there are."""
     key = fmt.lower() if isinstance(fmt, str) else fmt
     if key not in _PIL_FORMATS:
-        raise InvalidRequest(f"output format must be one of {list(OUTPUT_FORMATS)}, got {fmt!r}")
+        raise InvalidRequest(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {fmt!r}")
     return key
 
 
