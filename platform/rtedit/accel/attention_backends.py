@@ -61,20 +61,31 @@ def _refuse_unsupported(name: str, query, key, attn_mask, dropout_p, is_causal, 
         raise AttentionBackendUnsupported(f"{name} does not support context parallelism")
 
 
-def fa3_fwd_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    return_lse: bool = False,
-    _parallel_config: Any = None,
-) -> torch.Tensor:
-    """FlashAttention 3 forward (fa3-fwd wheel). BSHD in and out; GQA is native (fewer KV heads)."""
-    _refuse_unsupported("fa3_fwd", query, key, attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
+def _mask_free_backend(name: str, kernel: Callable[..., torch.Tensor], doc: str) -> Callable[..., torch.Tensor]:
+    """A diffusers backend around a kernel that takes no mask: the full argument list is declared (the dispatcher
+    drops undeclared ones silently) and whatever the kernel cannot apply is refused."""
+
+    def backend(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+        return_lse: bool = False,
+        _parallel_config: Any = None,
+    ) -> torch.Tensor:
+        _refuse_unsupported(name, query, key, attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
+        return kernel(query, key, value, scale=scale, is_causal=is_causal)
+
+    backend.__name__ = backend.__qualname__ = f"{name}_attention"
+    backend.__doc__ = doc
+    return backend
+
+
+def _fa3_fwd_kernel(query, key, value, scale, is_causal):
     from fa3_fwd_interface import flash_attn_func
 
     out = flash_attn_func(query, key, value, softmax_scale=scale, causal=is_causal)
@@ -82,25 +93,18 @@ def fa3_fwd_attention(
     return out[0] if isinstance(out, tuple) else out
 
 
-def sage1_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    return_lse: bool = False,
-    _parallel_config: Any = None,
-) -> torch.Tensor:
-    """SageAttention 1.0.6 (Triton, INT8 QK, FP16 PV). BSHD in and out."""
-    _refuse_unsupported("sage1", query, key, attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
+def _sage1_kernel(query, key, value, scale, is_causal):
     from sageattention import sageattn
 
     # sageattn smooths K in place (k -= mean); the caller's key may be kept (e.g. a KV cache), so hand it a copy.
     out = sageattn(query, key.clone(), value, tensor_layout="NHD", is_causal=is_causal, sm_scale=scale)
     return out.to(query.dtype)
+
+
+fa3_fwd_attention = _mask_free_backend(
+    "fa3_fwd", _fa3_fwd_kernel, "FlashAttention 3 forward (fa3-fwd wheel). BSHD in and out; GQA is native.")
+sage1_attention = _mask_free_backend(
+    "sage1", _sage1_kernel, "SageAttention 1.0.6 (Triton, INT8 QK, FP16 PV). BSHD in and out.")
 
 
 def _fa3_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:

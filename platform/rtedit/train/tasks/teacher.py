@@ -55,7 +55,7 @@ class TeacherTaskConfig:
     te_taps: tuple[int, ...] = (1, 2, 3)
     te_seed: int = 0
     min_instruction_separation: float = 0.05
-    """Smallest allowed distance between two instructions' embeddings, relative to their mean norm (a deep random encoder can collapse them)."""
+    """Smallest allowed distance between two instructions' embeddings, relative to their mean norm."""
     # Transformer: in_channels 128 as klein (TAEF2 latents patchified 2x2).
     num_layers: int = 2
     num_single_layers: int = 6
