@@ -3,36 +3,163 @@
     python bench/frame_latency.py --size 512 --frames 500 --rows stock   --json out/stock-512.json
     python bench/frame_latency.py --size 512 --frames 500 --rows ours    --json out/ours-512.json --reference out/stock-512.json
     python bench/frame_latency.py --merge out/*.json      # one table from rows split over processes (--only)
+    python bench/frame_latency.py --model tiny --size 64 --frames 3 --warmup 1   # CPU dry run
 
-klein-4b-random in bf16 on one GPU, one input image, 2 steps, prompt embeddings cached. Rows:
-  stock: "stock eager" (Flux2KleinPipeline), then "stock compile" (compile_repeated_blocks + VAE encoder/decoder
-         compiled, on modules nothing has patched before), then the compile is undone;
-  ours:  "exact" (no approximation), "+attention" (probed kernel), "+compile" (selective, warmed bucket),
-         "+dbcache dynamic" (serving policy), "+dbcache static" (timing only), "+taef2" (with each policy).
+klein-4b-random in bf16 on one GPU, one input image, 2 steps, one prompt embedding (computed once by an editor with
+a text encoder, then passed to every row). Rows:
+  stock: "stock eager" (Flux2KleinPipeline), then "stock compile" (compile_repeated_blocks + VAE encoder/decoder);
+  ours:  each row is an EditorConfig built fresh with Editor.from_config (the previous editor freed first):
+         "exact" is deployments/serve-gpu.yaml's replica config with every optimization off and no buckets; each
+         next row adds one: "+attention" (probed kernel), "+compile" (selective, the frame's bucket warmed),
+         "+dbcache dynamic", "+dbcache static" (timing only), "+taef2" (with each policy); "serving configuration"
+         is exactly load_engine_config("deployments/serve-gpu.yaml").for_replica() (its 512 and 1024 buckets).
 Each row: prepare/denoise/decode/total median and p99 over --frames frames (CUDA events), FPS, speedup against
 stock eager (when its JSON is given or in the same run) and the output's PSNR against our exact path (drift; with
-random weights it catches bugs, it does not score quality). Weights: the preset's fixed N(0, 0.02) init.
+random weights it catches bugs, it does not score quality). Weights: the preset's fixed N(0, 0.02) init, the same
+for every row. --model tiny is a CPU dry run: a tiny folder with 3 + 3 blocks (DBCache needs a middle block to
+skip), float32, the eager compile backend and the YAML's buckets scaled by --size/512.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import datetime
+import functools
+import gc
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
+import yaml
+from rtedit.config import EditorConfig, ShapeBuckets, engine_section, load_engine_config
+from rtedit.stage_timer import StageTimer
 
+REPO = Path(__file__).resolve().parents[1]
+SERVE_GPU = REPO / "deployments" / "serve-gpu.yaml"
+PROMPT = "make it winter"
 STAGES = ("prepare", "denoise", "decode", "total")
-ROWS = ("stock eager", "stock compile", "exact", "+attention", "+compile", "+dbcache dynamic", "+dbcache static",
-        "+taef2 (dbcache dynamic)", "+taef2 (dbcache static)")
+SERVING = "serving configuration"
+OURS = ("exact", "+attention", "+compile", "+dbcache dynamic", "+dbcache static", "+taef2 (dbcache dynamic)",
+        "+taef2 (dbcache static)", SERVING)
+ROWS = ("stock eager", "stock compile", *OURS)
 
 
+# ---- the rows as configs ---------------------------------------------------------------------------------------
+@functools.cache
+def tiny_model_dir() -> str:
+    """The tiny preset saved as a diffusers folder with 3 double and 3 single blocks, so DBCache has a middle block
+    to skip and Editor.from_config (and a Serve replica) loads it like any model; seeded, removed at exit."""
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+    from rtedit.presets import TINY_TRANSFORMER, build_preset, init_random_weights
+
+    bundle = build_preset("tiny", torch.device("cpu"), torch.float32)
+    transformer = Flux2Transformer2DModel(**{**TINY_TRANSFORMER, "num_layers": 3, "num_single_layers": 3}).eval()
+    init_random_weights(transformer, 0)
+    folder = tempfile.mkdtemp(prefix="rtedit-tiny-")
+    atexit.register(shutil.rmtree, folder, True)
+    Flux2KleinPipeline(scheduler=bundle.scheduler, vae=bundle.vae, text_encoder=bundle.text_encoder,
+                       tokenizer=bundle.tokenizer, transformer=transformer, is_distilled=True).save_pretrained(folder)
+    return folder
+
+
+def engine_overrides(model: str = "klein-4b-random", size: int = 512, compile_backend: str | None = None,
+                     taef2_dir: str | None = None) -> dict:
+    """The command line's changes to serve-gpu.yaml's engine section, as nested YAML data; none for the GPU run."""
+    section = engine_section(yaml.safe_load(SERVE_GPU.read_text()))
+    over: dict = {}
+    if model == "tiny":
+        def scale(side: int) -> int:  # CPU-sized buckets of the same structure (512 and 1024 take minutes there)
+            return max(64, side * size // 512 // 16 * 16)
+
+        over = {"model": tiny_model_dir(), "dtype": "float32",
+                "buckets": {"sizes": [[scale(h), scale(w)] for h, w in section["buckets"]["sizes"]]}}
+        compile_backend = compile_backend or "eager"  # inductor on a CPU dry run compiles C++ for minutes
+    elif model != section["model"]:
+        over["model"] = model
+    if compile_backend:
+        over["compile"] = {"backend": compile_backend}
+    if taef2_dir:
+        over["taef2_dir"] = taef2_dir
+    return over
+
+
+def merged(base: dict, over: dict) -> dict:
+    """`base` with `over` laid on top, section by section (a YAML override of one nested key keeps the others)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(base.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def serving_config(overrides: dict | None = None) -> EditorConfig:
+    """What a Serve replica of deployments/serve-gpu.yaml runs, with the command line's overrides."""
+    section = engine_section(yaml.safe_load(SERVE_GPU.read_text()))
+    return load_engine_config(SERVE_GPU, merged(section, overrides or {})).for_replica()
+
+
+def row_configs(serving: EditorConfig, size: int) -> dict[str, EditorConfig]:
+    """Every "ours" row: the exact base, then each row the one before it plus one optimization, and the serving
+    configuration as it is. tests/test_bench_configs.py holds each step to the fields it names."""
+    def policy(config: EditorConfig, name: str) -> EditorConfig:
+        return dataclasses.replace(config, dbcache=dataclasses.replace(config.dbcache, policy=name))
+
+    exact = dataclasses.replace(
+        serving, select_attention=False, autoencoder="vae", buckets=ShapeBuckets(),
+        dbcache=dataclasses.replace(serving.dbcache, enabled=False, policy="dynamic"),
+        compile=dataclasses.replace(serving.compile, enabled=False))
+    rows = {"exact": exact, "+attention": dataclasses.replace(exact, select_attention=True)}
+    rows["+compile"] = dataclasses.replace(rows["+attention"], compile=dataclasses.replace(exact.compile, enabled=True),
+                                           buckets=ShapeBuckets(sizes=((size, size),), references=serving.buckets.references))
+    rows["+dbcache dynamic"] = dataclasses.replace(rows["+compile"], dbcache=dataclasses.replace(exact.dbcache, enabled=True))
+    rows["+dbcache static"] = policy(rows["+dbcache dynamic"], "static")
+    rows["+taef2 (dbcache dynamic)"] = dataclasses.replace(rows["+dbcache dynamic"], autoencoder="taef2")
+    rows["+taef2 (dbcache static)"] = policy(rows["+taef2 (dbcache dynamic)"], "static")
+    rows[SERVING] = serving
+    assert tuple(rows) == OURS
+    return {name: config.validate() for name, config in rows.items()}
+
+
+def note(name: str, config: EditorConfig) -> str:
+    if name == "exact":
+        return "no approximation: equals the stock pipeline on CPU float32"
+    if name == SERVING:
+        return f"deployments/serve-gpu.yaml for_replica(), buckets {[list(s) for s in config.buckets.sizes]}"
+    if "static" in name:
+        return "TIMING ONLY: caches step 2 unconditionally"
+    if name == "+compile":
+        return f"{config.compile.backend}, static shapes, warmed"
+    return ("TAEF2 encoder/decoder; " if "taef2" in name else "") + ("serving policy" if "dynamic" in name else "")
+
+
+def build(config: EditorConfig):
+    """One row's editor: the same entry point Serve, the CLI and the jobs use, fast path built and warmed."""
+    from rtedit.editor import Editor
+
+    return Editor.from_config(config)
+
+
+def encoder_editor(configs: dict[str, EditorConfig]):
+    """The exact row's editor with a text encoder: the prompt embedding every row is given (replicas have none)."""
+    return build(dataclasses.replace(configs["exact"], text_encoder=True))
+
+
+def release() -> None:
+    """After dropping the last reference to an editor: its memory and compiled graphs go before the next is built."""
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- measuring -------------------------------------------------------------------------------------------------
 def frame(size: int) -> np.ndarray:
     """A smooth deterministic frame (no dataset needed on the GPU host)."""
     rng = np.random.default_rng(0)
@@ -41,7 +168,9 @@ def frame(size: int) -> np.ndarray:
     return (np.clip(img + 0.05 * rng.random((size, size, 3)), 0, 1) * 255).astype(np.uint8)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
+def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
+    if a.shape != b.shape:
+        return None  # a bucket resized the frame: not comparable
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
@@ -60,7 +189,7 @@ def summarize(name: str, samples: dict[str, list[float]], output: np.ndarray, no
 
 def frame_counts(name: str, args) -> tuple[int, int]:
     """(frames, warm-up frames) of a row: all for a row --only names, --parity-frames for "exact" when --only
-    leaves it out (rows split over several cards: it shows each card times alike), else 0: set up, not measured."""
+    leaves it out (rows split over several cards: it shows each card times alike), else 0: not measured."""
     if not args.only or name in args.only:
         return args.frames, args.warmup
     if name == "exact" and args.parity_frames > 0:
@@ -68,62 +197,51 @@ def frame_counts(name: str, args) -> tuple[int, int]:
     return 0, 0
 
 
-class _HostClock:
-    """The part of torch.cuda.Event the timer uses, on the host clock (CPU dry runs of this script)."""
-
-    def record(self) -> None:
-        import time
-
-        self.t = time.perf_counter()
-
-    def synchronize(self) -> None:
-        pass
-
-    def elapsed_time(self, other: "_HostClock") -> float:
-        return (other.t - self.t) * 1000.0
+def measure(name: str, once, frames: int, warmup: int, note: str = "") -> dict:
+    """`once()` -> (output, stage timings) run warm-up + frames times; a row with 0 frames runs once for its output."""
+    for _ in range(warmup):
+        once()
+    samples = {s: [] for s in STAGES}
+    for _ in range(max(frames, 1)):
+        out, t = once()
+        for s in STAGES:
+            samples[s].append(t[s])
+    if not frames:
+        return {"row": name, "_output": out, "_skipped": True}
+    return summarize(name, samples, out, note)
 
 
 class StockStageTimer:
-    """Stage boundaries of a stock pipeline call from transformer hooks: first step start and last step end."""
+    """Stage boundaries of a stock pipeline call from transformer hooks, on rtedit's StageTimer (CUDA events, or
+    the host clock on a CPU): the first step's start ends prepare, the last step's end starts decode."""
 
     def __init__(self, transformer) -> None:
-        self.events: list[torch.cuda.Event] = []
-        transformer.register_forward_pre_hook(lambda *_: self._first())
-        transformer.register_forward_hook(lambda *_: self._last())
-
-    def _event(self):
-        e = torch.cuda.Event(enable_timing=True) if torch.cuda.is_available() else _HostClock()
-        e.record()
-        return e
+        self.device = transformer.device
+        transformer.register_forward_pre_hook(lambda *_: self._step())
+        transformer.register_forward_hook(lambda *_: self.timer.mark("step"))
 
     def start(self) -> None:
-        self.begin, self.denoise_start, self.denoise_end = self._event(), None, None
+        self.timer, self.stepping = StageTimer(self.device), False
 
-    def _first(self) -> None:
-        if self.denoise_start is None:
-            self.denoise_start = self._event()
-
-    def _last(self) -> None:
-        self.denoise_end = self._event()
+    def _step(self) -> None:
+        if not self.stepping:
+            self.timer.mark("prepare")
+            self.stepping = True
 
     def stop(self) -> dict[str, float]:
-        end = self._event()
-        end.synchronize()
-        return {
-            "prepare": self.begin.elapsed_time(self.denoise_start),
-            "denoise": self.denoise_start.elapsed_time(self.denoise_end),
-            "decode": self.denoise_end.elapsed_time(end),
-            "total": self.begin.elapsed_time(end),
-        }
+        self.timer.mark("decode")
+        t = self.timer.timings()
+        return {"prepare": t["prepare"], "denoise": t["total"] - t["prepare"] - t["decode"], "decode": t["decode"],
+                "total": t["total"]}
 
 
-def run_stock(editor, image, emb, args) -> list[dict]:
+def run_stock(editor, image, emb, args, backend: str) -> list[dict]:
+    """Diffusers' own pipeline on the encoder editor's modules (freed after; our rows build their own); compiled
+    with the backend of our compiled rows."""
     from diffusers import Flux2KleinPipeline
 
-    pipe = Flux2KleinPipeline(
-        scheduler=editor.scheduler, vae=editor.vae, text_encoder=editor.text_encoder,
-        tokenizer=editor.tokenizer, transformer=editor.transformer, is_distilled=True,
-    )
+    pipe = Flux2KleinPipeline(scheduler=editor.scheduler, vae=editor.vae, text_encoder=editor.text_encoder,
+                              tokenizer=editor.tokenizer, transformer=editor.transformer, is_distilled=True)
     pipe.set_progress_bar_config(disable=True)
     pil, timer = PIL.Image.fromarray(image), StockStageTimer(pipe.transformer)
 
@@ -133,108 +251,50 @@ def run_stock(editor, image, emb, args) -> list[dict]:
                    generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
         return out, timer.stop()
 
-    def measure(name, note=""):
-        frames, warmup = frame_counts(name, args)
-        for _ in range(warmup):
-            once()
-        samples = {s: [] for s in STAGES}
-        for _ in range(max(frames, 1)):  # a row set up but not measured still runs once for its output
-            out, t = once()
-            for s in STAGES:
-                samples[s].append(t[s])
-        if not frames:
-            return {"row": name, "_output": out, "_skipped": True}
-        return summarize(name, samples, out, note)
-
-    rows = [measure("stock eager")]
-    compiled = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks, pipe.vae.encoder, pipe.vae.decoder]
-    pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=args.compile_backend)
-    pipe.vae.encoder.compile(backend=args.compile_backend)
-    pipe.vae.decoder.compile(backend=args.compile_backend)
-    rows.append(measure("stock compile", "compile_repeated_blocks(fullgraph) + VAE encoder/decoder, inductor"))
-    for module in compiled:
-        module._compiled_call_impl = None  # back to eager: later rows start from unpatched modules
+    rows = [measure("stock eager", once, *frame_counts("stock eager", args))]
+    frames, warmup = frame_counts("stock compile", args)
+    if frames:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
+        pipe.vae.encoder.compile(backend=backend)
+        pipe.vae.decoder.compile(backend=backend)
+        rows.append(measure("stock compile", once, frames, warmup,
+                            f"compile_repeated_blocks(fullgraph) + VAE encoder/decoder, {backend}"))
     return rows
 
 
-def run_ours(editor, image, emb, args) -> list[dict]:
-    from rtedit.accel.attention_probe import select_attention_backend
-    from rtedit.accel.dbcache import CachingConfig, attach_cache
-    from rtedit.accel.compile import CompileConfig, compile_regions
-    from rtedit.config import ShapeBuckets
-    from rtedit.accel.taef2 import load_taef2
+def edit_once(editor, image, emb, steps: int) -> tuple[np.ndarray, dict]:
+    res = editor.edit(image, emb, steps=steps, seed=0)
+    return res.array, res.timings
 
-    def measure(name, note=""):
+
+def run_ours(configs: dict[str, EditorConfig], image, emb, args) -> list[dict]:
+    """Each row measured on an editor of its own; the exact row always runs (once at least): it anchors drift."""
+    rows = []
+    for name, config in configs.items():
         frames, warmup = frame_counts(name, args)
-        for _ in range(warmup):
-            editor.edit(image, emb, steps=args.steps, seed=0)
-        samples = {s: [] for s in STAGES}
-        for _ in range(max(frames, 1)):
-            res = editor.edit(image, emb, steps=args.steps, seed=0)
-            for s in STAGES:
-                samples[s].append(res.timings[s])
-        if not frames:  # set up but not measured here; its output still anchors the drift column
-            return {"row": name, "_output": res.array, "_skipped": True}
-        row = summarize(name, samples, res.array, note)
-        if editor.dbcache is not None:
-            stats = editor.dbcache.stats()
-            row["dbcache"] = {k: stats[k] for k in ("policy", "label", "config", "groups")}
-        if editor.compiled is not None:
-            branches = editor.compiled.stats()["branches"]
-            row["recompiles"] = {n: b["recompiles"] for n, b in branches.items()}
-            assert all(v == 0 for v in row["recompiles"].values()), f"recompiled after warm-up: {row['recompiles']}"
-        return row
-
-    rows = [measure("exact", "no approximation: equals the stock pipeline on CPU float32")]
-
-    def finished() -> bool:  # every row --only names is measured: skip setting up the later ones
-        return bool(args.only) and set(args.only) <= {r["row"] for r in rows if not r.get("_skipped")}
-
-    if finished():
-        return rows
-    # +attention: the start-up probe on the real shapes picks the fastest correct kernel.
-    with torch.inference_mode():
-        plan = editor._prepare(image, emb, (), args.steps, 0, None, None)
-        editor.attention = select_attention_backend(editor.transformer, plan.step_inputs(plan.latents, plan.timesteps[0], editor.dtype))
-    row = measure("+attention", f"chosen {editor.attention.chosen}")
-    row["attention_probe"] = editor.attention.stats()["probe"]
-    rows.append(row)
-    if finished():
-        return rows
-
-    # +compile: transformer blocks and VAE encoder/decoder as separate branches, the frame's bucket warmed.
-    editor.config = dataclasses.replace(editor.config, buckets=ShapeBuckets(sizes=((args.size, args.size),), references=(0,)))
-    editor.compiled = compile_regions(CompileConfig(enabled=True, backend=args.compile_backend), transformer=editor.transformer,
-                                      vae_encoder=editor.vae.encoder, vae_decoder=editor.vae.decoder)
-    editor.codec.reference_context = lambda: editor.compiled.eager("vae_encoder")
-    editor.compiled.warm_up([0], lambda _: editor.edit(image, emb, steps=args.steps, seed=0))
-    rows.append(measure("+compile", "inductor, static shapes, warmed"))
-    if finished():
-        return rows
-
-    for policy in ("dynamic", "static"):
-        if editor.dbcache is not None:
-            editor.dbcache.detach()
-        editor.dbcache = attach_cache(editor.transformer, CachingConfig(enabled=True, policy=policy))
-        note = "serving policy" if policy == "dynamic" else "TIMING ONLY: caches step 2 unconditionally"
-        rows.append(measure(f"+dbcache {policy}", note))
-        if finished():
-            return rows
-
-    taef2 = load_taef2(args.taef2_dir, device=editor.device, dtype=editor.dtype)
-    taef2_regions = compile_regions(CompileConfig(enabled=True, transformer=False, backend=args.compile_backend), vae_encoder=taef2.encoder, vae_decoder=taef2.decoder)
-    editor.codec.taef2 = taef2
-    editor.codec.reference_context = lambda: taef2_regions.eager("vae_encoder")
-    for policy in ("dynamic", "static"):
-        editor.dbcache.detach()
-        editor.dbcache = attach_cache(editor.transformer, CachingConfig(enabled=True, policy=policy))
-        if policy == "dynamic":
-            taef2_regions.warm_up([0], lambda _: editor.edit(image, emb, steps=args.steps, seed=0))
-        note = "serving policy" if policy == "dynamic" else "TIMING ONLY: static DBCache"
-        rows.append(measure(f"+taef2 (dbcache {policy})", note))
+        if not frames and name != "exact":
+            continue
+        editor = build(config)
+        row = measure(name, functools.partial(edit_once, editor, image, emb, args.steps), frames, warmup,
+                      note(name, config))
+        stats = editor.stats()
+        if config.dbcache.enabled:
+            row["dbcache"] = {k: stats["dbcache"][k] for k in ("policy", "label", "config", "groups")}
+        if config.select_attention:
+            row["attention_probe"] = stats["attention"]["probe"]
+            row["note"] = f"chosen {stats['attention_backend']}; {row.get('note', '')}".rstrip("; ")
+        if config.compile.enabled:
+            branches = stats["compile"]["branches"]
+            row["recompiles"] = {n: b["recompiles"] for n, b in branches.items() if b["state"] != "off"}
+            row["compile_failures"] = {n: b["failure"] for n, b in branches.items() if b["failure"]}
+            assert all(v == 0 for v in row["recompiles"].values()), f"{name}: recompiled after warm-up: {row['recompiles']}"
+        rows.append(row)
+        editor = None  # the last reference: release() frees it before the next row is built
+        release()
     return rows
 
 
+# ---- reporting -------------------------------------------------------------------------------------------------
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
     print("| row | prepare | denoise | decode | total median | total p99 | frames | FPS | x stock eager | PSNR vs exact | card | note |")
@@ -248,9 +308,10 @@ def print_table(rows: list[dict], header: str) -> None:
     for r in rows:
         if "dbcache" in r:
             print(f"{r['row']}: dbcache {json.dumps(r['dbcache'], default=str)}")
-        if "attention_probe" in r:
-            for p in r["attention_probe"]:
-                print(f"  attention probe {p}")
+        if "attention_probe" in r:  # one line per row; the JSON keeps each kernel's errors
+            print(f"{r['row']}: attention probe " + ", ".join(
+                f"{p['name']} {p['ms']:.1f} ms" + (" (chosen)" if p["chosen"] else "") if p["ms"] is not None
+                else f"{p['name']} unavailable" for p in r["attention_probe"]))
 
 
 def merge(paths: list[str]) -> int:
@@ -266,50 +327,56 @@ def merge(paths: list[str]) -> int:
     return 0
 
 
+def card() -> tuple[str, str]:
+    """The card's name and UUID (results name the card they ran on)."""
+    if not torch.cuda.is_available():
+        return "CPU (dry run)", "cpu"
+    return torch.cuda.get_device_name(), str(torch.cuda.get_device_properties(0).uuid)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--frames", type=int, default=500)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rows", choices=["stock", "ours", "all"], default="all")
+    p.add_argument("--only", nargs="+", default=None, choices=ROWS, metavar="ROW",
+                   help="measure only these rows (others are not built; exact still runs once, for the drift column)")
+    p.add_argument("--parity-frames", type=int, default=0,
+                   help="with --only: time the exact row over this many frames as well, to compare cards")
+    p.add_argument("--reference", default=None, help="JSON of an earlier --rows stock run on the same card")
+    p.add_argument("--taef2-dir", default=None, help="TAEF2 weights folder (default: rtedit.paths.taef2_dir())")
+    p.add_argument("--json", default=None)
+    p.add_argument("--model", default="klein-4b-random", choices=["klein-4b-random", "tiny"], help="tiny: CPU dry run")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend of every compiled row (default: the YAML's, inductor; tiny: eager)")
+    return p
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--merge"]:
         return merge(sys.argv[2:])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--frames", type=int, default=500)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--rows", choices=["stock", "ours", "all"], default="all")
-    parser.add_argument("--only", nargs="+", default=None, choices=ROWS, metavar="ROW",
-                        help="measure only these rows; the others are set up (their effect kept) but not timed")
-    parser.add_argument("--parity-frames", type=int, default=0,
-                        help="with --only: time the exact row over this many frames as well, to compare cards")
-    parser.add_argument("--reference", default=None, help="JSON of an earlier --rows stock run on the same card")
-    parser.add_argument("--taef2-dir", default=None, help="TAEF2 weights folder (default: rtedit.paths.taef2_dir())")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--model", default="klein-4b-random", choices=["klein-4b-random", "tiny"], help="tiny: CPU dry run")
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of every compiled row")
-    args = parser.parse_args()
+    p = parser()
+    args = p.parse_args()
     if args.frames < 1 or args.parity_frames < 0:
-        parser.error(f"--frames must be >= 1 and --parity-frames >= 0, got {args.frames} and {args.parity_frames}")
+        p.error(f"--frames must be >= 1 and --parity-frames >= 0, got {args.frames} and {args.parity_frames}")
     if not torch.cuda.is_available() and args.model != "tiny":
         raise SystemExit("frame_latency needs a CUDA GPU for klein-4b-random (use --model tiny for a CPU dry run)")
 
     import diffusers
     import transformers
 
-    from rtedit.editor import Editor
-
-    editor = Editor.from_preset(args.model)
-    if args.model == "tiny":
-        # DBCache needs a middle block to skip in each group; tiny has one double block, so the dry run gets three.
-        from diffusers import Flux2Transformer2DModel
-
-        from rtedit.presets import TINY_TRANSFORMER
-
-        editor.transformer = Flux2Transformer2DModel(**{**TINY_TRANSFORMER, "num_layers": 3, "num_single_layers": 3}).eval()
+    configs = row_configs(serving_config(engine_overrides(args.model, args.size, args.compile_backend, args.taef2_dir)),
+                          args.size)
     image = frame(args.size)
-    emb = editor.encode_prompt("make it winter")
-    rows = []
-    if args.rows in ("stock", "all"):
-        rows += run_stock(editor, image, emb, args)
-    if args.rows in ("ours", "all"):
-        rows += run_ours(editor, image, emb, args)
+    encoder = encoder_editor(configs)
+    emb, dtype = encoder.encode_prompt(PROMPT), encoder.dtype
+    rows = run_stock(encoder, image, emb, args, configs["+compile"].compile.backend) if args.rows != "ours" else []
+    encoder = None
+    release()
+    if args.rows != "stock":
+        rows += run_ours(configs, image, emb, args)
 
     stock = next((r for r in rows if r["row"] == "stock eager"), None)
     if stock is None and args.reference:
@@ -317,21 +384,20 @@ def main() -> int:
             stock = next(r for r in json.load(fh)["rows"] if r["row"] == "stock eager")
     exact = next((r for r in rows if r["row"] == "exact"), None)
     rows = [r for r in rows if not r.get("_skipped")]
+    name, uuid = card()
     for r in rows:
         if stock and not stock.get("_skipped"):
             r["speedup_vs_stock_eager"] = stock["total_median"] / r["total_median"]
         if exact is not None:
             r["psnr_vs_exact_db"] = psnr(r["_output"], exact["_output"])
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
-    uuid = str(torch.cuda.get_device_properties(0).uuid) if torch.cuda.is_available() else "cpu"
-    for r in rows:
         r["card_uuid"] = uuid
-    print_table(rows, f"{card} ({uuid}), {datetime.date.today()}, {args.model} {editor.dtype}, {args.size}x{args.size}, "
+    print_table(rows, f"{name} ({uuid}), {datetime.date.today()}, {args.model} {dtype}, {args.size}x{args.size}, "
                       f"{args.steps} steps, 1 input image, prompt cached")
     result = {
-        "card": card, "card_uuid": uuid, "date": str(datetime.date.today()), "size": args.size, "steps": args.steps,
+        "card": name, "card_uuid": uuid, "date": str(datetime.date.today()), "size": args.size, "steps": args.steps,
         "frames": args.frames,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda},
+        "configs": {n: c.to_dict() for n, c in configs.items() if args.rows != "stock"},
         "rows": [{k: v for k, v in r.items() if k != "_output"} for r in rows],
     }
     if args.json:
