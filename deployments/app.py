@@ -17,7 +17,10 @@ from deployments.text_encoder import TextEncoder
 
 
 def build_app(args: AppArgs) -> serve.Application:
-    """The graph Router(TextEncoder, Editor) for `args` (a dict from YAML is validated into AppArgs by Serve)."""
+    """The graph Router(TextEncoder, Editor) for `args` (a dict from YAML is validated into AppArgs by Serve).
+
+    Every deployment gets the one typed EditorConfig AppArgs parsed; the router derives its limits from it.
+    """
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     engine = args.engine
@@ -35,4 +38,4 @@ def build_app(args: AppArgs) -> serve.Application:
         num_replicas=args.router.num_replicas,
         max_ongoing_requests=args.router.max_ongoing_requests,
         ray_actor_options={"num_cpus": args.router.num_cpus},
-    ).bind(encoder, editor, args.router)
+    ).bind(encoder, editor, args.router, engine)

@@ -1,32 +1,25 @@
-"""Typed arguments of the Serve app (what `serve.yaml` carries under `args:`), checked when the app is built."""
+"""Typed arguments of the Serve app (what `serve.yaml` carries under `args:`), checked when the app is built.
+
+Pydantic at Serve's edge; the `engine` section goes through rtedit's one EditorConfig parser, once, here, and the
+replicas receive that typed EditorConfig. The router's limits are derived from it (deployments/limits.py).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rtedit.config import EditorConfig
-from rtedit.presets import PRESETS
+from deployments.limits import check_session_defaults, derive_frame_limits
+from rtedit.config import EditorConfig, resolve_model_path
+from rtedit.config_parsing import from_dict
+from rtedit.errors import ConfigError
 from rtedit.streaming import SessionDefaults
 from rtedit.transport import FrameLimits
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "models/toy-editor"  # the toy editor trained by jobs.train_teacher (models/toy-editor/README.md)
-
-
-def resolve_model_path(model: Any) -> Any:
-    """A relative model folder as an absolute path (replicas run in other working directories): looked up from
-    the current directory, then from the repository root. Presets, hub ids and absolute paths pass unchanged."""
-    if not isinstance(model, str) or model in PRESETS or Path(model).is_absolute():
-        return model
-    for base in (Path.cwd(), REPO_ROOT):
-        if (base / model / "model_index.json").is_file():
-            return str((base / model).resolve())
-    return model
 
 
 class _Strict(BaseModel):
@@ -63,15 +56,24 @@ class EditorArgs(_Strict):
     num_cpus: float = Field(1.0, ge=0)
     max_ongoing_requests: int = Field(2, ge=1)
     """Frames queued at a replica; keep small so excess waits in the router's mailboxes, not here."""
-    embedding_cache_entries: int = Field(32, ge=1)
-    """Prompt embeddings a replica keeps, so they cross from the text encoder once per prompt."""
     torch_threads: Optional[int] = Field(None, ge=1)
     """torch intra-op threads in the replica (None: torch's default)."""
     min_frame_ms: float = Field(0.0, ge=0)
     """Pad each edit to at least this long: a deliberately slow editor for tests and load shaping."""
     warmup: bool = True
-    """Run one edit at start-up so the first client does not pay for lazy initialisation."""
+    """Warm every served shape at start-up (Editor.warm_up) so the first client does not pay for lazy
+    initialisation; compiled engines are warmed by Editor.from_config already."""
     health_check_period_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gone(cls, data: Any) -> Any:
+        # Refused with the new key rather than extra="forbid"'s bare "extra inputs are not permitted".
+        if isinstance(data, dict) and "embedding_cache_entries" in data:
+            raise ValueError("editor.embedding_cache_entries is gone: replicas keep the embeddings the text encoder "
+                             "sends in the engine's PromptCache; size it with engine.prompt.cache_entries and "
+                             "engine.prompt.cache_bytes")
+        return data
 
     @field_validator("min_frame_ms")
     @classmethod
@@ -114,49 +116,72 @@ class RouterArgs(_Strict):
     @field_validator("limits")
     @classmethod
     def _limits(cls, v: dict) -> dict:
-        _dataclass_from(FrameLimits, v).validate()
+        from_dict(FrameLimits, v, "router.limits").validate()
         return v
 
     @field_validator("defaults")
     @classmethod
     def _defaults(cls, v: dict) -> dict:
-        _dataclass_from(SessionDefaults, v).validate()
+        from_dict(SessionDefaults, v, "router.defaults").validate()
         return v
 
-    def frame_limits(self) -> FrameLimits:
-        return _dataclass_from(FrameLimits, self.limits).validate()
+    def frame_limits(self, engine: EditorConfig | None = None) -> FrameLimits:
+        """The configured limits, within `engine`'s bounds when given (what the router enforces)."""
+        if engine is None:
+            return from_dict(FrameLimits, self.limits, "router.limits").validate()
+        return derive_frame_limits(self.limits, engine)
 
     def session_defaults(self) -> SessionDefaults:
-        return _dataclass_from(SessionDefaults, self.defaults).validate()
+        """The configured defaults; `steps` is an override only when set (else the model's, see steps_override)."""
+        return from_dict(SessionDefaults, self.defaults, "router.defaults").validate()
+
+    @property
+    def steps_override(self) -> int | None:
+        return self.defaults.get("steps")
 
 
 class AppArgs(_Strict):
     """Everything `deployments.app:build_app` needs."""
 
-    engine: dict[str, Any] = Field(default_factory=lambda: {"model": DEFAULT_MODEL}, validate_default=True)
-    """rtedit.config.EditorConfig fields: model (preset, folder or hub id), device, dtype, prompt, images."""
+    # The engine section is a typed rtedit.config.EditorConfig, not pydantic: let pydantic hold the dataclass.
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    engine: EditorConfig = Field(default_factory=lambda: {"model": DEFAULT_MODEL}, validate_default=True)
+    """rtedit.config.EditorConfig (from its fields as plain data): model (preset, folder or hub id), device, dtype,
+    prompt, images, buckets and the fast path. A relative model folder is made absolute here."""
     editor: EditorArgs = Field(default_factory=EditorArgs)
     text_encoder: TextEncoderArgs = Field(default_factory=TextEncoderArgs)
     router: RouterArgs = Field(default_factory=RouterArgs)
     name: Literal["rtedit"] = "rtedit"
 
-    @field_validator("engine")
+    @field_validator("engine", mode="before")
     @classmethod
-    def _engine(cls, v: dict) -> dict:
-        v = {**v, "model": resolve_model_path(v.get("model"))} if "model" in v else v
-        EditorConfig.from_dict(v)
-        return v
+    def _engine(cls, v: Any) -> EditorConfig:
+        try:
+            if isinstance(v, EditorConfig):
+                return dataclasses.replace(v, model=resolve_model_path(v.model)).validate()
+            if not isinstance(v, dict):
+                raise ConfigError(f"engine must be a mapping of EditorConfig fields, got {type(v).__name__}")
+            return EditorConfig.from_dict({**v, "model": resolve_model_path(v["model"])} if "model" in v else v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _router_within_engine(self) -> "AppArgs":
+        try:
+            limits = self.router.frame_limits(self.engine)
+            check_session_defaults(self.router.session_defaults(), limits, self.router.steps_override)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     def editor_config(self) -> EditorConfig:
-        return EditorConfig.from_dict(self.engine)
+        """The typed engine config (the `engine` field itself)."""
+        return self.engine
 
-
-def _dataclass_from(cls: type, data: dict[str, Any]) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-    return cls(**data)
+    def frame_limits(self) -> FrameLimits:
+        """What the router accepts: router.limits within the engine's bounds."""
+        return self.router.frame_limits(self.engine)
 
 
 def replicas_options(args: EditorArgs) -> dict[str, Any]:

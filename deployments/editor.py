@@ -7,8 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
@@ -18,6 +17,9 @@ from rtedit.config import EditorConfig
 from rtedit.errors import EditError
 from rtedit.prompts import PromptEmbedding
 from rtedit.streaming import EditJob
+
+if TYPE_CHECKING:
+    from rtedit.editor import Editor
 
 logger = logging.getLogger("ray.serve")
 
@@ -31,49 +33,41 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
     return {"error": {"type": name, "code": code, "message": str(exc)[:500]}}
 
 
+def replica_editor(engine: EditorConfig, args: EditorArgs) -> "Editor":
+    """The Editor of one editor replica, built exactly as EditorDeployment builds it (benchmarks call this too).
+
+    torch's intra-op threads from args.torch_threads, the engine's fast path from `engine` with no text encoder
+    (prompts arrive as embeddings from the TextEncoder deployment), then every served shape warmed when
+    args.warmup is set and Editor.from_config has not warmed it already (compiled configs are).
+    """
+    from rtedit.editor import Editor  # torch import stays inside the replica
+
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    editor = Editor.from_config(engine.for_replica())
+    if args.warmup and editor.warm is None:
+        editor.warm_up()
+    return editor
+
+
 @serve.deployment(name="Editor", max_ongoing_requests=2, graceful_shutdown_timeout_s=5)
 class EditorDeployment:
-    """One Editor per replica; keeps a small LRU of prompt embeddings keyed by PromptEmbedding.key."""
+    """One Editor per replica; the embeddings the text encoder sends are kept in the Editor's own PromptCache."""
 
-    def __init__(self, engine: dict[str, Any], args: EditorArgs):
-        from rtedit.editor import Editor  # torch import stays inside the replica
-
-        if args.torch_threads:
-            import torch
-
-            torch.set_num_threads(args.torch_threads)
+    def __init__(self, engine: EditorConfig, args: EditorArgs):
         self.args = args
-        # Prompts arrive as embeddings from the TextEncoder deployment: no Qwen3 in an editor replica.
-        self.editor = Editor.from_config(EditorConfig.from_dict({**engine, "text_encoder": False}))
+        self.editor = replica_editor(engine, args)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
-        self.embeddings: OrderedDict[str, PromptEmbedding] = OrderedDict()
-        self.embedding_hits = self.embedding_misses = 0
         self.stage_ms = Histogram("rtedit_editor_stage_ms", description="Editor stage latency (ms)",
                                   boundaries=STAGE_BOUNDARIES_MS, tag_keys=("stage",))
         self.embedding_lookups = Counter("rtedit_editor_embedding_lookups", description="Embedding cache lookups",
                                          tag_keys=("result",))
         self.errors = Counter("rtedit_editor_errors", description="Edit errors by type", tag_keys=("type",))
-        if args.warmup:
-            self._warmup()
-        logger.info("editor replica %s ready: %s (pid %d)", self.replica, self.editor.model_info, os.getpid())
-
-    def _warmup(self) -> None:
-        import numpy as np
-
-        emb = self.editor.encode_prompt("warm up") if self.editor.prompt_encoder is not None else None
-        if emb is not None:
-            self.editor.edit(np.zeros((64, 64, 3), np.uint8), emb, steps=1, seed=0, output_format="jpeg")
-
-    def _key(self, prompt: str) -> str:
-        # The key is a hash of the prompt and encoder settings; no text encoder runs here.
-        return self.editor.prompt_key(prompt)
-
-    def _remember(self, emb: PromptEmbedding) -> None:
-        self.embeddings[emb.key] = emb
-        self.embeddings.move_to_end(emb.key)
-        while len(self.embeddings) > self.args.embedding_cache_entries:
-            self.embeddings.popitem(last=False)
+        logger.info("editor replica %s ready: %s, warm-up %s (pid %d)", self.replica, self.editor.model_info,
+                    self.editor.warm, os.getpid())
 
     async def edit(self, job: EditJob, embedding: PromptEmbedding | dict | None = None) -> dict[str, Any]:
         """Edit one frame. Without a cached embedding for job.prompt, answers {"need_embedding": key}.
@@ -83,18 +77,17 @@ class EditorDeployment:
         started = time.perf_counter()
         if isinstance(embedding, dict):
             return {**embedding, "replica": self.replica}
+        cache = self.editor.prompt_cache
         if embedding is not None:
-            self._remember(embedding)
+            cache.put(embedding)
             emb = embedding
         else:
-            key = self._key(job.prompt)
-            emb = self.embeddings.get(key)
+            # The key is a hash of the prompt and the model's prompt settings; no text encoder runs here.
+            key = self.editor.prompt_key(job.prompt)
+            emb = cache.get(key)
             if emb is None:
-                self.embedding_misses += 1
                 self.embedding_lookups.inc(tags={"result": "miss"})
                 return {"need_embedding": key, "replica": self.replica}
-            self.embeddings.move_to_end(key)
-            self.embedding_hits += 1
             self.embedding_lookups.inc(tags={"result": "hit"})
         cancel = threading.Event()
         try:
@@ -135,10 +128,9 @@ class EditorDeployment:
         return {"pid": os.getpid(), "replica": self.replica}
 
     def stats(self) -> dict[str, Any]:
-        return {**self.editor.stats(), "replica": self.replica,
-                "embedding_cache": {"entries": len(self.embeddings), "hits": self.embedding_hits,
-                                    "misses": self.embedding_misses}}
+        """The engine's stats (attention backend, caches, warm-up, prompt_cache) with this replica's model info."""
+        return {**self.editor.stats(), "model": self.editor.model_info, "replica": self.replica}
 
     def check_health(self) -> None:
-        if self.editor.transformer is None:
-            raise RuntimeError("editor has no transformer")
+        # Raises EngineDead once the device failed beyond recovery: Serve then replaces this replica.
+        self.editor.check_health()

@@ -6,6 +6,7 @@ The router owns transport; editor replicas own compute. Every failure is mapped 
 import asyncio
 import base64
 import collections
+import dataclasses
 import hmac
 import logging
 import os
@@ -23,10 +24,21 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
+import rtedit.errors
 from deployments.config import RouterArgs
-from rtedit.errors import EditError, InvalidRequest, UnsupportedRequest
-from rtedit.streaming import EditJob, decode_base64, parse_settings, serve_stream
-from rtedit.transport import FrameError, PayloadTooLarge, decode_frame, encode_frame, error_reply, loads_json
+from deployments.limits import EngineChecks, check_session_defaults, default_steps, derive_frame_limits
+from rtedit.config import EditorConfig
+from rtedit.errors import EditError, EngineDead, InvalidRequest, UnsupportedRequest
+from rtedit.streaming import EditJob, SessionDefaults, decode_base64, parse_settings, serve_stream
+from rtedit.transport import (
+    OUTPUT_FORMATS,
+    FrameError,
+    PayloadTooLarge,
+    decode_frame,
+    encode_frame,
+    error_reply,
+    loads_json,
+)
 
 logger = logging.getLogger("ray.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -48,7 +60,9 @@ class EditTimeout(EditError):
 
 def classify(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """One place mapping every failure to an HTTP status and an error payload."""
-    if isinstance(exc, PayloadTooLarge):
+    if isinstance(exc, RemoteError):
+        status = remote_status(exc.type_name)
+    elif isinstance(exc, PayloadTooLarge):
         status = 413
     elif isinstance(exc, UnsupportedRequest):
         status = 422
@@ -62,6 +76,17 @@ def classify(exc: BaseException) -> tuple[int, dict[str, Any]]:
         status = 500
     return status, error_reply(exc, None)["error"]
 
+
+def remote_status(type_name: str) -> int:
+    """The status of an error a replica reported as data, by its engine type (a dead device is no client error)."""
+    cls = getattr(rtedit.errors, type_name, None)
+    if not isinstance(cls, type):
+        return 400 if type_name in ("FrameError", "PayloadTooLarge") else 500
+    if issubclass(cls, UnsupportedRequest):
+        return 422
+    if issubclass(cls, InvalidRequest):
+        return 400
+    return 503 if issubclass(cls, EngineDead) else 500
 
 
 class RemoteError(FrameError):
@@ -117,10 +142,15 @@ class _StageStats:
 @serve.deployment(name="Router", max_ongoing_requests=1024, graceful_shutdown_timeout_s=5)
 @serve.ingress(app)
 class Router:
-    def __init__(self, encoder: DeploymentHandle, editor: DeploymentHandle, args: RouterArgs):
+    def __init__(self, encoder: DeploymentHandle, editor: DeploymentHandle, args: RouterArgs, engine: EditorConfig):
         self.encoder, self.editor, self.args = encoder, editor, args
-        self.limits = args.frame_limits()
+        # Limits within the engine's bounds, so what no replica serves is refused here (AppArgs checked them).
+        self.limits = derive_frame_limits(args.limits, engine)
+        self.checks = EngineChecks.from_config(engine)
         self.defaults = args.session_defaults()
+        check_session_defaults(self.defaults, self.limits, args.steps_override)
+        self._model_defaults: SessionDefaults | None = None  # with the model's steps, once an editor reported them
+        self._info_lock = asyncio.Lock()
         self.api_key = args.api_key or (os.environ.get(args.api_key_env) if args.api_key_env else None) or None
         self.sessions: dict[str, DeploymentHandle] = {}
         self.counts: collections.Counter = collections.Counter()
@@ -198,6 +228,7 @@ class Router:
     async def process(self, job: EditJob) -> tuple[dict[str, Any], bytes]:
         """Edit one frame on the session's replica; embeddings cross from the text encoder once per prompt."""
         t0 = time.perf_counter()
+        self.checks.check(job)
         handle = self._handle(job.session)
         reply = await self._call_editor(handle, job)
         if "need_embedding" in reply:
@@ -228,7 +259,8 @@ class Router:
             return
         await ws.accept(subprotocol=offered)
         session = uuid.uuid4().hex
-        seed = self.defaults.seed if self.defaults.seed is not None else secrets.randbelow(2**31)
+        defaults = await self._session_defaults()
+        seed = defaults.seed if defaults.seed is not None else secrets.randbelow(2**31)
         self.counts["sessions_open"] += 1
         self.counts["sessions_total"] += 1
 
@@ -257,7 +289,7 @@ class Router:
 
         try:
             stats = await serve_stream(receive, send, self.process, session=session, seed=seed, limits=self.limits,
-                                       defaults=self.defaults, on_frame=on_frame)
+                                       defaults=defaults, on_frame=on_frame)
             logger.info("session %s closed: received %d processed %d dropped %d errors %d", session[:8],
                         stats.received, stats.processed, stats.dropped, stats.errors)
         finally:
@@ -288,20 +320,21 @@ class Router:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _http_job(self, settings: dict[str, Any], image: bytes, frame_id: int | None) -> EditJob:
+    async def _http_job(self, settings: dict[str, Any], image: bytes, frame_id: int | None) -> EditJob:
+        defaults = await self._session_defaults()
         return EditJob(
-            session="", id=frame_id, image=image, prompt=settings.get("prompt") or self.defaults.prompt or "",
-            steps=settings.get("steps", self.defaults.steps),
-            seed=settings.get("seed", self.defaults.seed if self.defaults.seed is not None else 0),
-            width=settings.get("width", self.defaults.width), height=settings.get("height", self.defaults.height),
-            format=settings.get("format", self.defaults.format), references=settings.get("references", ()))
+            session="", id=frame_id, image=image, prompt=settings.get("prompt") or defaults.prompt or "",
+            steps=settings.get("steps", defaults.steps),
+            seed=settings.get("seed", defaults.seed if defaults.seed is not None else 0),
+            width=settings.get("width", defaults.width), height=settings.get("height", defaults.height),
+            format=settings.get("format", defaults.format), references=settings.get("references", ()))
 
     @app.post("/api/predict", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"type": "object", "required": ["image", "prompt"], "additionalProperties": False, "properties": {
             "image": {"type": "string", "description": "base64 JPEG/PNG/WebP (a data: URL is accepted)"},
             "prompt": {"type": "string"}, "steps": {"type": "integer"}, "seed": {"type": "integer"},
             "width": {"type": "integer"}, "height": {"type": "integer"},
-            "format": {"type": "string", "enum": ["jpeg", "png", "webp"]},
+            "format": {"type": "string", "enum": list(OUTPUT_FORMATS)},
             "references": {"type": "array", "items": {"type": "string"}}}}}}}})
     async def predict(self, request: Request) -> Response:
         """JSON in (base64 image), JSON out (base64 image, size, timings, replica)."""
@@ -319,7 +352,7 @@ class Router:
             settings = parse_settings({k: v for k, v in body.items() if k != "image"}, self.limits)
             if not settings.get("prompt") and not self.defaults.prompt:
                 raise FrameError("missing_field", "prompt is required")
-            meta, out = await self.process(self._http_job(settings, image, None))
+            meta, out = await self.process(await self._http_job(settings, image, None))
         except Exception as exc:  # noqa: BLE001 - mapped to a status in classify
             status, error = classify(exc)
             self._count_error(error["code"], "json")
@@ -341,7 +374,7 @@ class Router:
             settings = {k: v for k, v in frame.meta.to_json().items() if k != "id"}
             if not settings.get("prompt") and not self.defaults.prompt:
                 raise FrameError("missing_field", "prompt is required", frame_id)
-            meta, out = await self.process(self._http_job(settings, frame.image, frame_id))
+            meta, out = await self.process(await self._http_job(settings, frame.image, frame_id))
         except Exception as exc:  # noqa: BLE001 - mapped to a status in classify
             status, error = classify(exc)
             self._count_error(error["code"], "binary")
@@ -361,21 +394,56 @@ class Router:
         return {"status": "ok"}
 
     async def _model_info(self) -> dict[str, Any]:
+        """The served model as an editor replica reports it (cached: every replica serves the same model)."""
         if self.model_info is None:
-            info = await self.editor.info.remote()
+            info = await asyncio.wait_for(self.editor.info.remote(), self.args.edit_timeout_s)
             self.model_info = {k: info.get(k) for k in ("name", "random_weights", "description", "device", "dtype",
                                                         "transformer_params", "steps", "native_size")}
         return self.model_info
 
+    async def _session_defaults(self) -> SessionDefaults:
+        """The configured defaults with the model's step count unless router.defaults.steps overrides it; the
+        configured ones while no editor has answered (a later session asks again)."""
+        if self._model_defaults is not None:
+            return self._model_defaults
+        async with self._info_lock:  # one info call for a burst of new sessions
+            if self._model_defaults is None:
+                try:
+                    info = await self._model_info()
+                except Exception as exc:  # noqa: BLE001 - the session still starts; its frames report the failure
+                    logger.warning("rtedit router: no editor reported the model (%s); session defaults without "
+                                   "its step counts for now", type(exc).__name__)
+                    return self.defaults
+                model_steps = tuple(info["steps"]) if info.get("steps") else None
+                self.checks.steps = model_steps
+                steps = default_steps(self.args.steps_override, model_steps)
+                if model_steps is not None and steps not in model_steps:
+                    logger.warning("rtedit router: defaults.steps=%d is not one the model allows %s: frames that do "
+                                   "not set steps will be refused", steps, list(model_steps))
+                self._model_defaults = dataclasses.replace(self.defaults, steps=steps)
+        return self._model_defaults
+
     @app.get("/api/info")
     async def info(self, request: Request) -> Response:
-        """The model being served (the page shows it, with a notice when its weights are random)."""
+        """The model being served (the page shows it, with a notice when its weights are random), what a request
+        may ask for, and the session defaults (steps: the model's own unless the router overrides them)."""
         if (refused := self._refuse(request)) is not None:
             return refused
-        return JSONResponse({"model": await self._model_info(), "auth": bool(self.api_key),
-                             "limits": {"max_frame_bytes": self.limits.max_frame_bytes,
-                                        "max_side": self.limits.max_side, "min_side": self.limits.min_side},
-                             "defaults": {"steps": self.defaults.steps, "format": self.defaults.format}})
+        try:
+            model = await self._model_info()
+        except Exception as exc:  # noqa: BLE001 - no replica answered in time
+            return JSONResponse({"error": {"type": "EditorFailed", "code": "editor_failed",
+                                           "message": f"no editor replica reported the model ({type(exc).__name__}); "
+                                                      "retry"}}, status_code=503)
+        defaults = await self._session_defaults()
+        limits = self.limits
+        return JSONResponse({"model": model, "auth": bool(self.api_key),
+                             "limits": {"max_frame_bytes": limits.max_frame_bytes, "max_side": limits.max_side,
+                                        "min_side": limits.min_side, "max_steps": limits.max_steps,
+                                        "max_references": limits.max_references,
+                                        "max_prompt_chars": limits.max_prompt_chars,
+                                        "formats": list(OUTPUT_FORMATS), **self.checks.describe()},
+                             "defaults": {"steps": defaults.steps, "format": defaults.format}})
 
     @app.get("/api/stats")
     async def stats(self, request: Request) -> Response:

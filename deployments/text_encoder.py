@@ -24,12 +24,12 @@ class TextEncoder:
     It holds the text encoder alone: no transformer or VAE is loaded here.
     """
 
-    def __init__(self, engine: dict[str, Any], args: TextEncoderArgs):
+    def __init__(self, engine: EditorConfig, args: TextEncoderArgs):
         from rtedit.prompts import PromptService
 
-        config = EditorConfig.from_dict(engine)
-        self.service = PromptService.from_config(config)
-        self.model_name = config.model
+        # The typed config AppArgs parsed once; its keys match every editor replica's (tests/test_serve_replicas.py).
+        self.service = PromptService.from_config(engine)
+        self.model_name = engine.model
         self.encode_batch.set_max_batch_size(args.max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
         self.lookups = Counter("rtedit_prompt_cache_lookups", description="PromptCache lookups",

@@ -144,3 +144,28 @@ def test_gpu_yaml_engine_runs_the_fast_path(taef2_weights):
     assert editor.edit(image, "make it winter", height=64, width=64).array.shape == (64, 64, 3)
     with pytest.raises(InvalidRequest):
         editor.edit(image, "make it winter", height=96, width=96)
+
+
+def test_engine_is_parsed_once_into_a_typed_editor_config(tmp_path, monkeypatch):
+    """Replicas get the EditorConfig AppArgs built (no dict each re-parses); a config object is accepted as is."""
+    from rtedit.config import EditorConfig, PromptConfig
+
+    args = AppArgs(engine={"model": "tiny", "prompt": {"cache_entries": 8}})
+    assert isinstance(args.engine, EditorConfig) and args.engine.prompt.cache_entries == 8
+    assert args.editor_config() is args.engine
+    monkeypatch.chdir(tmp_path)
+    given = AppArgs(engine=EditorConfig(model="models/toy-editor", prompt=PromptConfig(max_chars=100)))
+    assert given.engine.model == str(REPO / "models" / "toy-editor") and given.frame_limits().max_prompt_chars == 100
+    with pytest.raises(ValidationError, match="unknown field"):
+        AppArgs(engine={"model": "tiny", "promt": {}})
+
+
+def test_remote_errors_keep_their_engine_status():
+    """An engine error that crossed from a replica as data maps like the local one; a dead device is a 503."""
+    from deployments.router import RemoteError
+
+    def status(type_name: str) -> int:
+        return classify(RemoteError({"type": type_name, "code": "c", "message": "m"}))[0]
+
+    assert [status(t) for t in ("InvalidImage", "UnsupportedRequest", "EngineDead", "FrameError", "RuntimeError")] \
+        == [400, 422, 503, 400, 500]

@@ -1,0 +1,150 @@
+"""The Router's FastAPI app in this process over fake editor and text-encoder handles (no Ray cluster): limits
+derived from the engine config refuse what no replica serves before any editor call; steps follow the model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import types
+
+import pytest
+import yaml
+
+pytest.importorskip("ray.serve")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from test_serve_helpers import REPO, jpeg  # noqa: E402  (puts the repo root on sys.path)
+
+from deployments.config import AppArgs  # noqa: E402
+from rtedit.transport import decode_reply, encode_frame  # noqa: E402
+
+GPU_ARGS = yaml.safe_load((REPO / "deployments" / "serve-gpu.yaml").read_text())["applications"][0]["args"]
+
+
+class _Response:
+    """Stands in for a DeploymentResponse: awaitable, cancellable."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __await__(self):
+        if False:
+            yield
+        return self.value
+
+    def cancel(self):
+        pass
+
+
+class FakeEditor:
+    """An editor handle that records every call; `info` is what a replica of a model with rtedit.json reports."""
+
+    def __init__(self, steps=None):
+        self.jobs, self.info_calls, self.model_steps = [], 0, steps
+        outer = self
+
+        class _Method:
+            def __init__(self, fn):
+                self.remote = fn
+
+        self.edit = _Method(lambda job, embedding=None: _Response(outer._edit(job)))
+        self.info = _Method(lambda: _Response(outer._info()))
+
+    def options(self, **_):
+        return self
+
+    def _edit(self, job):
+        self.jobs.append(job)
+        return {"image": jpeg(64, 64), "width": 64, "height": 64, "format": job.format, "seed": job.seed,
+                "steps": job.steps, "timings": {}, "replica": "fake", "prompt_key": "k"}
+
+    def _info(self):
+        self.info_calls += 1
+        return {"name": "fake model", "random_weights": False, "device": "cpu", "dtype": "float32",
+                "steps": self.model_steps}
+
+
+def client_for(monkeypatch, args: dict, editor: FakeEditor) -> TestClient:
+    """The module's FastAPI app served by one Router instance, as Serve's class-based view would find it."""
+    from ray import serve
+
+    import deployments.router as router_module
+
+    app_args = AppArgs.model_validate(args)
+    router_cls = router_module.Router.func_or_class.__bases__[0]  # the class under @serve.ingress's wrapper
+    router = router_cls(FakeEditor(), editor, app_args.router, app_args.engine)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=router))
+    return TestClient(router_module.app)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_gpu_yaml_router_refuses_what_its_engine_cannot_serve_without_an_editor_call(monkeypatch):
+    """serve-gpu.yaml serves buckets.references [0] and sizes 512/1024: a request with a reference or another size
+    used to cost a round trip to a GPU replica before being refused."""
+    editor = FakeEditor()
+    args = {**GPU_ARGS, "router": {**GPU_ARGS["router"], "api_key_env": None}}
+    with client_for(monkeypatch, args, editor) as client:
+        r = client.post("/api/predict", json={"image": b64(jpeg()), "prompt": "x", "references": [b64(jpeg())]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "out_of_range"
+        assert "at most 0 references, got 1" in r.json()["error"]["message"]
+        r = client.post("/api/predict_binary", content=encode_frame({"id": 1, "prompt": "x", "width": 512,
+                                                                     "height": 1024}, jpeg()))
+        reply = decode_reply(r.content)
+        assert r.status_code == 422 and reply.error["code"] == "not_served" and reply.id == 1
+        assert "1024x512 is not served here" in reply.error["message"] and "512x512, 1024x1024" in reply.error["message"]
+        r = client.post("/api/predict", json={"image": b64(jpeg()), "prompt": "x", "width": 256})
+        assert r.status_code == 400 and "[512, 1024]" in r.json()["error"]["message"]
+        with client.websocket_connect("/ws/predict") as ws:
+            ws.send_text(json.dumps({"prompt": "make it blue", "references": [b64(jpeg())]}))
+            ack = json.loads(ws.receive_text())
+            assert ack["error"]["code"] == "out_of_range" and "at most 0 references" in ack["error"]["message"]
+            ws.send_bytes(encode_frame({"id": 1, "prompt": "make it blue"}, jpeg()))
+            assert decode_reply(ws.receive_bytes()).error is None  # no reference: served
+        info = client.get("/api/info").json()
+    assert len(editor.jobs) == 1 and editor.jobs[0].references == ()
+    assert info["limits"]["max_references"] == 0 and info["limits"]["reference_counts"] == [0]
+    assert info["limits"]["sizes"] == [[512, 512], [1024, 1024]]
+
+
+def test_router_limits_above_the_engine_are_a_build_time_error():
+    with pytest.raises(ValidationError) as exc:
+        AppArgs.model_validate({**GPU_ARGS, "router": {"limits": {"max_references": 2}}})
+    assert "router.limits.max_references=2" in str(exc.value) and "engine.buckets.references" in str(exc.value)
+    with pytest.raises(ValidationError, match="engine.max_steps: 4"):
+        AppArgs.model_validate({"engine": {"model": "tiny", "max_steps": 4}, "router": {"limits": {"max_steps": 6}}})
+    with pytest.raises(ValidationError, match="router.defaults.steps=9"):
+        AppArgs.model_validate({"engine": {"model": "tiny"}, "router": {"defaults": {"steps": 9}}})
+    with pytest.raises(ValidationError, match="engine.prompt.cache_entries"):
+        AppArgs.model_validate({"engine": {"model": "tiny"}, "editor": {"embedding_cache_entries": 32}})
+    unset = AppArgs.model_validate({"engine": {"model": "tiny", "max_steps": 4, "prompt": {"max_chars": 100}}})
+    limits = unset.frame_limits()  # unset limits follow the engine
+    assert limits.max_steps == 4 and limits.max_prompt_chars == 100 and limits.max_references == 4
+
+
+@pytest.mark.parametrize("override, expected", [(None, 1), (2, 2)])
+def test_session_steps_default_to_the_models_own(monkeypatch, override, expected):
+    """A 1-step model (rtedit.json steps [1]) refused every frame while sessions defaulted to 2 steps."""
+    editor = FakeEditor(steps=[1, 4])
+    defaults = {"prompt": "make it blue"} | ({"steps": override} if override else {})
+    args = {"engine": {"model": "tiny"}, "router": {"api_key_env": None, "defaults": defaults}}
+    with client_for(monkeypatch, args, editor) as client:
+        info = client.get("/api/info").json()
+        with client.websocket_connect("/ws/predict") as ws:
+            ws.send_bytes(encode_frame({"id": 1}, jpeg()))
+            first = decode_reply(ws.receive_bytes())
+            ws.send_bytes(encode_frame({"id": 2, "steps": 4}, jpeg()))
+            second = decode_reply(ws.receive_bytes())
+        r = client.post("/api/predict", json={"image": b64(jpeg()), "steps": 3})
+    assert info["defaults"]["steps"] == expected and info["limits"]["steps"] == [1, 4]
+    assert second.error is None and editor.jobs[-1].steps == 4
+    if override is None:
+        assert first.error is None and editor.jobs[0].steps == 1
+    else:  # an override the model does not allow is refused here, with the model's step counts
+        assert first.error["code"] == "not_served" and "steps [1, 4]" in first.error["message"]
+    assert r.status_code == 422 and "got steps=3" in r.json()["error"]["message"]
+    assert editor.info_calls == 1 and all(job.steps in (1, 4) for job in editor.jobs)
