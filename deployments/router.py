@@ -445,9 +445,24 @@ class Router:
                                         "formats": list(OUTPUT_FORMATS), **self.checks.describe()},
                              "defaults": {"steps": defaults.steps, "format": defaults.format}})
 
+    async def _per_replica(self, method: str) -> dict[str, Any] | str:
+        """`method` of every running editor replica, keyed by replica id (a handle call reaches one at random)."""
+        try:
+            replies = await self.editor.broadcast(method).results_async(timeout_s=5, return_exceptions=True)
+        except Exception as exc:  # noqa: BLE001 - stats must not fail because the editors are restarting
+            return f"unavailable ({type(exc).__name__})"
+        out: dict[str, Any] = {}
+        for i, reply in enumerate(replies):
+            if isinstance(reply, dict):
+                out[reply.get("replica", f"?{i}")] = reply
+            else:
+                out[f"unreachable {i}"] = f"unavailable ({type(reply).__name__})"
+        return out
+
     @app.get("/api/stats")
     async def stats(self, request: Request) -> Response:
-        """Cache hit rates, per-stage p50/p99, frames received/processed/dropped, errors by type."""
+        """Cache hit rates, per-stage p50/p99, frames received/processed/dropped, errors by type; each editor
+        replica's engine stats (attention backend, caches, warm-up) and model, keyed by replica id."""
         if (refused := self._refuse(request)) is not None:
             return refused
         encoder_stats: dict[str, Any] | str
@@ -455,10 +470,7 @@ class Router:
             encoder_stats = await asyncio.wait_for(self.encoder.stats.remote(), 5)
         except Exception as exc:  # noqa: BLE001 - stats must not fail because one deployment is restarting
             encoder_stats = f"unavailable ({type(exc).__name__})"
-        try:
-            editor_stats = await asyncio.wait_for(self.editor.stats.remote(), 5)
-        except Exception as exc:  # noqa: BLE001
-            editor_stats = f"unavailable ({type(exc).__name__})"
+        editors = await self._per_replica("stats")
         frames = {e: self.counts[e] for e in ("received", "processed", "dropped")}
         return JSONResponse({
             "model": self.model_info,
@@ -470,8 +482,9 @@ class Router:
             "errors": dict(self.errors_by_type),
             "prompt_cache": encoder_stats,
             "embedding_transfers": self.counts["embedding_transfers"],
-            "editor": editor_stats,
-            "attention_backend": (editor_stats.get("attention_backend", "not reported by the engine")
-                                  if isinstance(editor_stats, dict) else "unknown"),
+            "editors": editors,
+            "attention_backend": ({rid: s.get("attention_backend", "not reported by the engine")
+                                   for rid, s in editors.items() if isinstance(s, dict)}
+                                  if isinstance(editors, dict) else editors),
             "replicas_seen": dict(self.replicas_seen),
         })

@@ -270,6 +270,22 @@ def test_stats_report_frames_stages_and_caches(app):
     assert stats["embedding_transfers"] >= 1
 
 
+def test_stats_and_info_report_each_editor_replica(app):
+    """/api/stats asks every editor replica (a handle call reaches one at random): engine stats and model by id."""
+    pids = _editor_pids()
+    with httpx.Client() as client:
+        stats = client.get(f"{BASE}/api/stats", headers=HEADERS).json()
+        info = client.get(f"{BASE}/api/info", headers=HEADERS).json()
+    editors = stats["editors"]
+    assert set(editors) == set(pids), (editors, pids)
+    for replica, replica_stats in editors.items():
+        assert replica_stats["replica"] == replica and replica_stats["model"]["name"] == "tiny"
+        assert replica_stats["attention_backend"] == "native (not probed)"
+        assert replica_stats["warm_up"] is not None  # EditorArgs.warmup (default true) warmed the replica
+    assert stats["attention_backend"] == {replica: "native (not probed)" for replica in pids}
+    assert info["defaults"]["steps"] == 2 and info["limits"]["max_references"] == 4
+
+
 # ---- fuzzing -------------------------------------------------------------------------------------------------
 
 json_leaf = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=30)
