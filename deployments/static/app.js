@@ -33,6 +33,7 @@ async function loadInfo() {
     return;
   }
   const info = await res.json();
+  if (!res.ok) { $("model").textContent = `model: unavailable (${(info.error || {}).message || res.status})`; return; }
   const m = info.model || {};
   $("model").textContent = `model: ${m.name} on ${m.device} (${m.dtype})`;
   $("random-notice").hidden = !m.random_weights;
@@ -43,6 +44,13 @@ async function loadInfo() {
     if (![...size.options].some((o) => o.value === String(m.native_size))) size.add(new Option(m.native_size, m.native_size), 0);
     size.value = String(m.native_size);
   }
+  // Steps: the served default (the model's own unless the server overrides it), within what the model allows.
+  const steps = $("steps"), limits = info.limits || {}, allowed = limits.steps || m.steps;
+  steps.min = String(allowed ? Math.min(...allowed) : 1);
+  steps.max = String(allowed ? Math.max(...allowed) : limits.max_steps || 8);
+  steps.title = allowed ? `this model was trained for steps ${allowed.join(", ")}` : "";
+  const defaultSteps = (info.defaults || {}).steps;
+  if (defaultSteps && !steps.value) steps.value = String(defaultSteps);
   if (info.auth) { $("key-label").hidden = false; $("api-key").value = apiKey; }
 }
 
@@ -117,7 +125,8 @@ async function pump() {
     const meta = { id: nextId++ };
     const prompt = $("prompt").value.trim(), steps = parseInt($("steps").value, 10);
     if (prompt !== lastPrompt) { meta.prompt = prompt; lastPrompt = prompt; }
-    if (steps !== lastSteps) { meta.steps = steps; lastSteps = steps; }
+    // An empty box keeps the session's default steps (the model's), so none is sent until one is chosen.
+    if (Number.isInteger(steps) && steps !== lastSteps) { meta.steps = steps; lastSteps = steps; }
     inFlight.set(meta.id, performance.now());
     ws.send(encodeFrame(meta, image));
     sent += 1;
