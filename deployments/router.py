@@ -448,6 +448,7 @@ class Router:
     async def _per_replica(self, method: str) -> dict[str, Any] | str:
         """`method` of every running editor replica, keyed by replica id (a handle call reaches one at random)."""
         try:
+            # broadcast (a PublicAPI alpha in Ray 2.60) calls each running replica once; affinity routing is untouched.
             replies = await self.editor.broadcast(method).results_async(timeout_s=5, return_exceptions=True)
         except Exception as exc:  # noqa: BLE001 - stats must not fail because the editors are restarting
             return f"unavailable ({type(exc).__name__})"
