@@ -96,7 +96,8 @@ def test_gpu_yaml_router_refuses_what_its_engine_cannot_serve_without_an_editor_
                                                                      "height": 1024}, jpeg()))
         reply = decode_reply(r.content)
         assert r.status_code == 422 and reply.error["code"] == "not_served" and reply.id == 1
-        assert "1024x512 is not served here" in reply.error["message"] and "512x512, 1024x1024" in reply.error["message"]
+        message = reply.error["message"]
+        assert "1024x512 is not served here" in message and "512x512, 1024x1024" in message
         r = client.post("/api/predict", json={"image": b64(jpeg()), "prompt": "x", "width": 256})
         assert r.status_code == 400 and "[512, 1024]" in r.json()["error"]["message"]
         with client.websocket_connect("/ws/predict") as ws:
