@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import json
 import math
@@ -256,9 +257,9 @@ def flicker_phase(url: str, n: int, size: int = 512, step_px: int = 2) -> dict:
 # ---- phase 3: Serve's own per-frame cost ------------------------------------------------------------------------
 
 
-def overhead_phase(url: str, n: int, engine: dict | None, size: int = 512, threads: int | None = 1) -> dict:
-    """Serve round trips and direct Editor.edit calls (engine: the EditorConfig fields the app serves; None: no
-    direct baseline) interleaved, so both see the same machine load."""
+def overhead_phase(url: str, n: int, engine, size: int = 512, threads: int | None = 1) -> dict:
+    """Serve round trips and direct Editor.edit calls (engine: the EditorConfig the app serves; None: no direct
+    baseline) interleaved, so both see the same machine load."""
     from websockets.sync.client import connect
 
     frame = to_jpeg(photo(size), 90)
@@ -267,12 +268,11 @@ def overhead_phase(url: str, n: int, engine: dict | None, size: int = 512, threa
     if engine:
         import torch
 
-        from rtedit.config import EditorConfig
         from rtedit.editor import Editor
 
         if threads:
             torch.set_num_threads(threads)  # as many threads as a CPU replica gets (Ray sets OMP_NUM_THREADS)
-        editor = Editor.from_config(EditorConfig.from_dict(engine))
+        editor = Editor.from_config(engine)
         emb = editor.encode_prompt(prompt)
     serve_ms, server_total, direct = [], [], []
     with connect(url, max_size=2**24, open_timeout=120) as ws:
@@ -414,7 +414,7 @@ def main(argv=None) -> int:
     if args.overhead_frames:
         engine = app_spec(args.config)[1].engine
         if args.direct_model is not None:
-            engine = {**engine, "model": args.direct_model} if args.direct_model else None
+            engine = dataclasses.replace(engine, model=args.direct_model) if args.direct_model else None
         res["overhead"] = overhead_phase(ws_url, args.overhead_frames, engine, threads=args.direct_threads or None)
     if args.flicker_frames:
         res["flicker"] = flicker_phase(ws_url, args.flicker_frames)
