@@ -1,8 +1,9 @@
 """Typed configs of training jobs, parsed from YAML and validated before any worker starts.
 
-A job YAML has the shared sections `run`, `scaling`, `deepspeed`, `optimizer` and one job-specific `task` section
-that the job parses into its own dataclass with the same `from_dict`. Unknown keys, wrong types, NaN and infinities
-raise ConfigError naming the field.
+A job YAML has the shared sections `run`, `scaling`, `deepspeed`, `optimizer`, an optional `models` section (per-model
+ZeRO stage and optimizer changes for tasks that train several models) and one job-specific `task` section that the
+job parses into its own dataclass with the same `from_dict`. Unknown keys, wrong types, NaN and infinities raise
+ConfigError naming the field.
 """
 
 from __future__ import annotations
@@ -128,12 +129,22 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1
     """Cosine decays to lr * min_lr_ratio at max_steps."""
 
-    def validate(self) -> None:
-        _check(self.lr > 0, "optimizer.lr", self.lr, "> 0")
-        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
-        _check(all(0 <= b < 1 for b in self.betas), "optimizer.betas", self.betas, "in [0, 1)")
-        _check(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, ">= 0")
-        _check(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+    def validate(self, section: str = "optimizer") -> None:
+        _check(self.lr > 0, f"{section}.lr", self.lr, "> 0")
+        _check(self.weight_decay >= 0, f"{section}.weight_decay", self.weight_decay, ">= 0")
+        _check(all(0 <= b < 1 for b in self.betas), f"{section}.betas", self.betas, "in [0, 1)")
+        _check(self.warmup_steps >= 0, f"{section}.warmup_steps", self.warmup_steps, ">= 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"{section}.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    """One trainable model of a task that declares several (section `models.<name>`, name as the task declares it)."""
+
+    zero_stage: int | None = None
+    """ZeRO stage of this model's engine; default the task's choice, else deepspeed.zero_stage."""
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    """Fields of the `optimizer` section that differ for this model, e.g. {lr: 1.0e-5}; the rest are inherited."""
 
 
 @dataclass
@@ -144,16 +155,39 @@ class JobConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
     task: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> JobConfig:
         self.run.validate()
         self.scaling.validate()
         self.deepspeed.validate()
-        self.optimizer.validate()
-        _check(self.optimizer.warmup_steps <= self.run.max_steps, "optimizer.warmup_steps",
-               self.optimizer.warmup_steps, f"<= run.max_steps ({self.run.max_steps})")
+        self._check_optimizer(self.optimizer, "optimizer")
+        for name, model in self.models.items():
+            if model.zero_stage is not None:
+                _check(model.zero_stage in (1, 2, 3), f"models.{name}.zero_stage", model.zero_stage, "1, 2 or 3")
+            self.optimizer_for(name)
         return self
+
+    def _check_optimizer(self, optimizer: OptimizerConfig, section: str) -> None:
+        optimizer.validate(section)
+        _check(optimizer.warmup_steps <= self.run.max_steps, f"{section}.warmup_steps", optimizer.warmup_steps,
+               f"<= run.max_steps ({self.run.max_steps})")
+
+    def optimizer_for(self, name: str, task_changes: dict[str, Any] | None = None) -> OptimizerConfig:
+        """Model `name`'s optimizer: the `optimizer` section, changed by the task's defaults, then by models.<name>."""
+        section = f"models.{name}.optimizer"
+        changes = {**(task_changes or {}), **(self.models[name].optimizer if name in self.models else {})}
+        optimizer = from_dict(OptimizerConfig, changes, section, base=self.optimizer)
+        self._check_optimizer(optimizer, section)
+        return optimizer
+
+    def zero_stage_for(self, name: str, task_default: int | None = None) -> int:
+        """Model `name`'s ZeRO stage: models.<name>.zero_stage, else the task's choice, else deepspeed.zero_stage."""
+        configured = self.models[name].zero_stage if name in self.models else None
+        stage = next(s for s in (configured, task_default, self.deepspeed.zero_stage) if s is not None)
+        _check(stage in (1, 2, 3), f"models.{name}.zero_stage", stage, "1, 2 or 3")
+        return stage
 
     def task_config(self, cls: type[T]) -> T:
         """The task section as the job's dataclass, validated when it has validate()."""
