@@ -1,11 +1,15 @@
 """The job runtime shared by every training job: Ray Train V2 TorchTrainer + DeepSpeed ZeRO, checkpoints, resume,
-per-step metrics (CSV, PNG, ray.util.metrics) and a timeout around fit().
+per-step metrics (CSV, PNG, ray.train.report, ray.util.metrics) and a timeout around fit().
 
-A job supplies a task builder, named "module:function" so workers can import it:
+A job supplies a task builder, named "module:function" so workers can import it: `build_task(ctx: WorkerContext)`.
+A task with one model defines `.model`, `.batch(i)` and `.loss(model, batch) -> (loss, extras)` (the runtime
+supplies its train step); a task with several declares them and writes its own step (rtedit.train.runtime's
+Task and MultiModelTask):
 
-    def build_task(ctx: WorkerContext) -> Task    # Task: .model, .batch(i), .loss(model, batch), optional .export
+    def models(self) -> dict[str, ModelSpec]   # {"student": ModelSpec(s), "teacher": ModelSpec(t, trainable=False)}
+    def train_step(self, engines, step) -> dict[str, float]   # forward, losses, backward, step; returns "loss", ...
 
-and runs `python -m jobs.<name> --config jobs/configs/<name>.yaml [--set run.max_steps=10 ...]` through `main`.
+Jobs run as `python -m jobs.<name> --config jobs/configs/<name>.yaml [--set run.max_steps=10 ...]` through `main`.
 Resume: rerun with the same run.name and run.storage_path; Ray Train V2 finds the run snapshot and hands the last
 checkpoint to the new workers (ray.train.get_checkpoint), as it does after a worker failure (run.max_failures).
 """
@@ -18,14 +22,17 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
 import time
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -33,16 +40,19 @@ import yaml
 from rtedit.errors import ConfigError
 from rtedit.config_parsing import to_dict
 from rtedit.train.config import JobConfig, load_job_config
-from rtedit.train.runtime import (MetricsLog, build_optimizer, deepspeed_config, dtype_of, lr_multiplier,
-                                  progress_line)
+from rtedit.train.runtime import (MetricsLog, ModelSpec, MultiModelTask, Task, Trainable, build_engines, dtype_of,
+                                  export_models, mean_over_workers, metrics_row, model_specs, progress_line,
+                                  train_step_of)
 
 logger = logging.getLogger("jobs.runtime")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CKPT_TAG = "state"  # DeepSpeed checkpoint tag inside every reported checkpoint folder
+MODELS_DIR = "models"  # DeepSpeed checkpoints, one tag per trainable model, inside every reported checkpoint
+STATE_DIR = "runtime-state"  # per rank: the step and the task's own state_dict()
 METRICS_CSV = "metrics.csv"
 EXPORT_DIR = "export"
 WORKERS_DIR = "workers"
+__all__ = ["ModelSpec", "MultiModelTask", "Task", "WorkerContext", "main", "run"]  # what jobs import
 
 
 @dataclass
@@ -58,20 +68,34 @@ class WorkerContext:
     dtype: torch.dtype
 
     def dataset_shard(self, name: str = "train"):
-        """This worker's streaming split of a Ray Dataset passed to run(datasets=...)."""
+        """This worker's streaming split (a ray.data.DataIterator) of a Ray Dataset passed to run(datasets=...)."""
         import ray.train
 
-        return ray.train.get_dataset_shard(name)
+        shard = ray.train.get_dataset_shard(name)
+        if shard is None:
+            raise ValueError(f"no dataset {name!r} reached the workers: pass datasets={{{name!r}: ...}} to run() "
+                             "(or return it from the job's prepare())")
+        return shard
 
+    def dataset_batches(self, name: str = "train", batch_size: int | None = None,
+                        **iter_kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of this worker's shard, epoch after epoch without end, for a train step to take with next().
 
-class Task(Protocol):
-    model: torch.nn.Module
+        Defaults to run.batch_size rows; iter_kwargs go to DataIterator.iter_torch_batches. Ray Data keeps no read
+        position in checkpoints: after a resume the stream starts a new epoch.
+        """
+        shard, size = self.dataset_shard(name), batch_size or self.config.run.batch_size
 
-    def batch(self, index: int) -> Any:
-        """Micro-batch `index` (0-based, counted across resumes) for this worker."""
+        def batches() -> Iterator[dict[str, torch.Tensor]]:
+            while True:
+                empty = True
+                for batch in shard.iter_torch_batches(batch_size=size, **iter_kwargs):
+                    empty = False
+                    yield batch
+                if empty:
+                    raise ValueError(f"dataset {name!r} gave rank {self.rank} no batch of {size} rows")
 
-    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Forward pass: the scalar loss to backpropagate and extra values to log."""
+        return batches()
 
 
 def resolve_task(spec: str):
@@ -90,137 +114,147 @@ def resolve_task(spec: str):
 
 
 class _Exporter:
-    """ray.util.metrics for the dashboard's Grafana panels: ray.train.report values never reach Prometheus."""
+    """ray.util.metrics for the dashboard's Grafana panels: ray.train.report values never reach Prometheus.
+
+    Every column but step and attempt_start is a gauge named rtedit_train_<column> ("lr/generator" becomes
+    rtedit_train_lr_generator), created the first time the column has a finite value.
+    """
+
+    DESCRIPTIONS: typing.ClassVar[dict[str, str]] = {"loss": "Training loss (mean over workers)",
+                                                     "samples_per_s": "Training samples per second, all workers"}
 
     def __init__(self, run_name: str):
-        from ray.util.metrics import Counter, Gauge
+        from ray.util.metrics import Counter
 
         self.tags = {"run": run_name}
-        self.loss = Gauge("rtedit_train_loss", description="Training loss (mean over workers)", tag_keys=("run",))
-        self.throughput = Gauge("rtedit_train_samples_per_s", description="Training samples per second, all workers",
-                                tag_keys=("run",))
+        self.gauges: dict[str, Any] = {}
         self.steps = Counter("rtedit_train_steps_total", description="Optimizer steps taken", tag_keys=("run",))
 
     def update(self, row: dict[str, float]) -> None:
-        if math.isfinite(row["loss"]):
-            self.loss.set(row["loss"], tags=self.tags)
-        self.throughput.set(row["samples_per_s"], tags=self.tags)
+        from ray.util.metrics import Gauge
+
+        for key, value in row.items():
+            if key in ("step", "attempt_start") or not math.isfinite(value):
+                continue
+            if key not in self.gauges:
+                self.gauges[key] = Gauge("rtedit_train_" + re.sub(r"[^A-Za-z0-9_]", "_", key), tag_keys=("run",),
+                                         description=self.DESCRIPTIONS.get(key, f"Training {key} (mean over workers)"))
+            self.gauges[key].set(value, tags=self.tags)
         self.steps.inc(1, tags=self.tags)
 
 
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return float("nan")
-    return float(norm.item() if torch.is_tensor(norm) else norm)
-
-
-def _gathered(engine, zero_stage: int):
-    """Full parameters on every rank for the duration of the block (ZeRO-3 partitions them)."""
-    import contextlib
-
-    if zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-
-
-def _save_and_report(engine, task, ctx: WorkerContext, log: MetricsLog, step: int, final: bool,
-                     metrics: dict[str, Any]) -> None:
-    """DeepSpeed checkpoint (every rank writes its shard) + metrics + optional export, reported as one checkpoint."""
+def _save_and_report(task, engines: dict[str, Any], trainables: list[Trainable], ctx: WorkerContext,
+                     log: MetricsLog, step: int, final: bool, metrics: dict[str, Any]) -> None:
+    """Every trainable model's DeepSpeed checkpoint (each rank writes its shards), the step and task state of each
+    rank, metrics and the optional export, reported as one checkpoint."""
     import ray
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix=f"rtedit-ckpt-{ctx.rank}-") as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
+        tmp = Path(tmp)
+        for folder in (MODELS_DIR, STATE_DIR, WORKERS_DIR):
+            (tmp / folder).mkdir()
+        for model in trainables:  # we load by tag, so no "latest" file (the engines would overwrite each other's)
+            model.engine.save_checkpoint(tmp / MODELS_DIR, tag=model.name, client_state={"step": step},
+                                         save_latest=False)
+        task_state = task.state_dict() if callable(getattr(task, "state_dict", None)) else {}
+        torch.save({"step": step, "task": task_state}, tmp / STATE_DIR / f"rank-{ctx.rank}.pt")
         # Which node and process each rank ran on: the merged checkpoint shows how the run was placed.
-        (Path(tmp) / WORKERS_DIR).mkdir(exist_ok=True)
-        (Path(tmp) / WORKERS_DIR / f"rank-{ctx.rank}.json").write_text(json.dumps(
+        (tmp / WORKERS_DIR / f"rank-{ctx.rank}.json").write_text(json.dumps(
             {"rank": ctx.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
              "device": str(ctx.device), "precision": ctx.precision}))
         if ctx.rank == 0:
-            log.write_csv(Path(tmp) / METRICS_CSV)
-            (Path(tmp) / "job_config.yaml").write_text(yaml.safe_dump(to_dict(ctx.config), sort_keys=False))
+            log.write_csv(tmp / METRICS_CSV)
+            (tmp / "job_config.yaml").write_text(yaml.safe_dump(to_dict(ctx.config), sort_keys=False))
         if final and hasattr(task, "export"):
-            with _gathered(engine, ctx.config.deepspeed.zero_stage):
-                if ctx.rank == 0:
-                    task.export(engine.module, Path(tmp) / EXPORT_DIR)
+            export_models(task, engines, trainables, ctx.rank, tmp / EXPORT_DIR)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: build the task, wrap it in DeepSpeed, resume, train, checkpoint."""
-    import deepspeed
+def _resume(task, trainables: list[Trainable], ctx: WorkerContext) -> tuple[int, MetricsLog]:
+    """Every trainable model, the step, the task's state and the metrics so far from the last checkpoint, if any."""
     import ray.train
-    import torch.distributed as dist
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = JobConfig(**loop_config["config"])
-    run = config.run
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, MetricsLog()
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        for model in trainables:
+            loaded, _ = model.engine.load_checkpoint(folder / MODELS_DIR, tag=model.name)
+            if loaded is None:
+                raise RuntimeError(f"checkpoint {folder} holds no state of model {model.name!r}")
+        state_file = folder / STATE_DIR / f"rank-{ctx.rank}.pt"
+        if not state_file.is_file():  # more workers than the run that wrote it: start from rank 0's state
+            state_file = folder / STATE_DIR / "rank-0.pt"
+        state = torch.load(state_file, weights_only=False)  # our own file: the task's state may be any picklable
+        start = int(state["step"])
+        if callable(getattr(task, "load_state_dict", None)):
+            task.load_state_dict(state["task"])
+        csv_file = folder / METRICS_CSV
+        log = MetricsLog.read_csv(csv_file).upto(start) if csv_file.is_file() else MetricsLog()
+    logger.info("rank %d resumed from a checkpoint at step %d", ctx.rank, start)
+    return start, log
+
+
+def _worker_context(config: JobConfig) -> WorkerContext:
+    import ray.train
+
     train_ctx = ray.train.get_context()
-    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     local_rank = train_ctx.get_local_rank()
     on_gpu = config.scaling.use_gpu
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
     precision = config.deepspeed.resolve_precision(on_gpu)
-    ctx = WorkerContext(config, rank, world, local_rank, device, precision, dtype_of(precision))
+    return WorkerContext(config, train_ctx.get_world_rank(), train_ctx.get_world_size(), local_rank, device,
+                         precision, dtype_of(precision))
 
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: build the task and its engines, resume, train, checkpoint."""
+    import ray.train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = JobConfig(**loop_config["config"])
+    run = config.run
+    ctx = _worker_context(config)
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     task = resolve_task(loop_config["task"])(ctx)
-    optimizer = build_optimizer(task.model.parameters(), config.optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, config.optimizer, run.max_steps))
-    engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config, on_gpu))
-
-    start, log = 0, MetricsLog()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            _, client_state = engine.load_checkpoint(folder, tag=CKPT_TAG)
-            start = int(client_state["step"])
-            if (Path(folder) / METRICS_CSV).is_file():
-                log = MetricsLog.read_csv(Path(folder) / METRICS_CSV).upto(start)
-        logger.info("rank %d resumed from a checkpoint at step %d", rank, start)
-    torch.manual_seed(run.seed + 1000 * rank + start)  # data/noise streams differ per rank and per resume point
-
-    exporter = _Exporter(run.name) if rank == 0 else None
+    specs = model_specs(task)
+    engines, trainables = build_engines(specs, config, ctx.device, ctx.dtype)
     accum = config.deepspeed.grad_accum_steps
-    samples_per_step = run.batch_size * accum * world
+    train_step = train_step_of(task, specs, accum)
+    start, log = _resume(task, trainables, ctx)
+    torch.manual_seed(run.seed + 1000 * ctx.rank + start)  # data/noise streams differ per rank and per resume point
+
+    exporter = _Exporter(run.name) if ctx.rank == 0 else None
+    samples_per_step = run.batch_size * accum * ctx.world_size
     t_start = time.perf_counter()
     elapsed_before = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     for step in range(start, run.max_steps):
         t0 = time.perf_counter()
-        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
-        losses = []
-        for micro in range(accum):
-            batch = task.batch(step * accum + micro)
-            loss, _extra = task.loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float())
-        mean_loss = torch.stack(losses).mean()
-        reduced = mean_loss.to(device).clone()
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-        if on_gpu:
-            torch.cuda.synchronize(device)
+        lrs = {m.name: m.set_lr(step, run.max_steps) for m in trainables}  # the rate each model uses this step
+        updates_before = [m.engine.global_steps for m in trainables]
+        values = mean_over_workers(train_step(engines, step), ctx.device)
+        if config.scaling.use_gpu:
+            torch.cuda.synchronize(ctx.device)
         dt = time.perf_counter() - t0
+        # A model this step did not update has no gradient norm for it.
+        norms = {m.name: m.grad_norm() if m.engine.global_steps > before else math.nan
+                 for m, before in zip(trainables, updates_before)}
         done = step + 1
-        row = {"step": done, "loss": reduced.item() / world, "lr": lr, "grad_norm": _grad_norm(engine),
-               "samples_per_s": samples_per_step / dt, "step_time_s": dt,
-               "elapsed_s": elapsed_before + time.perf_counter() - t_start, "attempt_start": start}
+        row = metrics_row(done, values, lrs, norms, samples_per_step / dt, dt,
+                          elapsed_before + time.perf_counter() - t_start, start)
         log.append(row)
         if exporter:
             exporter.update(row)
         final = done == run.max_steps
         if final or done % run.checkpoint_every == 0:
-            _save_and_report(engine, task, ctx, log, done, final, {**row, "checkpoint": True})
+            _save_and_report(task, engines, trainables, ctx, log, done, final, {**row, "checkpoint": True})
         elif done % run.log_every == 0:
             ray.train.report({**row, "checkpoint": False})
-        if rank == 0 and (final or done % run.log_every == 0 or done == start + 1):
+        if ctx.rank == 0 and (final or done % run.log_every == 0 or done == start + 1):
             logger.info("%s", progress_line(row, run.max_steps))
 
 
@@ -322,14 +356,15 @@ def run(config: JobConfig, task: str, datasets: dict[str, Any] | None = None) ->
 def _sections(config: JobConfig) -> dict[str, Any]:
     """The config as dataclass sections (picklable, no re-validation needed on workers)."""
     return {"run": config.run, "scaling": config.scaling, "deepspeed": config.deepspeed,
-            "optimizer": config.optimizer, "task": config.task}
+            "optimizer": config.optimizer, "models": config.models, "task": config.task}
 
 
 def main(task: str, argv: list[str] | None = None, description: str = "",
-         prepare: Callable[[JobConfig], None] | None = None) -> RunResult:
+         prepare: Callable[[JobConfig], dict[str, Any] | None] | None = None) -> RunResult:
     """CLI of every training job: --config YAML, --set overrides, --address of a running cluster.
 
-    `prepare(config)` runs on the driver once Ray is up and before any worker starts (precomputing data, say).
+    `prepare(config)` runs on the driver once Ray is up and before any worker starts (precomputing data, say);
+    the Ray Datasets it returns, if any, reach the workers (WorkerContext.dataset_batches).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, type=Path, help="job YAML under jobs/configs/")
@@ -347,9 +382,8 @@ def main(task: str, argv: list[str] | None = None, description: str = "",
     address = args.address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address or "local", log_to_driver=True)
     try:
-        if prepare is not None:
-            prepare(config)
-        result = run(config, task)
+        datasets = prepare(config) if prepare is not None else None
+        result = run(config, task, datasets=datasets)
     finally:
         ray.shutdown()
     print(json.dumps({"run": config.run.name, "steps": int(result.metrics.get("step", 0)),

@@ -1,24 +1,29 @@
 """The shared job runtime on a local 4-CPU Ray cluster: two CPU workers with DeepSpeed ZeRO-2, checkpoints,
-resume by rerunning, and recovery from a worker killed mid-run."""
+resume by rerunning, recovery from a worker killed mid-run (one model, and two at two rates beside a frozen one),
+Ray Data shards, metrics on the Prometheus endpoint."""
 
+import math
 import os
 import socket
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ray = pytest.importorskip("ray")
 
-from jobs import runtime  # noqa: E402
+from jobs import runtime, train_tiny  # noqa: E402
 from rtedit.train.config import load_job_config  # noqa: E402
-from rtedit.train.runtime import MetricsLog  # noqa: E402
+from rtedit.train.runtime import METRIC_FIELDS, MetricsLog  # noqa: E402
 
 TINY = runtime.REPO_ROOT / "jobs" / "configs" / "tiny.yaml"
+PAIR = runtime.REPO_ROOT / "jobs" / "configs" / "tiny_pair.yaml"
 TASK = "jobs.train_tiny:build_task"
 
 
@@ -37,8 +42,8 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _config(tmp_path, *overrides):
-    return load_job_config(TINY, [f"run.storage_path={tmp_path / 'runs'}", "run.timeout_s=400", *overrides])
+def _config(tmp_path, *overrides, path=TINY):
+    return load_job_config(path, [f"run.storage_path={tmp_path / 'runs'}", "run.timeout_s=400", *overrides])
 
 
 @pytest.mark.slow
@@ -51,6 +56,7 @@ def test_two_workers_zero2_loss_falls_and_rerun_resumes(ray_cluster, tmp_path):
     losses = [r["loss"] for r in log.rows]
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3
     assert all(r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in log.rows)
+    assert log.columns == [*METRIC_FIELDS, "mae"] and all(r["mae"] > 0 for r in log.rows)  # loss's extras
     assert first.metrics["step"] == 12 and first.metrics_png.read_bytes()[:4] == b"\x89PNG"
     assert (first.export_dir / "model.pt").is_file()
 
@@ -113,9 +119,11 @@ def test_zero3_export_gathers_full_weights(ray_cluster, tmp_path):
 def test_loss_and_throughput_reach_the_prometheus_endpoint(ray_cluster, tmp_path):
     found: list[str] = []
     done = threading.Event()
+    # The loss's extra value (mae) and the lr/grad norm columns are gauges too.
+    wanted = {f"ray_rtedit_train_{name}" for name in ("loss", "samples_per_s", "mae", "lr", "grad_norm")}
 
     def scrape() -> None:  # while the run goes: Ray exports gauges every few seconds
-        while not done.is_set() and not found:
+        while not done.is_set() and not wanted <= {line.split("{")[0] for line in found}:
             try:
                 body = urllib.request.urlopen(f"http://127.0.0.1:{ray_cluster}/metrics", timeout=5).read().decode()
                 # Earlier runs on this cluster export the same names: keep only this run's series.
@@ -134,4 +142,50 @@ def test_loss_and_throughput_reach_the_prometheus_endpoint(ray_cluster, tmp_path
         done.set()
         thread.join(10)
     names = {line.split("{")[0] for line in found}
-    assert {"ray_rtedit_train_loss", "ray_rtedit_train_samples_per_s"} <= names, found[:5]
+    assert wanted <= names, sorted(names)
+
+
+@pytest.mark.slow
+def test_two_models_at_two_rates_resume_exactly_after_a_killed_worker(ray_cluster, tmp_path):
+    """tiny_pair: "student" steps every step, "slow" every 2nd, beside a frozen teacher. A worker dies at step 5;
+    the resumed run must match one that never failed, so every engine, optimizer and the task's counter resumed."""
+    # log_every=6: only the checkpoints report (each ray.train.report costs ~2 s on 2 cores).
+    steps = ["run.max_steps=6", "run.checkpoint_every=3", "run.log_every=6", "scaling.num_workers=2"]
+    marker = tmp_path / "crashed"
+    crashed = runtime.run(_config(tmp_path, "run.name=pair-crash", *steps, "task.fail_once_at_step=4",
+                                  f"task.fail_marker={marker}", path=PAIR), TASK)
+    assert marker.read_text() == "4"
+    reference = runtime.run(_config(tmp_path, "run.name=pair", *steps, path=PAIR), TASK)
+    log, ref = MetricsLog.read_csv(crashed.metrics_csv), MetricsLog.read_csv(reference.metrics_csv)
+    assert log.columns == [*METRIC_FIELDS, "lr/student", "lr/slow", "grad_norm/student", "grad_norm/slow",
+                           "loss/slow", "slow_updates"]
+    assert [int(r["step"]) for r in log.rows] == list(range(1, 7))
+    assert [int(r["attempt_start"]) for r in log.rows] == [0] * 3 + [3] * 3
+    assert [r["slow_updates"] for r in log.rows] == [1, 1, 2, 2, 3, 3]  # the counter came back from the checkpoint
+    updated = [math.isfinite(r["grad_norm/slow"]) and math.isfinite(r["loss/slow"]) for r in log.rows]
+    assert updated == [True, False] * 3 and all(r["grad_norm/student"] > 0 for r in log.rows)
+    assert log.rows[0]["lr/slow"] == 0.02 and log.rows[0]["lr/student"] == 0.005  # models.slow.optimizer; warmup
+    assert [r["lr"] for r in log.rows] == [r["lr/student"] for r in log.rows]
+    timing = {"samples_per_s", "step_time_s", "elapsed_s", "attempt_start"}  # these differ run to run
+    for mine, theirs in zip(log.rows, ref.rows, strict=True):
+        for key in set(log.columns) - timing:  # NaN where "slow" did not step, in both runs
+            both_nan = math.isnan(mine[key]) and math.isnan(theirs[key])
+            assert both_nan or math.isclose(mine[key], theirs[key], rel_tol=1e-6), (key, mine, theirs)
+    for name in ("student", "slow"):
+        state, expected = (torch.load(r.export_dir / f"{name}.pt", weights_only=True) for r in (crashed, reference))
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    tags = sorted(p.name for p in (Path(crashed.checkpoint_path) / runtime.MODELS_DIR).iterdir() if p.is_dir())
+    assert tags == ["slow", "student"]  # one DeepSpeed tag per trainable model, none for the frozen teacher
+
+
+@pytest.mark.slow
+def test_dataset_shards_reach_the_task(ray_cluster, tmp_path):
+    """task.kind=rows trains on a Ray Dataset passed to run(): each of two workers streams its own half of the rows."""
+    config = _config(tmp_path, "run.name=rows", "run.max_steps=4", "run.checkpoint_every=4", "run.batch_size=4",
+                     "scaling.num_workers=2", "task.kind=rows", "task.rows=32")
+    result = runtime.run(config, TASK, datasets=train_tiny.prepare(config))
+    assert result.metrics["step"] == 4
+    state = Path(result.checkpoint_path) / runtime.STATE_DIR
+    seen = [torch.load(state / f"rank-{rank}.pt", weights_only=True)["task"]["seen"] for rank in (0, 1)]
+    assert [len(s) for s in seen] == [16, 16]  # 4 steps of 4 rows each
+    assert sorted(seen[0] + seen[1]) == list(range(32))  # every row once, no row on both workers

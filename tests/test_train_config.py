@@ -1,6 +1,7 @@
 """Job configs and the Ray-free runtime helpers: strict YAML parsing, NaN rejected, schedule, DeepSpeed config."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def test_every_committed_job_config_validates():
     from jobs.train_teacher import TeacherTaskConfig
     from jobs.train_tiny import TinyTaskConfig
 
-    tasks = {"tiny.yaml": TinyTaskConfig, "toy_teacher.yaml": TeacherTaskConfig}
+    tasks = {"tiny.yaml": TinyTaskConfig, "tiny_pair.yaml": TinyTaskConfig, "toy_teacher.yaml": TeacherTaskConfig}
     assert sorted(tasks) == sorted(p.name for p in configs)  # a new job config needs its task check here
     for name, cls in tasks.items():
         load_job_config(REPO / "jobs" / "configs" / name).task_config(cls)
@@ -64,10 +65,31 @@ def test_defaults_and_overrides(tmp_path):
     ("optimizer.warmup_steps=11", "optimizer.warmup_steps"),
     ("optimizer.betas=[0.9]", "optimizer.betas"),
     ("run.colour=red", "colour"),
+    ("models.slow.zero_stage=4", "models.slow.zero_stage"),
+    ("models.slow.optimizer.lr=-1", "models.slow.optimizer.lr"),
+    ("models.slow.optimizer.lr=.nan", "models.slow.optimizer.lr"),
+    ("models.slow.optimizer.warmup_steps=11", "models.slow.optimizer.warmup_steps"),
+    ("models.slow.optimizer.colour=1", "models.slow.optimizer.colour"),
+    ("models.slow.lr=0.1", "models.slow.lr"),
 ])
 def test_bad_values_name_the_field(tmp_path, override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_job_config(_write(tmp_path, BASE), [override])
+
+
+def test_each_model_inherits_the_optimizer_and_zero_stage_it_does_not_change():
+    config = load_job_config(REPO / "jobs" / "configs" / "tiny_pair.yaml", ["deepspeed.zero_stage=3"])
+    slow = config.optimizer_for("slow")
+    assert (slow.lr, slow.warmup_steps) == (0.02, 0)
+    assert (slow.name, slow.schedule, slow.betas) == (config.optimizer.name, "cosine", config.optimizer.betas)
+    assert config.optimizer_for("student") == config.optimizer
+    # The job config wins over the task's own choice, which wins over the job-wide sections.
+    assert config.optimizer_for("student", {"lr": 0.5}).lr == 0.5
+    assert config.optimizer_for("slow", {"lr": 0.5, "weight_decay": 0.1}) == replace(slow, weight_decay=0.1)
+    assert config.zero_stage_for("slow", 2) == 1
+    assert config.zero_stage_for("student", 2) == 2 and config.zero_stage_for("student") == 3
+    with pytest.raises(ConfigError, match=r"models\.student\.optimizer\.lr"):
+        config.optimizer_for("student", {"lr": 0.0})
 
 
 def test_missing_required_and_unreadable(tmp_path):
@@ -108,3 +130,93 @@ def test_metrics_log_round_trips_truncates_and_plots(tmp_path):
     assert [r["step"] for r in back.upto(4).rows] == [1, 2, 3, 4]
     png = back.plot(tmp_path / "m.png", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_log_keeps_every_column_a_step_returns(tmp_path):
+    log = runtime.MetricsLog()
+    for step in range(1, 5):
+        values = {"loss": 1.0 / step, "mae": 0.5 / step, **({"loss/slow": 2.0 / step} if step % 2 else {})}
+        log.append(runtime.metrics_row(step, values, {"student": 0.1, "slow": 0.2},
+                                       {"student": 1.0, "slow": 3.0 if step % 2 else math.nan}, 10.0, 0.1, step, 0))
+    expected = [*runtime.METRIC_FIELDS, "lr/student", "lr/slow", "grad_norm/student", "grad_norm/slow", "mae",
+                "loss/slow"]
+    assert log.columns == expected
+    path = log.write_csv(tmp_path / "m.csv")
+    assert path.read_text().splitlines()[0] == ",".join(expected)
+    back = runtime.MetricsLog.read_csv(path)
+    assert back.columns == expected
+    assert [r["lr"] for r in back.rows] == [0.1] * 4  # the first declared model's, as with one model
+    assert back.rows[0]["loss/slow"] == 2.0 and math.isnan(back.rows[1]["loss/slow"])
+    assert math.isnan(back.rows[1]["grad_norm/slow"]) and back.rows[2]["grad_norm/slow"] == 3.0
+    assert back.rows[3]["mae"] == 0.125
+    panels = {title: keys for title, keys, _ in runtime._panels(back.columns)}
+    assert panels["learning rate"] == ["lr", "lr/student", "lr/slow"] and panels["mae"] == ["mae"]
+    assert panels["loss"] == ["loss", "loss/slow"]
+    assert back.plot(tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    # One model: no per-model columns; a step value named like a runtime column, or no loss, is refused.
+    assert list(runtime.metrics_row(1, {"loss": 1.0}, {"model": 0.1}, {"model": 1.0}, 1, 1, 1, 0)) == list(
+        runtime.METRIC_FIELDS)
+    with pytest.raises(ValueError, match="samples_per_s"):
+        runtime.metrics_row(1, {"loss": 1.0, "samples_per_s": 2.0}, {"model": 0.1}, {"model": 1.0}, 1, 1, 1, 0)
+    with pytest.raises(KeyError, match="loss"):
+        runtime.metrics_row(1, {"mse": 1.0}, {"model": 0.1}, {"model": 1.0}, 1, 1, 1, 0)
+    # A CSV the single-model runtime wrote reads back with its eight columns.
+    old = runtime.MetricsLog.read_csv(REPO / "tests" / "data" / "toy_teacher_tiny_metrics.csv")
+    assert old.columns == list(runtime.METRIC_FIELDS) and len(old.rows) == 6
+
+
+class _FakeEngine:
+    """What the default train step uses of a DeepSpeed engine: forward, backward, step."""
+
+    def __init__(self):
+        self.module = torch.nn.Linear(1, 1)
+        self.calls = []
+
+    def __call__(self, x):
+        return self.module(x)
+
+    def backward(self, loss):
+        self.calls.append("backward")
+        loss.backward()
+
+    def step(self):
+        self.calls.append("step")
+
+
+def test_default_train_step_runs_the_micro_batches_and_averages_their_values():
+    class OneModel:
+        model = torch.nn.Linear(1, 1)
+
+        def batch(self, index):
+            return torch.full((2, 1), float(index))
+
+        def loss(self, model, batch):
+            return model(batch).pow(2).mean() * 0 + batch.mean(), {"index": batch[0, 0]}
+
+    task = OneModel()
+    specs = runtime.model_specs(task)
+    assert list(specs) == ["model"] and specs["model"].module is task.model and specs["model"].trainable
+    engine = _FakeEngine()
+    values = runtime.default_train_step(task, accum=3)({"model": engine}, step=2)  # micro-batches 6, 7, 8
+    assert engine.calls == ["backward", "step"] * 3
+    assert float(values["loss"]) == 7.0 and values["index"] == 7.0
+    assert runtime.mean_over_workers(values, torch.device("cpu")) == {"loss": 7.0, "index": 7.0}
+
+
+def test_model_specs_are_checked():
+    class Many:
+        def __init__(self, **specs):
+            self.specs = specs
+
+        def models(self):
+            return self.specs
+
+    frozen = runtime.ModelSpec(torch.nn.Linear(2, 2), trainable=False)
+    with pytest.raises(ValueError, match="trainable"):
+        runtime.model_specs(Many(teacher=frozen))
+    with pytest.raises(ValueError, match="model name"):
+        runtime.model_specs(Many(**{"a/b": runtime.ModelSpec(torch.nn.Linear(2, 2))}))
+    with pytest.raises(TypeError, match="ModelSpec"):
+        runtime.model_specs(Many(student=torch.nn.Linear(2, 2)))
+    module = runtime.freeze(frozen.module, torch.device("cpu"), torch.bfloat16)
+    assert not module.training and all(not p.requires_grad and p.dtype == torch.bfloat16 for p in module.parameters())
