@@ -14,10 +14,10 @@ a text encoder, then passed to every row). Rows:
          "+dbcache dynamic", "+dbcache static" (timing only), "+taef2" (with each policy); "serving configuration"
          is exactly load_engine_config("deployments/serve-gpu.yaml").for_replica() (its 512 and 1024 buckets).
 Each row: prepare/denoise/decode/total median and p99 over --frames frames (CUDA events), FPS, speedup against
-stock eager (when its JSON is given or in the same run) and the output's PSNR against our exact path (drift; with
-random weights it catches bugs, it does not score quality). Weights: the preset's fixed N(0, 0.02) init, the same
-for every row. --model tiny is a CPU dry run: a tiny folder with 3 + 3 blocks (DBCache needs a middle block to
-skip), float32, the eager compile backend and the YAML's buckets scaled by --size/512.
+stock eager (its JSON given, or in the same run), PSNR against our exact path (drift; with random weights it
+catches bugs, it does not score quality); every compiled row asserts zero recompiles after warm-up. Weights: the
+preset's seeded N(0, 0.02) init, the same in every row. --model tiny (CPU dry run): a tiny folder with 3 + 3
+blocks (DBCache needs a middle block to skip), float32, the eager backend, the YAML's buckets scaled by --size/512.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import functools
 import gc
 import json
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -235,7 +236,7 @@ class StockStageTimer:
                 "total": t["total"]}
 
 
-def run_stock(editor, image, emb, args, backend: str) -> list[dict]:
+def run_stock(editor, image, emb, args, backend: str, rows: list[dict]) -> None:
     """Diffusers' own pipeline on the encoder editor's modules (freed after; our rows build their own); compiled
     with the backend of our compiled rows."""
     from diffusers import Flux2KleinPipeline
@@ -251,7 +252,7 @@ def run_stock(editor, image, emb, args, backend: str) -> list[dict]:
                    generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
         return out, timer.stop()
 
-    rows = [measure("stock eager", once, *frame_counts("stock eager", args))]
+    rows.append(measure("stock eager", once, *frame_counts("stock eager", args)))
     frames, warmup = frame_counts("stock compile", args)
     if frames:
         pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
@@ -259,7 +260,6 @@ def run_stock(editor, image, emb, args, backend: str) -> list[dict]:
         pipe.vae.decoder.compile(backend=backend)
         rows.append(measure("stock compile", once, frames, warmup,
                             f"compile_repeated_blocks(fullgraph) + VAE encoder/decoder, {backend}"))
-    return rows
 
 
 def edit_once(editor, image, emb, steps: int) -> tuple[np.ndarray, dict]:
@@ -267,9 +267,8 @@ def edit_once(editor, image, emb, steps: int) -> tuple[np.ndarray, dict]:
     return res.array, res.timings
 
 
-def run_ours(configs: dict[str, EditorConfig], image, emb, args) -> list[dict]:
+def run_ours(configs: dict[str, EditorConfig], image, emb, args, rows: list[dict]) -> None:
     """Each row measured on an editor of its own; the exact row always runs (once at least): it anchors drift."""
-    rows = []
     for name, config in configs.items():
         frames, warmup = frame_counts(name, args)
         if not frames and name != "exact":
@@ -291,7 +290,6 @@ def run_ours(configs: dict[str, EditorConfig], image, emb, args) -> list[dict]:
         rows.append(row)
         editor = None  # the last reference: release() frees it before the next row is built
         release()
-    return rows
 
 
 # ---- reporting -------------------------------------------------------------------------------------------------
@@ -325,6 +323,14 @@ def merge(paths: list[str]) -> int:
     cards = sorted({run["card"] for run in runs})
     print_table(rows, f"merged from {len(paths)} runs: {', '.join(cards)}, {runs[0]['date']}, {runs[0]['size']}x{runs[0]['size']}")
     return 0
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (a time limit)."""
+
+
+def _stop(*_) -> None:
+    raise Stopped
 
 
 def card() -> tuple[str, str]:
@@ -369,14 +375,19 @@ def main() -> int:
 
     configs = row_configs(serving_config(engine_overrides(args.model, args.size, args.compile_backend, args.taef2_dir)),
                           args.size)
-    image = frame(args.size)
-    encoder = encoder_editor(configs)
-    emb, dtype = encoder.encode_prompt(PROMPT), encoder.dtype
-    rows = run_stock(encoder, image, emb, args, configs["+compile"].compile.backend) if args.rows != "ours" else []
-    encoder = None
-    release()
-    if args.rows != "stock":
-        rows += run_ours(configs, image, emb, args)
+    image, rows, dtype = frame(args.size), [], None
+    signal.signal(signal.SIGTERM, _stop)  # `timeout` ends a long run: the finished rows still get a table and JSON
+    try:
+        encoder = encoder_editor(configs)
+        emb, dtype = encoder.encode_prompt(PROMPT), encoder.dtype
+        if args.rows != "ours":
+            run_stock(encoder, image, emb, args, configs["+compile"].compile.backend, rows)
+        encoder = None
+        release()
+        if args.rows != "stock":
+            run_ours(configs, image, emb, args, rows)
+    except Stopped:
+        print("stopped by SIGTERM: the table and JSON hold the rows finished before it", flush=True)
 
     stock = next((r for r in rows if r["row"] == "stock eager"), None)
     if stock is None and args.reference:
