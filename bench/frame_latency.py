@@ -103,7 +103,8 @@ def merged(base: dict, over: dict) -> dict:
 def serving_config(overrides: dict | None = None) -> EditorConfig:
     """What a Serve replica of deployments/serve-gpu.yaml runs, with the command line's overrides."""
     section = engine_section(yaml.safe_load(SERVE_GPU.read_text()))
-    return load_engine_config(SERVE_GPU, merged(section, overrides or {})).for_replica()
+    changed = {k: merged(section.get(k) or {}, v) if isinstance(v, dict) else v for k, v in (overrides or {}).items()}
+    return load_engine_config(SERVE_GPU, changed).for_replica()
 
 
 def row_configs(serving: EditorConfig, size: int) -> dict[str, EditorConfig]:
@@ -269,6 +270,8 @@ def edit_once(editor, image, emb, steps: int) -> tuple[np.ndarray, dict]:
 
 def run_ours(configs: dict[str, EditorConfig], image, emb, args, rows: list[dict]) -> None:
     """Each row measured on an editor of its own; the exact row always runs (once at least): it anchors drift."""
+    if args.only and not set(args.only) & set(OURS) and not args.parity_frames:
+        return  # --only names stock rows alone
     for name, config in configs.items():
         frames, warmup = frame_counts(name, args)
         if not frames and name != "exact":

@@ -110,7 +110,7 @@ frames)
   . "$LANES/env.sh"
   lane gpu0 "export CUDA_VISIBLE_DEVICES=0; taskset -c $FRAME_CPUS $FL --rows stock --only 'stock eager' \
     --json $LANES/fl-stock-eager.json && taskset -c $FRAME_CPUS $FL --rows ours --only exact \
-    '+taef2 (dbcache static)' --json $LANES/fl-ours-0.json"
+    '+taef2 (dbcache static)' 'serving configuration' --json $LANES/fl-ours-0.json"
   lane gpu1 "export CUDA_VISIBLE_DEVICES=1; taskset -c $FRAME_CPUS $FL --rows stock --only 'stock compile' \
     --json $LANES/fl-stock-compile.json && taskset -c $FRAME_CPUS $FL --rows ours --only +attention \
     '+dbcache static' --parity-frames 100 --json $LANES/fl-ours-1.json"
