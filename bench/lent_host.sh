@@ -53,8 +53,10 @@ setup)
   done
   shopt -u nullglob
   rm -rf "$RUN" && mkdir -p "$RUN" && tar --exclude=./.raygpu --exclude=./.whl --exclude=./.dswhl -cf - . | tar -C "$RUN" -xf -
+  # rtedit is linked into the site folder: platform/ itself never goes on sys.path (it names a stdlib module).
+  ln -sfn "$RUN/platform/rtedit" /tmp/site/rtedit
   cat >"$LANES/env.sh" <<'EOF'
-export PYTHONPATH=/tmp/site:$PWD/platform:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 RTEDIT_TAEF2_DIR=$PWD/.device/taef2
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 EOF
