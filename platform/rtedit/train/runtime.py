@@ -11,7 +11,7 @@ import csv
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -137,6 +137,7 @@ class Trainable:
     zero_stage: int
 
     def set_lr(self, step: int, max_steps: int) -> float:
+        """Set and return the rate of job step `step` (set each step: nothing to checkpoint or restore)."""
         lr = lr_at(step, self.optimizer, max_steps)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
@@ -174,24 +175,25 @@ def build_engines(specs: dict[str, ModelSpec], config: JobConfig, device: torch.
     return engines, trainables
 
 
-def gathered(trainables: list[Trainable]):
+@contextlib.contextmanager
+def gathered(trainables: list[Trainable]) -> Iterator[None]:
     """Full parameters of every model on every rank for the duration of the block (ZeRO-3 partitions them)."""
-    stack = contextlib.ExitStack()
-    for model in trainables:
-        if model.zero_stage == 3:
-            import deepspeed
+    with contextlib.ExitStack() as stack:
+        for model in trainables:
+            if model.zero_stage == 3:
+                import deepspeed
 
-            stack.enter_context(deepspeed.zero.GatheredParameters(list(model.engine.module.parameters()),
-                                                                  modifier_rank=None))
-    return stack
+                stack.enter_context(deepspeed.zero.GatheredParameters(list(model.engine.module.parameters()),
+                                                                      modifier_rank=None))
+        yield
 
 
 def export_models(task: Any, engines: Mapping[str, Any], trainables: list[Trainable], rank: int, folder: Path) -> None:
     """task.export on rank 0 with unwrapped models: the one model of a single-model task, else the mapping."""
-    modules = {name: getattr(engine, "module", engine) for name, engine in engines.items()}
+    modules = {**engines, **{model.name: model.engine.module for model in trainables}}
     with gathered(trainables):
         if rank == 0:
-            task.export(modules if callable(getattr(task, "models", None)) else modules["model"], folder)
+            task.export(modules if callable(getattr(task, "models", None)) else modules[SINGLE_MODEL], folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,7 +343,7 @@ class MetricsLog:
         ncols = 2 if len(panels) <= 4 else 3
         nrows = math.ceil(len(panels) / ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.25 * nrows), squeeze=False)
-        for ax, (label, keys, log_y) in zip(axes.flat, panels):
+        for ax, (label, log_y, keys) in zip(axes.flat, panels):
             finite_values = []
             for key in keys:
                 # Steps where a metric is NaN (a model that did not update) are left out, not drawn as gaps.
@@ -369,14 +371,16 @@ _BASE_PANELS = {"loss": ("loss", True), "lr": ("learning rate", False), "grad_no
 _NOT_DRAWN = {"step", "step_time_s", "elapsed_s", "attempt_start"}
 
 
-def _panels(columns: list[str]) -> list[tuple[str, list[str], bool]]:
-    """(title, columns, log y) per panel: the four base panels, then one per prefix of the other columns."""
+def _panels(columns: list[str]) -> list[tuple[str, bool, list[str]]]:
+    """(title, log y, columns) per panel: the four base panels, then one per prefix of the other columns."""
     groups: dict[str, list[str]] = {key: [] for key in _BASE_PANELS}
     for column in columns:
         if column not in _NOT_DRAWN:
             groups.setdefault(column.split("/")[0], []).append(column)
-    return [(_BASE_PANELS.get(prefix, (prefix, False))[0], keys, _BASE_PANELS.get(prefix, ("", False))[1])
-            for prefix, keys in groups.items() if keys]
+    for key in ("lr", "grad_norm"):  # with lr/<name> per model, plain lr is the first one's again
+        if len(groups[key]) > 1:
+            groups[key].remove(key)
+    return [(*_BASE_PANELS.get(prefix, (prefix, False)), keys) for prefix, keys in groups.items() if keys]
 
 
 def progress_line(row: Mapping[str, float], max_steps: int) -> str:
