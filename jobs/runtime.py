@@ -39,8 +39,9 @@ import yaml
 
 from rtedit.errors import ConfigError
 from rtedit.config_parsing import to_dict
+from rtedit.device import PRECISIONS
 from rtedit.train.config import JobConfig, load_job_config
-from rtedit.train.runtime import (MetricsLog, ModelSpec, MultiModelTask, Task, Trainable, build_engines, dtype_of,
+from rtedit.train.runtime import (MetricsLog, ModelSpec, MultiModelTask, Task, Trainable, build_engines,
                                   export_models, mean_over_workers, metrics_row, model_specs, progress_line,
                                   train_step_of)
 
@@ -208,7 +209,7 @@ def _worker_context(config: JobConfig) -> WorkerContext:
         torch.cuda.set_device(device)
     precision = config.deepspeed.resolve_precision(on_gpu)
     return WorkerContext(config, train_ctx.get_world_rank(), train_ctx.get_world_size(), local_rank, device,
-                         precision, dtype_of(precision))
+                         precision, PRECISIONS[precision])
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rtedit.errors import EditError
+from rtedit.transport import OUTPUT_FORMATS
 
 DESCRIPTION = """rtedit: realtime instruction-based image editing on FLUX.2 [klein].
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 k: editor.stats()[k] for k in ("attention_backend", "warm_up")}}, indent=2, default=str))
             return 0
         fmt = args.out.suffix.lower().lstrip(".")
-        if fmt not in ("jpg", "jpeg", "png", "webp"):
+        if fmt != "jpg" and fmt not in OUTPUT_FORMATS:
             raise SystemExit(f"rtedit: --out must end in .jpg, .jpeg, .png or .webp, got {args.out.name!r}")
         image = _read(args.image, "image")
         refs = [_read(p, "reference") for p in args.reference]

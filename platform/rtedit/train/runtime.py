@@ -243,8 +243,6 @@ def deepspeed_config(config: JobConfig, on_gpu: bool, zero_stage: int | None = N
     return ds
 
 
-def dtype_of(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
 
