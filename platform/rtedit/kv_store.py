@@ -1,0 +1,147 @@
+"""The K/V store: each open session's T and R keys and values (rtedit.model.causal.SessionCache) on the device.
+
+In the `session` causal mode the instruction T and the references R attend only to themselves, so their keys and
+values in every layer are computed once per session and reused by every frame (rtedit.session). They are large
+(klein 4B, bf16: about 300 KB per text or reference token, ~470 MB for 512 text tokens and one 512x512 reference),
+so the store is bounded in bytes and evicts the least recently used entry; a session whose entry was evicted
+recomputes it on its next frame (a miss, counted as a recompute).
+
+Keys: `StoreKey(session, digest)`. `session` is a token unique to one Session object (never reused, not the caller's
+session id), so two sessions never share an entry, even with the same inputs or the same caller id after a reopen.
+`digest` is a sha256 over everything the entry depends on (`entry_digest`: the prompt key, the reference images'
+digests, the condition timestep, the bucket's token shapes, dtype and device), so an entry is never served for
+inputs it was not computed from.
+
+The bound (`EditorConfig.kv_store_bytes`, `store_bytes`): an explicit number of bytes (0 stores nothing: every
+frame recomputes T and R), or by default on a GPU the free device memory once the editor is built and warmed
+(`torch.cuda.mem_get_info`) minus a margin of max(4 GiB, 15 % of the device), and on a CPU a fixed 1 GiB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+CPU_DEFAULT_BYTES = 2**30
+GPU_MARGIN_BYTES = 4 * 2**30
+GPU_MARGIN_FRACTION = 0.15
+_EVICTED_MEMORY = 4096  # evicted keys remembered, to count a recompute when their session returns
+
+
+class Entry(Protocol):
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class StoreKey:
+    session: str  # Session's private token: unique per Session object, never reused
+    digest: str  # entry_digest of the inputs the entry was computed from
+
+
+def entry_digest(*, prompt_key: str, reference_digests: Sequence[str], condition_timestep: float,
+                 bucket: Sequence, dtype: torch.dtype, device: torch.device | str) -> str:
+    """sha256 of what a session's T/R keys and values depend on (bucket: token shapes of the frame's groups)."""
+    parts = [prompt_key, *reference_digests, repr(float(condition_timestep)), repr(tuple(bucket)), str(dtype),
+             str(torch.device(device))]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def store_bytes(configured: int | None, device: torch.device) -> int:
+    """The store's bound: `configured` when set, else the documented default for `device` (module docstring)."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda":
+        return CPU_DEFAULT_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, free - max(GPU_MARGIN_BYTES, int(GPU_MARGIN_FRACTION * total)))
+
+
+class KVStore:
+    """A byte-bounded LRU of session caches; thread-safe; a hit returns the very same tensors."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[StoreKey, Entry] = OrderedDict()
+        self._evicted: OrderedDict[StoreKey, None] = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = self.evictions = self.recomputes = self.oversize = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: StoreKey) -> Entry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+
+    def put(self, key: StoreKey, entry: Entry) -> bool:
+        """Stores `entry`, evicting the least recently used ones until it fits; False when it alone is over the
+        bound (then it is served to its frame and not kept)."""
+        size = entry.nbytes
+        with self._lock:
+            if key in self._evicted:  # its session came back after an eviction and computed it again
+                del self._evicted[key]
+                self.recomputes += 1
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            if size > self.max_bytes:
+                self.oversize += 1
+                return False
+            while self._entries and self._bytes + size > self.max_bytes:
+                evicted, value = self._entries.popitem(last=False)
+                self._bytes -= value.nbytes
+                self.evictions += 1
+                self._evicted[evicted] = None
+                while len(self._evicted) > _EVICTED_MEMORY:
+                    self._evicted.popitem(last=False)
+            self._entries[key] = entry
+            self._bytes += size
+            return True
+
+    def drop_session(self, session: str) -> int:
+        """Removes every entry of one session (its prompt or references changed, or it closed); returns how many."""
+        with self._lock:
+            keys = [k for k in self._entries if k.session == session]
+            for k in keys:
+                self._bytes -= self._entries.pop(k).nbytes
+            for k in [k for k in self._evicted if k.session == session]:
+                del self._evicted[k]
+            return len(keys)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: StoreKey) -> bool:
+        return key in self._entries
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def stats(self) -> dict:
+        with self._lock:
+            total = self.hits + self.misses
+            return {
+                "entries": len(self._entries),
+                "sessions": len({k.session for k in self._entries}),
+                "bytes": self._bytes,
+                "max_bytes": self.max_bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+                "recomputes": self.recomputes,
+                "oversize": self.oversize,
+                "hit_rate": self.hits / total if total else 0.0,
+            }
