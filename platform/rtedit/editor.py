@@ -40,15 +40,7 @@ from rtedit.model.causal import SessionCache, causal_denoise, install_causal_pro
 from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
 from rtedit.model.packing import PATCH_PIXELS, LatentIdCache, pack, unpack
 from rtedit.model.schedule import TimestepCache, euler_step, initial_noise
-from rtedit.presets import (
-    KV_CONDITION_TIMESTEP,
-    KV_PIPELINE,
-    PRESETS,
-    ModelBundle,
-    Sidecar,
-    build_preset,
-    load_pretrained,
-)
+from rtedit.presets import PRESETS, ModelBundle, Sidecar, build_preset, load_pretrained
 from rtedit.prompts import PromptCache, PromptEmbedding, PromptEncoder, PromptService, model_prompt_settings
 from rtedit.session import Session, SessionRegistry, session_cache
 from rtedit.stage_timer import StageTimer
@@ -185,7 +177,6 @@ class Editor:
     def from_pipeline(cls, pipe, config: EditorConfig | None = None) -> "Editor":
         """Adopts the components of an existing Flux2KleinPipeline or Flux2KleinKVPipeline (which stays usable,
         except that a KV pipeline's transformer then carries the editor's kv processors)."""
-        is_kv = type(pipe).__name__ == KV_PIPELINE
         bundle = ModelBundle(
             transformer=pipe.transformer,
             vae=pipe.vae,
@@ -193,7 +184,7 @@ class Editor:
             text_encoder=pipe.text_encoder,
             tokenizer=pipe.tokenizer,
             name=getattr(pipe, "name_or_path", None) or type(pipe).__name__,
-            sidecar=Sidecar(causal="kv", condition_timestep=KV_CONDITION_TIMESTEP) if is_kv else Sidecar(),
+            sidecar=Sidecar.of_pipeline(pipe),
         )
         return cls(bundle, config)
 

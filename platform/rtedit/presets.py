@@ -131,6 +131,13 @@ class Sidecar:
                 f"causal={requested!r}: a model is served in its own attention mode only (set causal: auto)")
 
     @classmethod
+    def of_pipeline(cls, pipe) -> "Sidecar":
+        """What a pipeline object says of itself: a Flux2KleinKVPipeline is kv at timestep 0, others full attention."""
+        if type(pipe).__name__ == KV_PIPELINE:
+            return cls(causal="kv", condition_timestep=KV_CONDITION_TIMESTEP)
+        return cls()
+
+    @classmethod
     def load(cls, folder: Path) -> "Sidecar | None":
         path = folder / SIDECAR_NAME
         if not path.is_file():
