@@ -97,17 +97,19 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         layer.kept = LayerKV(key.contiguous(), value.contiguous())
     past_k, past_v = (layer.past.key, layer.past.value) if layer.past is not None else (None, None)
     everything = (slice(0, query.shape[1]),)
-    pieces: list[tuple[int, torch.Tensor]] = []
+    # Outputs by the start of their queries (plain dict and loops: torch.compile traces this, fullgraph).
+    pieces: dict[int, torch.Tensor] = {}
     for span in layer.spans or (Span(everything, everything),):
         queries = tuple(s for s in span.queries if s.stop > s.start)
         if not queries:
             continue
         out = dispatch_attention_fn(_take(query, queries), _take(key, span.keys, past_k),
                                     _take(value, span.keys, past_v), backend=backend)
-        pieces += zip((s.start for s in queries), out.split([s.stop - s.start for s in queries], dim=1))
+        for s, piece in zip(queries, out.split([s.stop - s.start for s in queries], dim=1)):
+            pieces[s.start] = piece
     if len(pieces) == 1:
-        return pieces[0][1]
-    return torch.cat([piece for _, piece in sorted(pieces, key=lambda p: p[0])], dim=1)
+        return next(iter(pieces.values()))
+    return torch.cat([pieces[start] for start in sorted(pieces)], dim=1)
 
 
 class _SessionAttention:
