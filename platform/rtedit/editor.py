@@ -2,7 +2,7 @@
 
 With every approximation off it computes exactly what `Flux2KleinPipeline(..., is_distilled=True)(guidance_scale=1)`
 computes for the same inputs and seed; tests hold it to that. The fast path (attention probe, DBCache, selective
-compile, TAEF2, warm-up) is built from the EditorConfig in one place, `_build_fast_path`, in one order.
+compile, TAEF2, warm-up) is built from the EditorConfig in one place, `rtedit.fast_path.build`, in one order.
 
 A causal model (rtedit.json "causal", `Editor.mode`) runs its mode's processors and `causal_denoise` over a
 conditions-first layout; in the "session" mode a frame also has a session stage (T's and R's keys and values, from
@@ -11,7 +11,6 @@ the K/V store for an open `Session`, rtedit.session, or computed once for a one-
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections import Counter
@@ -22,9 +21,10 @@ import numpy as np
 import PIL.Image
 import torch
 
+from rtedit import fast_path
 from rtedit.config import EditorConfig
 from rtedit.device import is_device_failure, resolve_device, resolve_dtype
-from rtedit.errors import ConfigError, EditCancelled, EditError, EngineDead, InvalidRequest, ModelLoadError
+from rtedit.errors import EditCancelled, EditError, EngineDead, InvalidRequest, ModelLoadError
 from rtedit.frame_request import FrameRequest, check_request
 from rtedit.images import (
     ImageInput,
@@ -36,7 +36,7 @@ from rtedit.images import (
     to_uint8_array,
 )
 from rtedit.kv_store import KVStore, store_bytes
-from rtedit.model.causal import SessionCache, causal_denoise, install_causal_processors, probe_inputs
+from rtedit.model.causal import SessionCache, causal_denoise
 from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
 from rtedit.model.packing import PATCH_PIXELS, LatentIdCache, pack, unpack
 from rtedit.model.schedule import TimestepCache, euler_step, initial_noise
@@ -88,11 +88,6 @@ def stop_if_cancelled(cancel: threading.Event | None, where: str) -> None:
         raise EditCancelled(f"edit cancelled by its caller {where}")
 
 
-def _gray(height: int, width: int) -> np.ndarray:
-    """A plain frame for probes and warm-ups."""
-    return np.full((height, width, 3), 128, np.uint8)
-
-
 class Editor:
     """Edits frames with FLUX.2 klein; thread-safe, one request at a time on its device."""
 
@@ -125,7 +120,7 @@ class Editor:
         self.warm_steps = sidecar.steps[0] if sidecar.steps else 2
         self.sessions = SessionRegistry()  # the open sessions by id (rtedit.session)
         self.kv_store: KVStore | None = None
-        self._build_fast_path()
+        fast_path.build(self)
         if self.mode == "session":  # after the warm-up, so a GPU's default bound sees the working memory taken
             self.kv_store = KVStore(store_bytes(self.config.kv_store_bytes, self.device))
 
@@ -392,83 +387,15 @@ class Editor:
         data = encode_image(pil, output_format) if output_format else None
         return pil, array, data
 
-    # ---- the fast path and warm-up ------------------------------------------------------------------------------
-    def _build_fast_path(self) -> None:
-        """Attention probe, then DBCache, then selective compile and the warm-up of every bucket, in that order:
-        the probe switches attention processors, and compiled graphs must see the final processors and hooks. A
-        causal mode's processors go in first (the probe then times them and sets their backend)."""
-        cfg = self.config
-        if self.mode is not None:
-            if cfg.dbcache.enabled:
-                raise ConfigError(f"dbcache does not combine with the causal mode {self.mode!r} of {self.bundle.name}: "
-                                  "cache-dit replaces the block loop, which the causal cached passes run themselves")
-            install_causal_processors(self.transformer, self.mode)
-        if cfg.select_attention:
-            self.attention = self._probe_attention()
-        if cfg.dbcache.enabled:
-            from rtedit.accel.dbcache import attach_cache
-
-            self.dbcache = attach_cache(self.transformer, cfg.dbcache)
-        if cfg.compile.enabled:
-            from rtedit.accel.compile import compile_regions
-
-            autoencoder = self.codec.taef2 if self.codec.taef2 is not None else self.vae
-            self.compiled = compile_regions(cfg.compile, transformer=self.transformer,
-                                            vae_encoder=autoencoder.encoder, vae_decoder=autoencoder.decoder)
-            self.codec.reference_context = functools.partial(self.compiled.eager, "vae_encoder")
-            self.warm_up()  # compiled regions are compiled now, for every bucket: no request ever compiles
-
-    def _probe_attention(self):
-        """The start-up kernel probe on one real step at the largest bucket (attention cost grows fastest there)."""
-        from rtedit.accel.attention_probe import select_attention_backend
-
-        cfg = self.config
-        h, w = max(cfg.buckets.sizes, key=lambda s: s[0] * s[1]) if cfg.buckets.sizes else (512, 512)
-        request = FrameRequest(_gray(h, w), self._warm_prompt(), (_gray(h, w),) * max(cfg.buckets.references),
-                               height=h, width=w)
-        with torch.inference_mode():
-            plan = self._prepare(request)
-            sample = plan.step_inputs(plan.latents, plan.timesteps[0], self.dtype)
-            if self.mode is not None:  # the mode's masked pass: the attention calls its frames make
-                sample = probe_inputs(self.mode, plan.layout, sample)
-            return select_attention_backend(self.transformer, sample, config=cfg.attention)
-
+    # ---- the fast path and warm-up (rtedit.fast_path) -----------------------------------------------------------
     def warm_buckets(self) -> list[tuple[int, int, int]]:
-        """(height, width, references) of every shape this editor serves; the model's native size when the config
-        lists no buckets."""
-        buckets = self.config.buckets
-        if buckets.sizes:
-            return [(h, w, r) for (h, w) in buckets.sizes for r in buckets.references]
-        side = self.bundle.sidecar.native_size or max(64, self.config.images.min_side)
-        return [(side, side, 0)]
+        """(height, width, references) of every shape this editor serves."""
+        return fast_path.warm_buckets(self)
 
     def warm_up(self, passes: int = 2) -> dict:
-        """Runs every bucket `passes` times at the served step count, so no request pays for lazy initialisation
-        or compiles; zero prompt embeddings of the right shape where this process has no text encoder. A causal
-        model warms whole causal frames (session mode: the T/R pass, I's pass and X's steps, as a session runs)."""
-        def run(bucket: tuple[int, int, int]) -> None:
-            h, w, refs = bucket
-            self.edit(_gray(h, w), self._warm_prompt(), references=[_gray(h, w)] * refs, steps=self.warm_steps,
-                      height=h, width=w)
-
-        buckets = self.warm_buckets()
-        if self.compiled is not None:
-            report = self.compiled.warm_up(buckets, run, passes)
-        else:
-            for _ in range(passes):
-                for bucket in buckets:
-                    run(bucket)
-            report = {"buckets": len(buckets)}
-        self.warm = {**report, "shapes": buckets, "steps": self.warm_steps, "causal": self.mode}
+        """Runs every bucket `passes` times at the served step count (see rtedit.fast_path.warm_up)."""
+        self.warm = fast_path.warm_up(self, passes)
         return self.warm
-
-    def _warm_prompt(self) -> str | PromptEmbedding:
-        """A prompt for probes and warm-ups; zeros of the right shape where this process has no text encoder."""
-        if self.prompt_encoder is not None:
-            return "warm up"
-        length = self.config.prompt.max_length
-        embeds = torch.zeros(1, length, self.transformer.config.joint_attention_dim, dtype=self.dtype, device=self.device)
-        return PromptEmbedding(embeds, self.latent_ids.text(length, self.device), "warm-up")
 
     # ---- checks and reporting -----------------------------------------------------------------------------------
     def check_health(self) -> None:

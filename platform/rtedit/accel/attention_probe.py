@@ -6,7 +6,7 @@ times a full transformer forward with each, and installs the fastest correct one
 `AttentionSelector.run` wraps the whole denoise stage: if the active backend raises, the next correct backend (by
 probe time) is installed for the rest of the process and the reason is recorded in `stats()`. A retry starts the
 stage over (DBCache refreshed, the noise re-made), since retrying one step would misalign cache-dit's step count.
-The Editor runs the probe before DBCache and compile are attached (rtedit.editor.Editor._build_fast_path); after a
+The Editor runs the probe before DBCache and compile are attached (rtedit.fast_path.build); after a
 fallback, compiled blocks see a new backend and recompile once per bucket shape (counted in the compile stats).
 """
 

@@ -17,7 +17,7 @@ The dynamo recompile limit is raised to cover every bucket, and hitting it raise
 eagerly (`fail_on_recompile_limit_hit`), which the branch guard records.
 
 The Editor compiles after attention selection and DBCache and warms every bucket at once
-(rtedit.editor.Editor._build_fast_path); odd-sized references run eagerly inside `regions.eager("vae_encoder")`,
+(rtedit.fast_path.build); odd-sized references run eagerly inside `regions.eager("vae_encoder")`,
 and `Editor.stats()["compile"]` is `regions.stats()` (the benchmark asserts every `recompiles` is 0 after warm-up).
 Changing the attention backend after warm-up (a serving fallback) changes guarded state and recompiles.
 """

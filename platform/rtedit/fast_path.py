@@ -1,0 +1,111 @@
+"""The Editor's fast path, built from its EditorConfig in one place and one order, and its warm-up.
+
+Order: a causal mode's attention processors, the attention probe, DBCache, selective compile, then the warm-up of
+every bucket. The probe switches attention processors and the compiled graphs must see the final processors and
+cache hooks, so nothing may be attached in another order (benchmarks build their rows through Editor.from_config).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from rtedit.errors import ConfigError
+from rtedit.frame_request import FrameRequest
+from rtedit.model.causal import install_causal_processors, probe_inputs
+from rtedit.prompts import PromptEmbedding
+
+if TYPE_CHECKING:
+    from rtedit.editor import Editor
+
+
+def gray(height: int, width: int) -> np.ndarray:
+    """A plain frame for probes and warm-ups."""
+    return np.full((height, width, 3), 128, np.uint8)
+
+
+def build(editor: "Editor") -> None:
+    """Attention probe, then DBCache, then selective compile and the warm-up of every bucket, in that order:
+    the probe switches attention processors, and compiled graphs must see the final processors and hooks. A
+    causal mode's processors go in first (the probe then times them and sets their backend)."""
+    cfg = editor.config
+    if editor.mode is not None:
+        if cfg.dbcache.enabled:
+            raise ConfigError(f"dbcache does not combine with the causal mode {editor.mode!r} of "
+                              f"{editor.bundle.name}: cache-dit replaces the block loop, which the causal cached "
+                              "passes run themselves")
+        install_causal_processors(editor.transformer, editor.mode)
+    if cfg.select_attention:
+        editor.attention = probe_attention(editor)
+    if cfg.dbcache.enabled:
+        from rtedit.accel.dbcache import attach_cache
+
+        editor.dbcache = attach_cache(editor.transformer, cfg.dbcache)
+    if cfg.compile.enabled:
+        from rtedit.accel.compile import compile_regions
+
+        autoencoder = editor.codec.taef2 if editor.codec.taef2 is not None else editor.vae
+        editor.compiled = compile_regions(cfg.compile, transformer=editor.transformer,
+                                          vae_encoder=autoencoder.encoder, vae_decoder=autoencoder.decoder)
+        editor.codec.reference_context = functools.partial(editor.compiled.eager, "vae_encoder")
+        editor.warm_up()  # compiled regions are compiled now, for every bucket: no request ever compiles
+
+
+def probe_attention(editor: "Editor"):
+    """The start-up kernel probe on one real step at the largest bucket (attention cost grows fastest there)."""
+    from rtedit.accel.attention_probe import select_attention_backend
+
+    cfg = editor.config
+    h, w = max(cfg.buckets.sizes, key=lambda s: s[0] * s[1]) if cfg.buckets.sizes else (512, 512)
+    request = FrameRequest(gray(h, w), warm_prompt(editor), (gray(h, w),) * max(cfg.buckets.references),
+                           height=h, width=w)
+    with torch.inference_mode():
+        plan = editor._prepare(request)
+        sample = plan.step_inputs(plan.latents, plan.timesteps[0], editor.dtype)
+        if editor.mode is not None:  # the mode's masked pass: the attention calls its frames make
+            sample = probe_inputs(editor.mode, plan.layout, sample)
+        return select_attention_backend(editor.transformer, sample, config=cfg.attention)
+
+
+def warm_buckets(editor: "Editor") -> list[tuple[int, int, int]]:
+    """(height, width, references) of every shape this editor serves; the model's native size when the config
+    lists no buckets."""
+    buckets = editor.config.buckets
+    if buckets.sizes:
+        return [(h, w, r) for (h, w) in buckets.sizes for r in buckets.references]
+    side = editor.bundle.sidecar.native_size or max(64, editor.config.images.min_side)
+    return [(side, side, 0)]
+
+
+def warm_up(editor: "Editor", passes: int = 2) -> dict:
+    """Runs every bucket `passes` times at the served step count, so no request pays for lazy initialisation
+    or compiles; zero prompt embeddings of the right shape where this process has no text encoder. A causal
+    model warms whole causal frames (session mode: the T/R pass, I's pass and X's steps, as a session runs)."""
+    def run(bucket: tuple[int, int, int]) -> None:
+        h, w, refs = bucket
+        editor.edit(gray(h, w), warm_prompt(editor), references=[gray(h, w)] * refs, steps=editor.warm_steps,
+                  height=h, width=w)
+
+    buckets = warm_buckets(editor)
+    if editor.compiled is not None:
+        report = editor.compiled.warm_up(buckets, run, passes)
+    else:
+        for _ in range(passes):
+            for bucket in buckets:
+                run(bucket)
+        report = {"buckets": len(buckets)}
+    editor.warm = {**report, "shapes": buckets, "steps": editor.warm_steps, "causal": editor.mode}
+    return editor.warm
+
+
+def warm_prompt(editor: "Editor") -> str | PromptEmbedding:
+    """A prompt for probes and warm-ups; zeros of the right shape where this process has no text encoder."""
+    if editor.prompt_encoder is not None:
+        return "warm up"
+    length = editor.config.prompt.max_length
+    dim = editor.transformer.config.joint_attention_dim
+    embeds = torch.zeros(1, length, dim, dtype=editor.dtype, device=editor.device)
+    return PromptEmbedding(embeds, editor.latent_ids.text(length, editor.device), "warm-up")
