@@ -215,3 +215,15 @@ def test_probe_and_compile_run_causal_frames(mode):
     assert {n: (b["state"], b["recompiles"]) for n, b in branches.items()} == {
         n: ("compiled", 0) for n in ("transformer", "vae_encoder", "vae_decoder")}
     session.close()
+
+
+def test_a_random_preset_runs_in_the_mode_the_config_asks_for():
+    """Random weights were trained for no mode: `causal` picks the one to time (conditions at timestep 0)."""
+    from rtedit.config import EditorConfig
+    from rtedit.editor import Editor
+
+    assert Editor.from_config(EditorConfig(model="tiny")).mode is None
+    assert Editor.from_config(EditorConfig(model="tiny", causal="off")).mode is None
+    for mode in ("kv", "session"):
+        editor = Editor.from_config(EditorConfig(model="tiny", causal=mode))
+        assert editor.mode == mode and editor.condition_timestep == 0.0 and editor.model_info["random_weights"]

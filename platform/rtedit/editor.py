@@ -156,7 +156,8 @@ class Editor:
             raise ModelLoadError(f"unknown preset {name!r}; presets are {PRESETS}")
         dev = resolve_device(device, prefer_gpu=name != "tiny")
         config = config or EditorConfig()
-        bundle = build_preset(name, dev, resolve_dtype(dtype, dev), seed=seed, text_encoder=config.text_encoder)
+        bundle = build_preset(name, dev, resolve_dtype(dtype, dev), seed=seed, text_encoder=config.text_encoder,
+                              causal=config.causal)
         return cls(bundle, replace(config, model=name))
 
     @classmethod

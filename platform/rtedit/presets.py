@@ -227,8 +227,12 @@ def _preset_configs(name: str, device: torch.device) -> tuple[dict, dict, dict]:
     raise ModelLoadError(f"unknown preset {name!r}; presets are {PRESETS}, or pass a model folder / hub id")
 
 
-def _preset_sidecar(name: str) -> "Sidecar":
-    return Sidecar(prompt_length=512, text_encoder_layers=(9, 18, 27), random_weights=True, name=name)
+def _preset_sidecar(name: str, causal: str = "auto") -> "Sidecar":
+    """Random weights were trained for no attention mode: a preset runs in the one the config asks for (timing and
+    tests), its conditions at timestep 0."""
+    mode = causal if causal in CAUSAL_MODES else None
+    return Sidecar(prompt_length=512, text_encoder_layers=(9, 18, 27), random_weights=True, name=name, causal=mode,
+                   condition_timestep=0.0 if mode else None)
 
 
 def _random_text_encoder(qwen_cfg: dict, device: torch.device, dtype: torch.dtype, seed: int):
@@ -287,11 +291,13 @@ def init_random_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -
 
 
 def build_preset(
-    name: str, device: torch.device, dtype: torch.dtype, seed: int = 0, text_encoder: bool = True
+    name: str, device: torch.device, dtype: torch.dtype, seed: int = 0, text_encoder: bool = True,
+    causal: str = "auto",
 ) -> ModelBundle:
     """Builds a preset's components with seeded random weights on `device` (the `meta` device builds shapes only).
 
-    text_encoder=False leaves Qwen3 out: an editor replica fed precomputed embeddings does not need it.
+    text_encoder=False leaves Qwen3 out: an editor replica fed precomputed embeddings does not need it. `causal`
+    (EditorConfig.causal) "kv" or "session" runs the random weights in that mode; "auto" and "off": full attention.
     """
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
@@ -308,7 +314,7 @@ def build_preset(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         text_encoder=_random_text_encoder(qwen_cfg, device, dtype, seed) if text_encoder else None,
         tokenizer=load_qwen3_tokenizer() if text_encoder else None,
-        sidecar=_preset_sidecar(name),
+        sidecar=_preset_sidecar(name, causal),
         name=name,
         random_weights=True,
     )

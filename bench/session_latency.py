@@ -1,0 +1,131 @@
+"""The causal `session` path against the full path, in one process on one card, every row built from a config.
+
+    python bench/session_latency.py --size 512 --frames 50 --json out/session-512.json
+    python bench/session_latency.py --model tiny --size 64 --frames 3 --warmup 1      # CPU dry run
+
+Rows: deployments/serve-gpu.yaml's replica config (frame_latency.serving_config) with the step-2 reuse off
+(DBCache cannot combine with a causal mode) and one bucket, at 0 and 1 reference images, each as `full` (the
+model's full attention) and `session` (`EditorConfig.causal="session"`: random preset weights run in that mode,
+timing only). A session row opens one `Session` (its T/R pass, booked once as `session`) and times its frames,
+which run I's pass and X's steps against the stored keys and values: `denoise` is the transformer's time per
+frame wherever a frame's passes are booked. The FLOP ratio beside each measured ratio counts the linear layers
+and attention of klein-4B's 25 blocks (26 D^2 per token plus 4 q k D per layer, D = 3072).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import sys
+
+import numpy as np
+import torch
+
+import frame_latency as fl  # bench/ is the script's folder, so its sibling imports by name
+from rtedit.config import ShapeBuckets
+
+PASS_STAGES = ("prepare", "session", "denoise", "decode", "total")
+
+
+def flops(tokens_q: int, tokens_k: int, d: int = 3072, layers: int = 25) -> float:
+    """One pass of `tokens_q` query tokens attending to `tokens_k` keys through klein-4B's blocks."""
+    return layers * (26 * d * d * tokens_q + 4 * tokens_q * tokens_k * d)
+
+
+def flop_ratio(size: int, refs: int, steps: int, text: int = 512) -> float:
+    """Full path FLOPs over the session path's per frame (the T/R pass is per session, not per frame)."""
+    n = (size // 16) ** 2
+    full = steps * flops(text + n * (2 + refs), text + n * (2 + refs))
+    session = flops(n, text + n * (1 + refs)) + steps * flops(n, text + n * (2 + refs))
+    return full / session
+
+
+def row_configs(serving, size: int) -> dict[str, object]:
+    """full/session x 0/1 references: the serving config without reuse, one bucket each."""
+    base = dataclasses.replace(serving, dbcache=dataclasses.replace(serving.dbcache, enabled=False))
+    rows = {}
+    for refs in (0, 1):
+        bucket = dataclasses.replace(base.buckets, sizes=((size, size),), references=(refs,))
+        for mode in ("off", "session"):
+            name = f"{'full' if mode == 'off' else 'session'}, {refs} ref"
+            rows[name] = dataclasses.replace(base, buckets=bucket, causal=mode)
+    return rows
+
+
+def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
+    editor = fl.build(config)
+    refs = [fl.frame(args.size)[::-1].copy()] * config.buckets.references[0]
+    session = editor.open_session(emb, refs, bucket=(args.size, args.size))
+    first = session.edit(image, steps=args.steps)  # the session's T/R pass happens here, once
+    for _ in range(args.warmup):
+        session.edit(image, steps=args.steps)
+    samples = {s: [] for s in PASS_STAGES}
+    for _ in range(args.frames):
+        t = session.edit(image, steps=args.steps).timings
+        for s in PASS_STAGES:
+            samples[s].append(t.get(s, 0.0))
+    stats = editor.stats()
+    recompiles = {n: b["recompiles"] for n, b in stats["compile"].get("branches", {}).items()}
+    assert not any(recompiles.values()), f"{name}: recompiled after warm-up: {recompiles}"
+    row = {"row": name, "frames": args.frames, "recompiles": recompiles, "mode": editor.mode,
+           "session_pass_ms": first.timings.get("session"), "attention": stats["attention_backend"],
+           **{f"{s}_median": statistics.median(v) for s, v in samples.items()},
+           "total_p99": float(np.percentile(samples["total"], 99))}
+    print(f"row done: {name}: " + " ".join(f"{s} {row[f'{s}_median']:.2f}" for s in PASS_STAGES), flush=True)
+    session.close()
+    del editor, session
+    fl.release()
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--frames", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--model", default="klein-4b-random", choices=["klein-4b-random", "tiny"])
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.model == "tiny":  # the tiny preset itself: DBCache is off in every row, so 1 double block will do
+        serving = fl.serving_config({"model": "tiny", "dtype": "float32", "compile": {"backend": "eager"}})
+    else:
+        serving = fl.serving_config()
+    configs = row_configs(serving, args.size)
+    # The prompt's embedding, from an editor with the text encoder and no fast path (replicas have none).
+    encoder = fl.build(dataclasses.replace(serving, text_encoder=True, select_attention=False, buckets=ShapeBuckets(),
+                                           compile=dataclasses.replace(serving.compile, enabled=False),
+                                           dbcache=dataclasses.replace(serving.dbcache, enabled=False)))
+    emb = encoder.encode_prompt(fl.PROMPT)
+    del encoder
+    fl.release()
+    image = fl.frame(args.size)
+    rows = [run_row(name, cfg, image, emb, args) for name, cfg in configs.items()]
+    card, uuid = fl.card()
+    print(f"{card} ({uuid}), {datetime.date.today()}, {args.model}, {args.size}x{args.size}, {args.steps} steps, "
+          f"prompt cached, no step-2 reuse")
+    print("| row | prepare | session (per frame) | denoise | decode | total median | total p99 | T/R pass once "
+          "| denoise full/session | FLOP ratio | attention |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    by_name = {r["row"]: r for r in rows}
+    for r in rows:
+        refs = int(r["row"].split(", ")[1][0])
+        full = by_name[f"full, {refs} ref"]
+        ratio = f"{full['denoise_median'] / r['denoise_median']:.2f}" if r["mode"] == "session" else "-"
+        ideal = f"{flop_ratio(args.size, refs, args.steps):.2f}" if r["mode"] == "session" else "-"
+        once = f"{r['session_pass_ms']:.1f}" if r["session_pass_ms"] is not None else "-"
+        print(f"| {r['row']} | {r['prepare_median']:.1f} | {r['session_median']:.2f} | {r['denoise_median']:.1f} | "
+              f"{r['decode_median']:.1f} | {r['total_median']:.1f} | {r['total_p99']:.1f} | {once} | {ratio} | "
+              f"{ideal} | {r['attention']} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"card": card, "card_uuid": uuid, "date": str(datetime.date.today()), "size": args.size,
+                       "steps": args.steps, "rows": rows}, fh, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
