@@ -20,13 +20,14 @@ frame recomputes T and R), or by default on a GPU the free device memory once th
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from rtedit.lru import CountingLRU
 
 CPU_DEFAULT_BYTES = 2**30
 GPU_MARGIN_BYTES = 4 * 2**30
@@ -62,28 +63,15 @@ def store_bytes(configured: int | None, device: torch.device) -> int:
     return max(0, free - max(GPU_MARGIN_BYTES, int(GPU_MARGIN_FRACTION * total)))
 
 
-class KVStore:
+class KVStore(CountingLRU[StoreKey, Entry]):
     """A byte-bounded LRU of session caches; thread-safe; a hit returns the very same tensors."""
 
     def __init__(self, max_bytes: int) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[StoreKey, Entry] = OrderedDict()
+        super().__init__(max_bytes)
         self._evicted: OrderedDict[StoreKey, None] = OrderedDict()
-        self._bytes = 0
-        self.hits = self.misses = self.evictions = self.recomputes = self.oversize = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: StoreKey) -> Entry | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry
+        self.recomputes = self.oversize = 0
 
     def put(self, key: StoreKey, entry: Entry) -> bool:
         """Stores `entry`, evicting the least recently used ones until it fits; False when it alone is over the
@@ -100,14 +88,10 @@ class KVStore:
                 self.oversize += 1
                 return False
             while self._entries and self._bytes + size > self.max_bytes:
-                evicted, value = self._entries.popitem(last=False)
-                self._bytes -= value.nbytes
-                self.evictions += 1
-                self._evicted[evicted] = None
+                self._evicted[self._evict_oldest()] = None
                 while len(self._evicted) > _EVICTED_MEMORY:
                     self._evicted.popitem(last=False)
-            self._entries[key] = entry
-            self._bytes += size
+            self._replace(key, entry)
             return True
 
     def drop_session(self, session: str) -> int:
@@ -120,28 +104,10 @@ class KVStore:
                 del self._evicted[k]
             return len(keys)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def __contains__(self, key: StoreKey) -> bool:
         return key in self._entries
 
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
     def stats(self) -> dict:
         with self._lock:
-            total = self.hits + self.misses
-            return {
-                "entries": len(self._entries),
-                "sessions": len({k.session for k in self._entries}),
-                "bytes": self._bytes,
-                "max_bytes": self.max_bytes,
-                "hits": self.hits,
-                "misses": self.misses,
-                "evictions": self.evictions,
-                "recomputes": self.recomputes,
-                "oversize": self.oversize,
-                "hit_rate": self.hits / total if total else 0.0,
-            }
+            return {**self.counters(), "sessions": len({k.session for k in self._entries}),
+                    "max_bytes": self.max_bytes, "recomputes": self.recomputes, "oversize": self.oversize}

@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from rtedit.config import PromptConfig
 from rtedit.errors import InvalidRequest, ModelLoadError
+from rtedit.lru import CountingLRU
 from rtedit.model.packing import text_ids
 
 log = logging.getLogger(__name__)
@@ -140,57 +139,24 @@ class PromptEncoder:
         return results
 
 
-class PromptCache:
-    """Bounded LRU of PromptEmbeddings keyed by prompt hash; a hit returns the very same tensors."""
+class PromptCache(CountingLRU[str, PromptEmbedding]):
+    """Bounded LRU of PromptEmbeddings keyed by prompt hash, in entries and bytes; a hit returns the same tensors."""
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
-        self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._entries: OrderedDict[str, PromptEmbedding] = OrderedDict()
-        self._bytes = 0
-        self.hits = self.misses = self.evictions = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> PromptEmbedding | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry
+        super().__init__(max_bytes)
+        self.max_entries = max_entries
 
     def put(self, entry: PromptEmbedding) -> None:
         if entry.nbytes > self.max_bytes:
             return  # larger than the whole cache: serve it, never store it
         with self._lock:
-            old = self._entries.pop(entry.key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._entries[entry.key] = entry
-            self._bytes += entry.nbytes
+            self._replace(entry.key, entry)
             while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
-                self.evictions += 1
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
+                self._evict_oldest()
 
     def stats(self) -> dict:
-        total = self.hits + self.misses
-        return {
-            "entries": len(self._entries),
-            "bytes": self._bytes,
-            "hits": self.hits,
-            "misses": self.misses,
-            "evictions": self.evictions,
-            "hit_rate": self.hits / total if total else 0.0,
-        }
+        with self._lock:
+            return self.counters()
 
 
 class PromptService:
