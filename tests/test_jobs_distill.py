@@ -24,7 +24,7 @@ from jobs import distill, make_toy_data, runtime  # noqa: E402
 from jobs.runtime import WorkerContext  # noqa: E402
 from rtedit.config import EditorConfig  # noqa: E402
 from rtedit.editor import Editor  # noqa: E402
-from rtedit.errors import ConfigError, UnsupportedRequest  # noqa: E402
+from rtedit.errors import ConfigError  # noqa: E402
 from rtedit.train.config import load_job_config  # noqa: E402
 from rtedit.train.runtime import MetricsLog  # noqa: E402
 from rtedit.train.tasks import distill as task  # noqa: E402
@@ -275,17 +275,12 @@ def test_distill_job_trains_and_exports_a_served_causal_folder(tmp_path, cache, 
     original = task.load_teacher(tiny_teacher)
     assert student.dtype == torch.float32
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), original.state_dict().values()))
-    _serve_or_refuse(folder, taef2_weights, student)
+    _serves(folder, taef2_weights, student)
 
 
-def _serve_or_refuse(folder, taef2_weights, student):
-    """Editor.from_pretrained serves the folder in its mode with the student's weights; an engine from before causal
-    serving refuses it by name (then the files and sidecar above are the whole check)."""
-    try:
-        editor = Editor.from_config(EditorConfig(model=str(folder), device="cpu", taef2_dir=str(taef2_weights)))
-    except UnsupportedRequest as exc:
-        assert "causal" in str(exc)
-        pytest.skip(f"this engine does not serve causal folders yet: {exc}")
+def _serves(folder, taef2_weights, student):
+    """Editor.from_pretrained serves the folder in its own mode (5d71ad2), with the student's weights."""
+    editor = Editor.from_config(EditorConfig(model=str(folder), device="cpu", taef2_dir=str(taef2_weights)))
     assert (editor.mode, editor.condition_timestep) == ("session", 0.25)
     served = editor.transformer.state_dict()
     assert all(torch.equal(served[k].float(), v) for k, v in student.state_dict().items())
