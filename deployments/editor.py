@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from deployments.config import EditorArgs
 from rtedit.config import EditorConfig
@@ -66,6 +66,10 @@ class EditorDeployment:
         self.embedding_lookups = Counter("rtedit_editor_embedding_lookups", description="Embedding cache lookups",
                                          tag_keys=("result",))
         self.errors = Counter("rtedit_editor_errors", description="Edit errors by type", tag_keys=("type",))
+        self.gauges = {name: Gauge(f"rtedit_editor_{name}", description=text, tag_keys=("replica",)) for name, text in (
+            ("kv_entries", "Entries in the session K/V store"), ("kv_bytes", "Bytes in the session K/V store"),
+            ("kv_hits", "Session K/V store hits"), ("kv_evictions", "Session K/V store evictions"),
+            ("sessions_open", "Open engine sessions"))}
         logger.info("editor replica %s ready: %s, warm-up %s (pid %d)", self.replica, self.editor.model_info,
                     self.editor.warm, os.getpid())
 
@@ -89,12 +93,21 @@ class EditorDeployment:
                 self.embedding_lookups.inc(tags={"result": "miss"})
                 return {"need_embedding": key, "replica": self.replica}
             self.embedding_lookups.inc(tags={"result": "hit"})
+        session = None
+        if job.session:
+            session = self.editor.session(job.session)
+            if session is None and job.references is None:
+                # Lost (a restart, another replica): the router resends the frame with the full settings.
+                return {"need_session": job.session, "replica": self.replica}
         cancel = threading.Event()
         try:
             # A thread keeps the replica's event loop free for health checks while torch runs.
-            result = await asyncio.to_thread(
-                self.editor.edit, job.image, emb, references=job.references, steps=job.steps, seed=job.seed,
-                height=job.height, width=job.width, output_format=job.format, cancel=cancel)
+            if job.session:
+                session, result = await asyncio.to_thread(self._session_edit, session, job, emb, cancel)
+            else:
+                result = await asyncio.to_thread(
+                    self.editor.edit, job.image, emb, references=job.references, steps=job.steps, seed=job.seed,
+                    height=job.height, width=job.width, output_format=job.format, cancel=cancel)
         except asyncio.CancelledError:
             # The request timed out or its client left: a thread cannot be killed, so stop it at its next step.
             cancel.set()
@@ -105,6 +118,7 @@ class EditorDeployment:
             return {**error_payload(exc), "replica": self.replica}
         for stage, ms in result.timings.items():
             self.stage_ms.observe(ms, tags={"stage": stage})
+        self._update_gauges()
         if self.args.min_frame_ms:
             await asyncio.sleep(max(0.0, self.args.min_frame_ms / 1000 - (time.perf_counter() - started)))
         return {
@@ -118,7 +132,44 @@ class EditorDeployment:
             "replica": self.replica,
             "prompt_key": emb.key[:16],
             "prompt_truncated": result.prompt_truncated,
+            **({"session_version": session.version} if session is not None else {}),
         }
+
+    def _session_edit(self, session, job: EditJob, emb: PromptEmbedding, cancel: threading.Event):
+        """One frame of the websocket session job.session: opened on its first frame, updated when its prompt or
+        references change (job.references None: keep the session's), then edited (in a worker thread)."""
+        bucket = (job.height, job.width) if job.height is not None and job.width is not None else None
+        if session is None:
+            session = self.editor.open_session(emb, job.references or (), bucket, session_id=job.session)
+        else:
+            changes: dict[str, Any] = {}
+            if session.inputs.prompt_key != emb.key:
+                changes["prompt"] = emb
+            if job.references is not None:
+                changes["references"] = job.references  # a no-op when they are the session's already
+            if changes:
+                session.update(**changes)
+            session.bucket = bucket
+        return session, session.edit(job.image, seed=job.seed, steps=job.steps, output_format=job.format,
+                                     cancel=cancel)
+
+    def close_session(self, session_id: str) -> dict[str, Any]:
+        """Frees the engine session of a websocket that closed (the router calls this); unknown ids are fine."""
+        session = self.editor.session(session_id)
+        if session is not None:
+            session.close()
+        self._update_gauges()
+        return {"closed": session is not None, "replica": self.replica}
+
+    def _update_gauges(self) -> None:
+        stats = self.editor.stats()
+        store = stats.get("kv_store") or {}
+        tags = {"replica": self.replica}
+        for name in ("entries", "bytes", "hits", "evictions"):
+            if isinstance(store.get(name), (int, float)):
+                self.gauges["kv_" + name].set(store[name], tags=tags)
+        if isinstance(stats.get("sessions"), int):
+            self.gauges["sessions_open"].set(stats["sessions"], tags=tags)
 
     def info(self) -> dict[str, Any]:
         return {**self.editor.model_info, "replica": self.replica, "pid": os.getpid()}
@@ -128,7 +179,9 @@ class EditorDeployment:
         return {"pid": os.getpid(), "replica": self.replica}
 
     def stats(self) -> dict[str, Any]:
-        """The engine's stats (attention backend, caches, warm-up, prompt_cache) with this replica's model info."""
+        """The engine's stats (attention backend, caches, warm-up, prompt_cache, kv_store, sessions) with this
+        replica's model info."""
+        self._update_gauges()
         return {**self.editor.stats(), "model": self.editor.model_info, "replica": self.replica}
 
     def check_health(self) -> None:

@@ -153,6 +153,9 @@ class Router:
         self._info_lock = asyncio.Lock()
         self.api_key = args.api_key or (os.environ.get(args.api_key_env) if args.api_key_env else None) or None
         self.sessions: dict[str, DeploymentHandle] = {}
+        # Per websocket: the references version its replica acknowledged (a reply without error); frames whose
+        # references are acked travel with references=None, so the images cross once per change, not per frame.
+        self.acked_references: dict[str, int] = {}
         self.counts: collections.Counter = collections.Counter()
         self.errors_by_type: collections.Counter = collections.Counter()
         self.replicas_seen: collections.Counter = collections.Counter()
@@ -225,19 +228,38 @@ class Router:
             raise EditorFailed(f"the editor replica failed ({type(exc).__name__}); retry: "
                                "Serve restarts failed replicas") from None
 
+    def _outgoing(self, job: EditJob) -> EditJob:
+        """The job as sent to the replica: references left out when the socket's replica holds them already."""
+        if job.session and self.acked_references.get(job.session) == job.references_version:
+            return dataclasses.replace(job, references=None)
+        return job
+
     async def process(self, job: EditJob) -> tuple[dict[str, Any], bytes]:
-        """Edit one frame on the session's replica; embeddings cross from the text encoder once per prompt."""
+        """Edit one frame on the session's replica; embeddings cross from the text encoder once per prompt and
+        references once per websocket session and change (resent when the replica lost the session)."""
         t0 = time.perf_counter()
         self.checks.check(job)
         handle = self._handle(job.session)
-        reply = await self._call_editor(handle, job)
-        if "need_embedding" in reply:
-            self.m_prompt.inc()
-            self.counts["embedding_transfers"] += 1
-            # The encoder's response goes to the editor as a reference: the tensors never pass through here.
-            reply = await self._call_editor(handle, job, self.encoder.encode.remote(job.prompt))
+        outgoing, embedding = self._outgoing(job), None
+        for _ in range(4):
+            reply = await self._call_editor(handle, outgoing, embedding)
+            embedding = None
+            if "need_embedding" in reply:
+                self.m_prompt.inc()
+                self.counts["embedding_transfers"] += 1
+                # The encoder's response goes to the editor as a reference: the tensors never pass through here.
+                embedding = self.encoder.encode.remote(job.prompt)
+            elif "need_session" in reply and outgoing.references is None:
+                self.counts["session_resends"] += 1
+                outgoing = job  # the full settings: the replica opens the session again
+            else:
+                break
+        else:
+            raise EditorFailed("the editor replica kept asking for the prompt or the session; retry")
         if "error" in reply:
             raise RemoteError(reply["error"])
+        if job.session and job.session in self.acked_references:
+            self.acked_references[job.session] = job.references_version
         image = reply.pop("image")
         timings = dict(reply.get("timings") or {})
         timings["server"] = (time.perf_counter() - t0) * 1000
@@ -245,6 +267,23 @@ class Router:
         self._observe(timings)
         self.replicas_seen[reply.get("replica", "?")] += 1
         return reply, image
+
+    def _close_session(self, session: str, handle: DeploymentHandle | None) -> None:
+        """Tells the socket's replica to free its engine session (fire and forget; errors are logged)."""
+        self.acked_references.pop(session, None)
+        if handle is None:
+            return
+
+        async def close() -> None:
+            try:
+                await asyncio.wait_for(handle.close_session.remote(session), self.args.edit_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - the replica may be gone; its sessions went with it
+                logger.info("session %s: close_session failed (%s)", session[:8], type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing = getattr(self, "_closing", set())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     # ---- websocket ----------------------------------------------------------------------------------------------
     @app.websocket("/ws/predict")
@@ -263,6 +302,7 @@ class Router:
         seed = defaults.seed if defaults.seed is not None else secrets.randbelow(2**31)
         self.counts["sessions_open"] += 1
         self.counts["sessions_total"] += 1
+        self.acked_references[session] = -1  # nothing acknowledged yet
 
         async def receive() -> bytes | str | None:
             try:
@@ -293,7 +333,7 @@ class Router:
             logger.info("session %s closed: received %d processed %d dropped %d errors %d", session[:8],
                         stats.received, stats.processed, stats.dropped, stats.errors)
         finally:
-            self.sessions.pop(session, None)
+            self._close_session(session, self.sessions.pop(session, None))
             self.counts["sessions_open"] -= 1
             try:
                 await ws.close()

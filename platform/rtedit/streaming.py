@@ -157,7 +157,10 @@ class EditJob:
     width: int | None
     height: int | None
     format: str
-    references: tuple[bytes, ...] = field(default=(), repr=False)
+    references: tuple[bytes, ...] | None = field(default=(), repr=False)
+    """The references; () means none, None means "unchanged: use the replica session's" (router-side only)."""
+    references_version: int = 0
+    """Bumped each time the client sets references on this connection; the router resends them until acked."""
 
 
 @dataclass
@@ -172,6 +175,7 @@ class SessionState:
     height: int | None
     format: str
     references: tuple[bytes, ...] = ()
+    references_version: int = 0
     last_id: int = -1
     received: int = 0
     processed: int = 0
@@ -185,6 +189,8 @@ class SessionState:
     def apply(self, updates: dict[str, Any]) -> None:
         for name, value in updates.items():
             if value is not None:
+                if name == "references":
+                    self.references_version += 1
                 setattr(self, name, value)
 
     def job(self, frame_id: int | None, image: bytes) -> EditJob:
@@ -192,7 +198,7 @@ class SessionState:
             raise FrameError("missing_prompt", "no instruction set for this session: send a prompt first", frame_id)
         return EditJob(session=self.session, id=frame_id, image=image, prompt=self.prompt, steps=self.steps,
                        seed=self.seed, width=self.width, height=self.height, format=self.format,
-                       references=self.references)
+                       references=self.references, references_version=self.references_version)
 
 
 def decode_references(value: Any, limits: FrameLimits) -> tuple[bytes, ...]:
