@@ -127,3 +127,20 @@ def test_latent_id_cache_orders_references_as_the_pipeline():
     ids = LatentIdCache().references(((2, 2), (1, 3)), CPU)[0]
     assert ids[:4, 0].tolist() == [10] * 4 and ids[4:, 0].tolist() == [20] * 3
     assert pack(torch.arange(8.0).view(1, 2, 2, 2)).shape == (1, 4, 2)
+
+
+def test_teacher_text_encoder_rounds_parameters_but_not_buffers():
+    """The cache's embeddings must be those the exported folder gives: its weights are saved in export_dtype, its
+    rotary buffer is rebuilt in the dtype it loads in, so only the parameters may be rounded."""
+    from rtedit.train.tasks.teacher import build_text_encoder
+
+    cfg = TeacherTaskConfig(data_dir="unused", te_hidden=16, te_layers=2, te_heads=2, te_taps=(1, 2),
+                            export_dtype="bfloat16")
+    encoder, _ = build_text_encoder(cfg)
+    exact, _ = build_text_encoder(dataclasses.replace(cfg, export_dtype="float32"))
+    for (name, p), (_, q) in zip(encoder.named_parameters(), exact.named_parameters()):
+        assert p.dtype == torch.float32 and torch.equal(p, q.to(torch.bfloat16).float()), name
+    buffers = dict(exact.named_buffers())
+    for name, buf in encoder.named_buffers():
+        assert torch.equal(buf, buffers[name]), name
+    assert any(not torch.equal(p, q) for p, q in zip(encoder.parameters(), exact.parameters()))

@@ -31,7 +31,7 @@ from rtedit.errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: embeddings from an encoder whose buffers were not rounded through export_dtype
 
 
 @dataclass
@@ -130,8 +130,12 @@ def build_text_encoder(cfg: TeacherTaskConfig, dtype: torch.dtype = torch.float3
     with torch.device("cpu"):
         encoder = Qwen3ForCausalLM(config)
     init_random_weights(encoder, cfg.te_seed, std=0.5)  # O(1) embeddings, on the scale of the latents
-    encoder = encoder.to(DTYPES[cfg.export_dtype]).to(dtype).eval().requires_grad_(False)
-    return encoder, load_qwen3_tokenizer()
+    with torch.no_grad():
+        # Parameters only: a saved folder keeps them in export_dtype but rebuilds buffers (rotary inv_freq) in the
+        # dtype it is loaded in, so rounding those too would train on embeddings the served folder never gives.
+        for param in encoder.parameters():
+            param.copy_(param.to(DTYPES[cfg.export_dtype]))
+    return encoder.to(dtype).eval().requires_grad_(False), load_qwen3_tokenizer()
 
 
 def build_transformer(cfg: TeacherTaskConfig):
