@@ -162,14 +162,13 @@ class EditorDeployment:
         return {"closed": session is not None, "replica": self.replica}
 
     def _update_gauges(self) -> None:
-        stats = self.editor.stats()
-        store = stats.get("kv_store") or {}
+        # After every frame: only the store's counters and the session count, not the whole of editor.stats().
         tags = {"replica": self.replica}
-        for name in ("entries", "bytes", "hits", "evictions"):
-            if isinstance(store.get(name), (int, float)):
+        if self.editor.kv_store is not None:
+            store = self.editor.kv_store.stats()
+            for name in ("entries", "bytes", "hits", "evictions"):
                 self.gauges["kv_" + name].set(store[name], tags=tags)
-        if isinstance(stats.get("sessions"), int):
-            self.gauges["sessions_open"].set(stats["sessions"], tags=tags)
+        self.gauges["sessions_open"].set(len(self.editor.sessions), tags=tags)
 
     def info(self) -> dict[str, Any]:
         return {**self.editor.model_info, "replica": self.replica, "pid": os.getpid()}
