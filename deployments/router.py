@@ -156,6 +156,7 @@ class Router:
         # Per websocket: the references version its replica acknowledged (a reply without error); frames whose
         # references are acked travel with references=None, so the images cross once per change, not per frame.
         self.acked_references: dict[str, int] = {}
+        self._closing: set[asyncio.Task] = set()  # close_session calls in flight (a task needs a reference)
         self.counts: collections.Counter = collections.Counter()
         self.errors_by_type: collections.Counter = collections.Counter()
         self.replicas_seen: collections.Counter = collections.Counter()
@@ -281,7 +282,6 @@ class Router:
                 logger.info("session %s: close_session failed (%s)", session[:8], type(exc).__name__)
 
         task = asyncio.get_running_loop().create_task(close())
-        self._closing = getattr(self, "_closing", set())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
