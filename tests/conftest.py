@@ -99,3 +99,18 @@ def tiny_transformer_inputs(n: int = 16, length: int = 8, seed: int = 1) -> dict
         "img_ids": img_ids,
         "txt_ids": txt_ids,
     }
+
+
+class FakeResponse:
+    """Stands in for a Serve DeploymentResponse in router tests: awaitable, cancellable."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __await__(self):
+        if False:
+            yield
+        return self.value
+
+    def cancel(self):
+        pass

@@ -15,27 +15,13 @@ pytest.importorskip("ray.serve")
 from fastapi.testclient import TestClient  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
+from conftest import FakeResponse  # noqa: E402
 from test_serve_helpers import REPO, jpeg  # noqa: E402  (puts the repo root on sys.path)
 
 from deployments.config import AppArgs  # noqa: E402
 from rtedit.transport import decode_reply, encode_frame  # noqa: E402
 
 GPU_ARGS = yaml.safe_load((REPO / "deployments" / "serve-gpu.yaml").read_text())["applications"][0]["args"]
-
-
-class _Response:
-    """Stands in for a DeploymentResponse: awaitable, cancellable."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __await__(self):
-        if False:
-            yield
-        return self.value
-
-    def cancel(self):
-        pass
 
 
 class FakeEditor:
@@ -49,8 +35,8 @@ class FakeEditor:
             def __init__(self, fn):
                 self.remote = fn
 
-        self.edit = _Method(lambda job, embedding=None: _Response(outer._edit(job)))
-        self.info = _Method(lambda: _Response(outer._info()))
+        self.edit = _Method(lambda job, embedding=None: FakeResponse(outer._edit(job)))
+        self.info = _Method(lambda: FakeResponse(outer._info()))
 
     def options(self, **_):
         return self

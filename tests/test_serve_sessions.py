@@ -5,7 +5,6 @@ and `need_session` when the replica lost it."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import types
 
@@ -13,6 +12,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
+from conftest import FakeResponse  # noqa: E402
 from test_serve_helpers import jpeg  # noqa: E402  (puts the repo root on sys.path)
 from test_sessions import causal_editor  # noqa: E402
 
@@ -92,19 +92,6 @@ def test_http_jobs_without_session_stay_one_shot(replica):
     assert deployment.stats()["sessions"] == 0
 
 
-class _Resp:
-    def __init__(self, value):
-        self.value = value
-
-    def __await__(self):
-        if False:
-            yield
-        return self.value
-
-    def cancel(self):
-        pass
-
-
 def test_router_sends_references_only_when_they_open_or_change_the_session(monkeypatch):
     """The Router's per-socket ack state over a fake editor handle that loses its sessions once."""
     import deployments.router as router_module
@@ -120,10 +107,10 @@ def test_router_sends_references_only_when_they_open_or_change_the_session(monke
             held.clear()
             lost["now"] = False
         if job.references is None and job.session not in held:
-            return _Resp({"need_session": job.session, "replica": "fake"})
+            return FakeResponse({"need_session": job.session, "replica": "fake"})
         if job.references is not None:
             held[job.session] = job.references
-        return _Resp({"image": b"x", "timings": {}, "replica": "fake", "session_version": 0})
+        return FakeResponse({"image": b"x", "timings": {}, "replica": "fake", "session_version": 0})
 
     method = lambda fn: types.SimpleNamespace(remote=fn)  # noqa: E731
     editor = types.SimpleNamespace(edit=method(edit), options=lambda **_: editor)
