@@ -66,7 +66,8 @@ class EditorDeployment:
         self.embedding_lookups = Counter("rtedit_editor_embedding_lookups", description="Embedding cache lookups",
                                          tag_keys=("result",))
         self.errors = Counter("rtedit_editor_errors", description="Edit errors by type", tag_keys=("type",))
-        self.gauges = {name: Gauge(f"rtedit_editor_{name}", description=text, tag_keys=("replica",)) for name, text in (
+        # Serve tags every replica metric with its replica id itself ("replica" is a reserved tag key).
+        self.gauges = {name: Gauge(f"rtedit_editor_{name}", description=text) for name, text in (
             ("kv_entries", "Entries in the session K/V store"), ("kv_bytes", "Bytes in the session K/V store"),
             ("kv_hits", "Session K/V store hits"), ("kv_evictions", "Session K/V store evictions"),
             ("sessions_open", "Open engine sessions"))}
@@ -163,12 +164,11 @@ class EditorDeployment:
 
     def _update_gauges(self) -> None:
         # After every frame: only the store's counters and the session count, not the whole of editor.stats().
-        tags = {"replica": self.replica}
         if self.editor.kv_store is not None:
             store = self.editor.kv_store.stats()
             for name in ("entries", "bytes", "hits", "evictions"):
-                self.gauges["kv_" + name].set(store[name], tags=tags)
-        self.gauges["sessions_open"].set(len(self.editor.sessions), tags=tags)
+                self.gauges["kv_" + name].set(store[name])
+        self.gauges["sessions_open"].set(len(self.editor.sessions))
 
     def info(self) -> dict[str, Any]:
         return {**self.editor.model_info, "replica": self.replica, "pid": os.getpid()}
