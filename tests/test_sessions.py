@@ -227,3 +227,19 @@ def test_a_random_preset_runs_in_the_mode_the_config_asks_for():
     for mode in ("kv", "session"):
         editor = Editor.from_config(EditorConfig(model="tiny", causal=mode))
         assert editor.mode == mode and editor.condition_timestep == 0.0 and editor.model_info["random_weights"]
+
+
+@pytest.mark.parametrize("mode", ["kv", "session"])
+def test_training_free_runs_a_full_attention_model_causally(mode):
+    """The drift baseline: the same weights in a causal mode, conditions at timestep 0; only when asked for."""
+    editor = causal_editor(None, EditorConfig(causal=mode, training_free=True))
+    assert editor.mode == mode and editor.condition_timestep == 0.0 and editor.model_info["training_free"]
+    full = causal_editor(None).edit(FRAME, "make it blue", references=REFS, seed=3).array
+    causal = editor.edit(FRAME, "make it blue", references=REFS, seed=3).array
+    same_mode = causal_editor(mode).edit(FRAME, "make it blue", references=REFS, seed=3).array
+    np.testing.assert_array_equal(causal, same_mode)  # exactly the mode's path on the same weights
+    assert np.abs(causal.astype(float) - full).max() > 0
+    with pytest.raises(ConfigError, match="trained for the causal mode"):
+        causal_editor("session", EditorConfig(causal=mode, training_free=True))
+    with pytest.raises(ConfigError, match="training_free runs a full-attention model"):
+        EditorConfig(training_free=True).validate()

@@ -123,6 +123,9 @@ class EditorConfig:
     # Causal models (rtedit.json "causal"): "auto" serves the model in its own attention mode; "off" (full
     # attention), "kv" or "session" must be the model's own, else loading fails with UnsupportedRequest.
     causal: str = "auto"
+    # The training-free baseline: a full-attention model run in causal "kv" or "session" without distillation
+    # (what BFL's KV pipeline does with an undistilled model): its outputs drift, for measuring that drift only.
+    training_free: bool = False
     # Bytes of the session mode's K/V store (rtedit.kv_store); None: free GPU memory minus a margin, 1 GiB on a CPU.
     kv_store_bytes: int | None = None
 
@@ -152,9 +155,14 @@ class EditorConfig:
             raise ConfigError(f"causal must be one of {list(CAUSAL_CHOICES)}, got {self.causal!r}")
         if self.kv_store_bytes is not None:
             _check_int("kv_store_bytes", self.kv_store_bytes, 0)
-        if self.causal in ("kv", "session") and self.dbcache.enabled:
-            raise ConfigError(f"dbcache does not combine with causal={self.causal!r}: cache-dit replaces the "
-                              "transformer's block loop, which the causal cached passes run themselves")
+        if not isinstance(self.training_free, bool):
+            raise ConfigError(f"training_free must be true or false, got {self.training_free!r}")
+        if self.training_free and self.causal not in ("kv", "session"):
+            raise ConfigError(f"training_free runs a full-attention model in a causal mode: set causal to 'kv' or "
+                              f"'session', got causal={self.causal!r}")
+        if self.causal == "kv" and self.dbcache.enabled:
+            raise ConfigError("dbcache does not combine with causal='kv': cache-dit replaces the transformer's block "
+                              "loop and breaks diffusers' KV cache; the session mode has its own step-2 reuse")
         if (self.compile.enabled or self.dbcache.enabled) and not self.buckets.sizes:
             raise ConfigError("compile and dbcache serve fixed shapes: list buckets.sizes (e.g. [[512, 512]])")
         return self

@@ -24,7 +24,7 @@ import torch
 from rtedit import fast_path
 from rtedit.config import EditorConfig
 from rtedit.device import is_device_failure, resolve_device, resolve_dtype
-from rtedit.errors import EditCancelled, EditError, EngineDead, InvalidRequest, ModelLoadError
+from rtedit.errors import ConfigError, EditCancelled, EditError, EngineDead, InvalidRequest, ModelLoadError
 from rtedit.frame_request import FrameRequest, check_request
 from rtedit.images import (
     ImageInput,
@@ -40,7 +40,7 @@ from rtedit.model.causal import SessionCache, causal_denoise
 from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
 from rtedit.model.packing import PATCH_PIXELS, LatentIdCache, pack, unpack
 from rtedit.model.schedule import TimestepCache, euler_step, initial_noise
-from rtedit.presets import PRESETS, ModelBundle, Sidecar, build_preset, load_pretrained
+from rtedit.presets import KV_CONDITION_TIMESTEP, PRESETS, ModelBundle, Sidecar, build_preset, load_pretrained
 from rtedit.prompts import PromptCache, PromptEmbedding, PromptEncoder, PromptService, model_prompt_settings
 from rtedit.session import Session, SessionRegistry, session_cache
 from rtedit.stage_timer import StageTimer
@@ -83,6 +83,17 @@ class FramePlan:
         return transformer_inputs(self.layout, latents, self.conditions, sigma, self.emb.embeds, dtype)
 
 
+def training_free(bundle: ModelBundle, config: EditorConfig) -> Sidecar:
+    """The sidecar of a full-attention model run in config.causal without distillation (the drift baseline),
+    conditions modulated at timestep 0 as Flux2KleinKVPipeline does."""
+    if bundle.sidecar.causal is not None:
+        raise ConfigError(f"training_free runs a full-attention model causally; {bundle.name} was trained for the "
+                          f"causal mode {bundle.sidecar.causal!r} already (drop training_free)")
+    log.warning("%s runs in the causal mode %r without distillation (training_free): its outputs drift from the "
+                "model's own; for measuring that drift only", bundle.name, config.causal)
+    return replace(bundle.sidecar, causal=config.causal, condition_timestep=KV_CONDITION_TIMESTEP)
+
+
 def stop_if_cancelled(cancel: threading.Event | None, where: str) -> None:
     if cancel is not None and cancel.is_set():
         raise EditCancelled(f"edit cancelled by its caller {where}")
@@ -93,7 +104,7 @@ class Editor:
 
     def __init__(self, bundle: ModelBundle, config: EditorConfig | None = None) -> None:
         config = (config or EditorConfig()).validate()
-        sidecar = bundle.sidecar
+        sidecar = training_free(bundle, config) if config.training_free else bundle.sidecar
         sidecar.check_servable(bundle.name, config.causal)
         self.mode, self.condition_timestep = sidecar.causal, sidecar.condition_timestep  # None: full attention
         prompt_config, prompt_settings = model_prompt_settings(config.prompt, sidecar, bundle.name)
@@ -419,6 +430,7 @@ class Editor:
             "native_size": self.bundle.sidecar.native_size,
             "causal": self.mode,
             "condition_timestep": self.condition_timestep,
+            "training_free": self.config.training_free,
         }
 
     def stats(self) -> dict:
