@@ -1,6 +1,6 @@
 """Sessions (rtedit.session): a session frame equals a fresh editor's one-shot edit of the same inputs, bit for bit
 (CPU, float32), in every attention mode; updates invalidate only their own session's stored T/R keys and values;
-the session mode's fast path (probe, compile, warm-up) runs causal frames, and DBCache is refused.
+the session mode's fast path (probe, compile, warm-up) runs causal frames, and DBCache is refused with kv.
 
 Models are the tiny preset with rtedit.json's causal fields set on the bundle and sharpened modulation weights
 (default init leaves the gates near zero, so the instruction and references would barely move the output).
@@ -182,10 +182,10 @@ def test_cancelled_session_frame_stops_before_the_next_step(session_editor):
     session.close()
 
 
-def test_dbcache_with_a_causal_mode_is_refused():
+def test_dbcache_with_the_kv_mode_is_refused():
     buckets = ShapeBuckets(sizes=((64, 64),))
     with pytest.raises(ConfigError, match="dbcache does not combine"):
-        causal_editor("session", EditorConfig(buckets=buckets, dbcache=CachingConfig(enabled=True)))
+        causal_editor("kv", EditorConfig(buckets=buckets, dbcache=CachingConfig(enabled=True)))
     with pytest.raises(ConfigError, match="dbcache does not combine"):
         EditorConfig(causal="kv", buckets=buckets, dbcache=CachingConfig(enabled=True)).validate()
 

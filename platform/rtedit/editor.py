@@ -40,6 +40,7 @@ from rtedit.model.causal import SessionCache, causal_denoise
 from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
 from rtedit.model.packing import PATCH_PIXELS, LatentIdCache, pack, unpack
 from rtedit.model.schedule import TimestepCache, euler_step, initial_noise
+from rtedit.model.step_reuse import StepReuse
 from rtedit.presets import KV_CONDITION_TIMESTEP, PRESETS, ModelBundle, Sidecar, build_preset, load_pretrained
 from rtedit.prompts import PromptCache, PromptEmbedding, PromptEncoder, PromptService, model_prompt_settings
 from rtedit.session import Session, SessionRegistry, session_cache
@@ -127,6 +128,7 @@ class Editor:
         self._counts: Counter[str] = Counter()
         self.device_failure: str | None = None  # set once the device failed beyond recovery (check_health raises)
         self.attention = self.dbcache = self.compiled = None
+        self.step_reuse: StepReuse | None = None  # the session mode's step-2 reuse (dbcache config, session mode)
         self.warm: dict | None = None  # what warm_up() did, once it ran
         self.warm_steps = sidecar.steps[0] if sidecar.steps else 2
         self.sessions = SessionRegistry()  # the open sessions by id (rtedit.session)
@@ -381,7 +383,8 @@ class Editor:
         if self.mode is not None:  # the mode's cached passes (kv: step 1 extracts I's and R's K/V; session: I once)
             return causal_denoise(self.transformer, self.mode, plan.layout, plan.latents, plan.conditions,
                                   plan.emb.embeds, plan.timesteps, plan.sigmas, self.dtype, session=plan.session,
-                                  before_step=lambda i: stop_if_cancelled(plan.cancel, f"before step {i + 1}"))
+                                  before_step=lambda i: stop_if_cancelled(plan.cancel, f"before step {i + 1}"),
+                                  reuse=self.step_reuse)
         latents = plan.latents
         if self.dbcache is not None:
             self.dbcache.refresh(len(plan.timesteps))  # no cached residual may cross requests
@@ -438,6 +441,7 @@ class Editor:
             "attention_backend": self.attention.active if self.attention else "native (not probed)",
             "attention": self.attention.stats() if self.attention else {"chosen": "native (not probed)"},
             "dbcache": self.dbcache.stats() if self.dbcache else {"enabled": False},
+            "step_reuse": self.step_reuse.stats() if self.step_reuse else {"enabled": False},
             "compile": self.compiled.stats() if self.compiled else {"enabled": False},
             "warm_up": self.warm,
             "device_failure": self.device_failure,

@@ -1,7 +1,7 @@
 """The Editor's fast path, built from its EditorConfig in one place and one order, and its warm-up.
 
-Order: a causal mode's attention processors, the attention probe, DBCache, selective compile, then the warm-up of
-every bucket. The probe switches attention processors and the compiled graphs must see the final processors and
+Order: a causal mode's attention processors, the attention probe, DBCache (the session mode's own step reuse in its
+place), selective compile, then the warm-up of every bucket. The probe switches attention processors and the compiled graphs must see the final processors and
 cache hooks, so nothing may be attached in another order (benchmarks build their rows through Editor.from_config).
 """
 
@@ -33,14 +33,20 @@ def build(editor: "Editor") -> None:
     causal mode's processors go in first (the probe then times them and sets their backend)."""
     cfg = editor.config
     if editor.mode is not None:
-        if cfg.dbcache.enabled:
-            raise ConfigError(f"dbcache does not combine with the causal mode {editor.mode!r} of "
-                              f"{editor.bundle.name}: cache-dit replaces the block loop, which the causal cached "
-                              "passes run themselves")
+        if cfg.dbcache.enabled and editor.mode == "kv":
+            raise ConfigError(f"dbcache does not combine with the causal mode 'kv' of {editor.bundle.name}: "
+                              "cache-dit replaces the block loop and breaks diffusers' KV cache; the session mode "
+                              "has its own step-2 reuse")
         install_causal_processors(editor.transformer, editor.mode)
     if cfg.select_attention:
         editor.attention = probe_attention(editor)
-    if cfg.dbcache.enabled:
+    if cfg.dbcache.enabled and editor.mode == "session":  # the session X pass's own reuse, not cache-dit
+        from rtedit.accel.dbcache import block_groups
+        from rtedit.model.step_reuse import StepReuse
+
+        groups = {name: len(blocks) for name, blocks in block_groups(editor.transformer).items()}
+        editor.step_reuse = StepReuse(cfg.dbcache, groups)
+    elif cfg.dbcache.enabled:
         from rtedit.accel.dbcache import attach_cache
 
         editor.dbcache = attach_cache(editor.transformer, cfg.dbcache)

@@ -45,6 +45,7 @@ from rtedit.model.causal_session import (  # noqa: F401
 )
 from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
 from rtedit.model.schedule import euler_step
+from rtedit.model.step_reuse import FrameReuse, StepReuse
 
 
 def check_causal_layout(layout: TokenLayout) -> None:
@@ -143,34 +144,40 @@ def _kv_velocities(transformer, layout, conditions, prompt_embeds, dtype):
     return velocity
 
 
-def _session_velocities(transformer, layout, conditions, prompt_embeds, dtype, session: SessionCache | None):
+def _session_velocities(transformer, layout, conditions, prompt_embeds, dtype, session: SessionCache | None,
+                        reuse: FrameReuse | None):
     check_causal_layout(layout)
     image, references = split_conditions(layout, conditions)
     if session is None:
         session = encode_session(transformer, layout, references, prompt_embeds, dtype)
     frame = encode_frame(transformer, session, layout, image, dtype)
-    return lambda latents, sigma: session_step(transformer, frame, layout, latents, sigma, dtype)
+    return lambda latents, sigma: session_step(transformer, frame, layout, latents, sigma, dtype, reuse)
 
 
 def causal_denoise(transformer, mode: str, layout: TokenLayout, target: torch.Tensor,
                    conditions: torch.Tensor | None, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
                    sigmas: torch.Tensor, dtype: torch.dtype, *, session: SessionCache | None = None,
-                   cached: bool = True, before_step: Callable[[int], None] | None = None) -> torch.Tensor:
+                   cached: bool = True, before_step: Callable[[int], None] | None = None,
+                   reuse: StepReuse | None = None) -> torch.Tensor:
     """A frame's Euler steps from the noise `target` [B, N, C]; returns the denoised latents of X.
 
     timesteps: the scheduler's (1000 x sigma) [steps]; sigmas [steps + 1]. `session`: the mode "session" cache of
     this instruction and these references (encoded here when None; `prompt_embeds` is then unused). `cached=False`
     runs the masked single pass at every step instead (the reference). `before_step(i)` runs before step i (the
-    Editor's cancellation check).
+    Editor's cancellation check). `reuse`: the session mode's step-2 reuse of X's block residuals
+    (rtedit.model.step_reuse), a ConfigError with the other paths.
     """
     check_mode(mode)
+    if reuse is not None and (mode != "session" or not cached):
+        raise ConfigError(f"step reuse runs the session mode's cached X pass only (mode {mode!r}, cached={cached})")
     if not cached:
         def velocity(latents, sigma):
             return causal_velocity(transformer, mode, layout, latents, conditions, sigma, prompt_embeds, dtype)
     elif mode == "kv":
         velocity = _kv_velocities(transformer, layout, conditions, prompt_embeds, dtype)
     else:
-        velocity = _session_velocities(transformer, layout, conditions, prompt_embeds, dtype, session)
+        velocity = _session_velocities(transformer, layout, conditions, prompt_embeds, dtype, session,
+                                       None if reuse is None else reuse.frame(len(timesteps)))
     latents = target
     for i, t in enumerate(timesteps):
         if before_step is not None:

@@ -28,6 +28,7 @@ from rtedit.model.causal_attention import (
     require_causal_processors,
 )
 from rtedit.model.inputs import TokenLayout, transformer_inputs
+from rtedit.model.step_reuse import FrameReuse
 
 
 @dataclass(frozen=True)
@@ -102,14 +103,38 @@ def _block(transformer, block, *args):
 
 
 def _run_blocks(transformer, image: torch.Tensor, text: torch.Tensor, mod_image: torch.Tensor, mod_text: torch.Tensor,
-                mod_single: torch.Tensor, rotary, layers: Sequence[LayerPass]) -> torch.Tensor:
-    """diffusers' two block loops with one LayerPass per attention layer; returns the joint stream [text, image]."""
+                mod_single: torch.Tensor, rotary, layers: Sequence[LayerPass],
+                reuse: FrameReuse | None = None) -> torch.Tensor:
+    """diffusers' two block loops with one LayerPass per attention layer; returns the joint stream [text, image].
+
+    `reuse` (X's pass only, whose text stream is empty) may replace each group's middle blocks by the last computed
+    step's residual (rtedit.model.step_reuse)."""
+    if reuse is not None and text.shape[1]:
+        raise ConfigError("step reuse applies to X's pass alone, which has no text stream")
+    streams = {"text": text}
+
+    def double(block, layer):
+        def run(image_stream: torch.Tensor) -> torch.Tensor:
+            streams["text"], image_stream = _block(transformer, block, image_stream, streams["text"], mod_image,
+                                                   mod_text, rotary, {"causal": layer})
+            return image_stream
+        return run
+
+    def single(block, layer):
+        return lambda hidden: _block(transformer, block, hidden, None, mod_single, rotary, {"causal": layer})
+
     doubles = transformer.transformer_blocks
-    for block, layer in zip(doubles, layers):
-        text, image = _block(transformer, block, image, text, mod_image, mod_text, rotary, {"causal": layer})
-    hidden = torch.cat([text, image], dim=1)
-    for block, layer in zip(transformer.single_transformer_blocks, layers[len(doubles):]):
-        hidden = _block(transformer, block, hidden, None, mod_single, rotary, {"causal": layer})
+    image = _run_group(reuse, "transformer_blocks", [double(b, lay) for b, lay in zip(doubles, layers)], image)
+    hidden = torch.cat([streams["text"], image], dim=1)
+    singles = [single(b, lay) for b, lay in zip(transformer.single_transformer_blocks, layers[len(doubles):])]
+    return _run_group(reuse, "single_transformer_blocks", singles, hidden)
+
+
+def _run_group(reuse: FrameReuse | None, name: str, blocks, hidden: torch.Tensor) -> torch.Tensor:
+    if reuse is not None:
+        return reuse.run(name, blocks, hidden)
+    for block in blocks:
+        hidden = block(hidden)
     return hidden
 
 
@@ -223,14 +248,18 @@ def encode_frame(transformer, session: SessionCache, layout: TokenLayout, input_
 
 
 def session_step(transformer, frame: FrameCache, layout: TokenLayout, target: torch.Tensor, timestep: torch.Tensor,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """One denoising step's velocity of X [B, N, C] from X alone against the frame's cache (timestep: [B] sigma)."""
+                 dtype: torch.dtype, reuse: FrameReuse | None = None) -> torch.Tensor:
+    """One denoising step's velocity of X [B, N, C] from X alone against the frame's cache (timestep: [B] sigma);
+    `reuse`: the frame's step-2 reuse state, when the editor has it on."""
     require_causal_processors(transformer, "session")
     if target.shape[1] != layout.target.stop - layout.target.start:
         raise ConfigError(f"{target.shape[1]} target tokens, the layout has {layout.target}")
+    if reuse is not None:
+        reuse.begin_step()
     image = transformer.x_embedder(target.to(dtype))
     temb = _embed_time(transformer, timestep.to(dtype))
     step = _modulation(transformer, temb)
     hidden = _run_blocks(transformer, image, _empty(image), step.image, step.text, step.single,
-                         transformer.pos_embed(layout.ids(layout.target)), [LayerPass(past=kv) for kv in frame.layers])
+                         transformer.pos_embed(layout.ids(layout.target)), [LayerPass(past=kv) for kv in frame.layers],
+                         reuse)
     return _output(transformer, hidden, temb)

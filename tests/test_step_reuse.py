@@ -1,0 +1,128 @@
+"""The session mode's step-2 reuse of X's block residuals (rtedit.model.step_reuse), against a reference built from
+forward hooks on the plain session path: at a reused step each group's middle blocks are replaced by the last
+computed step's residual, bit for bit (CPU, float32); the dynamic policy reuses exactly when the residual check
+passes, and stats count it."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_image
+from rtedit.accel.dbcache import CachingConfig
+from rtedit.config import EditorConfig, ShapeBuckets
+from rtedit.errors import ConfigError
+from rtedit.model import causal_session
+from test_sessions import REFS, causal_editor
+
+FRAME = random_image(64, 64, seed=1)
+BUCKETS = ShapeBuckets(sizes=((64, 64),), references=(1,))
+GROUPS = ("transformer_blocks", "single_transformer_blocks")
+
+
+@pytest.fixture(autouse=True)
+def deeper_tiny(monkeypatch):
+    """The tiny preset with 3 double and 3 single blocks, so both groups have a first, a middle and a last block."""
+    import rtedit.presets as presets
+
+    monkeypatch.setattr(presets, "TINY_TRANSFORMER", {**presets.TINY_TRANSFORMER, "num_layers": 3,
+                                                      "num_single_layers": 3})
+
+
+def reuse_editor(**caching):
+    return causal_editor("session", EditorConfig(buckets=BUCKETS, dbcache=CachingConfig(enabled=True, **caching)))
+
+
+def edit(editor, seed=3):
+    return editor.edit(FRAME, "make it blue", references=REFS, seed=seed).array
+
+
+def hooked_reference(monkeypatch, fn: int, bn: int) -> np.ndarray:
+    """The plain session path with hooks that do by hand what a static reuse of step 2 should do."""
+    editor = causal_editor("session", EditorConfig(buckets=BUCKETS))
+    state = {"steps": 0, "x_pass": 0}  # x_pass: the step whose X pass runs now, 0 outside X passes
+    step = causal_session.session_step
+
+    def counted_step(*args, **kwargs):  # only X's passes are hooked, never the T/R or I passes
+        state["steps"] += 1
+        state["x_pass"] = state["steps"]
+        try:
+            return step(*args, **kwargs)
+        finally:
+            state["x_pass"] = 0
+
+    monkeypatch.setattr(causal_session, "session_step", counted_step)
+    import rtedit.model.causal as causal
+
+    monkeypatch.setattr(causal, "session_step", counted_step)
+    saved, handles = {}, []
+    for name in GROUPS:
+        blocks = getattr(editor.transformer, name)
+        middle = list(blocks)[fn:len(blocks) - bn]
+        image = (lambda out: out[1]) if name == "transformer_blocks" else (lambda out: out)
+        put = (lambda out, new: (out[0], new)) if name == "transformer_blocks" else (lambda out, new: new)
+
+        def first_pre(module, args, name=name):
+            if state["x_pass"] > 0:
+                saved[(name, "in", state["x_pass"])] = args[0]
+
+        def last_hook(module, args, out, name=name, image=image, put=put, first=middle[0]):
+            if state["x_pass"] == 1:
+                saved[(name, "out")] = image(out)
+            elif state["x_pass"] == 2:
+                return put(out, saved[(name, "in", 2)] + saved[(name, "out")] - saved[(name, "in", 1)])
+
+        def skip(module, args, out, image=image, put=put):  # inner middle blocks: their input passes through
+            if state["x_pass"] == 2:
+                return put(out, args[0])
+
+        handles.append(middle[0].register_forward_pre_hook(first_pre))
+        for block in middle[:-1]:
+            handles.append(block.register_forward_hook(skip))
+        handles.append(middle[-1].register_forward_hook(last_hook))
+    try:
+        return edit(editor)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_static_reuse_replaces_the_middle_blocks_by_step_1s_residual(monkeypatch):
+    reused = reuse_editor(policy="static", Fn=1, Bn=1)
+    out = edit(reused)
+    np.testing.assert_allclose(out, hooked_reference(monkeypatch, fn=1, bn=1), rtol=0, atol=1e-6)
+    plain = edit(causal_editor("session", EditorConfig(buckets=BUCKETS)))
+    assert np.abs(out.astype(np.float64) - plain).max() > 0  # the reuse changed the frame: the test can fail
+    stats = reused.stats()["step_reuse"]
+    assert stats["policy"] == "static" and "timing only" in stats["label"]
+    assert stats["reused"] == {g: 1 for g in GROUPS} and stats["hit_rate"] == 1.0
+
+
+def test_dynamic_reuse_follows_the_residual_check():
+    plain = edit(causal_editor("session", EditorConfig(buckets=BUCKETS)))
+    never = reuse_editor(residual_diff_threshold=1e-9)
+    np.testing.assert_array_equal(edit(never), plain)  # the check fails: step 2 computed, output unchanged
+    stats = never.stats()["step_reuse"]
+    assert stats["hit_rate"] == 0.0 and all(d[-1] > 1e-9 for d in stats["last_residual_diffs"].values())
+    always = reuse_editor(residual_diff_threshold=1e9)
+    np.testing.assert_array_equal(edit(always), edit(reuse_editor(policy="static")))
+    assert always.stats()["step_reuse"]["hit_rate"] == 1.0
+    one_step = always.edit(FRAME, "make it blue", references=REFS, seed=3, steps=1)  # not the mask's length
+    assert one_step.array.shape == (64, 64, 3) and always.stats()["step_reuse"]["unmasked_frames"] == 1
+
+
+def test_session_frames_with_reuse_match_one_shot_edits():
+    editor = reuse_editor(residual_diff_threshold=1e9)
+    session = editor.open_session("make it blue", REFS)
+    np.testing.assert_array_equal(session.edit(FRAME, seed=3).array, edit(reuse_editor(residual_diff_threshold=1e9)))
+    session.close()
+
+
+def test_reuse_settings_cache_dit_alone_has_are_refused():
+    with pytest.raises(ConfigError, match="TaylorSeer"):
+        reuse_editor(compute_mask=(1, 1, 0), taylorseer_order=1)
+    with pytest.raises(ConfigError, match="middle block"):
+        reuse_editor(Fn=2, Bn=1)  # 3 blocks a group here: nothing left to reuse
+    editor, with_text = reuse_editor(), torch.zeros(1, 4, 8)
+    with pytest.raises(ConfigError, match="X's pass alone"):
+        causal_session._run_blocks(editor.transformer, with_text, with_text, None, None, None, None, [],
+                                   editor.step_reuse.frame(2))
