@@ -3,13 +3,14 @@
     python bench/session_latency.py --size 512 --frames 50 --json out/session-512.json
     python bench/session_latency.py --model tiny --size 64 --frames 3 --warmup 1      # CPU dry run
 
-Rows: deployments/serve-gpu.yaml's replica config (frame_latency.serving_config) with the step-2 reuse off
-(DBCache cannot combine with a causal mode) and one bucket, at 0 and 1 reference images, each as `full` (the
-model's full attention) and `session` (`EditorConfig.causal="session"`: random preset weights run in that mode,
+Rows: deployments/serve-gpu.yaml's replica config (frame_latency.serving_config) with the step-2 reuse off and one
+bucket, at 0 and 1 reference images, each as `full` (the model's full attention) and `session` (`EditorConfig.causal="session"`: random preset weights run in that mode,
 timing only). A session row opens one `Session` (its T/R pass, booked once as `session`) and times its frames,
 which run I's pass and X's steps against the stored keys and values: `denoise` is the transformer's time per
 frame wherever a frame's passes are booked. The FLOP ratio beside each measured ratio counts the linear layers
-and attention of klein-4B's 25 blocks (26 D^2 per token plus 4 q k D per layer, D = 3072).
+and attention of klein-4B's 25 blocks (26 D^2 per token plus 4 q k D per layer, D = 3072). A last row runs the
+session path with its step-2 reuse, static policy (timing only: random weights never pass the dynamic check), and
+prints its drift against the session row without reuse.
 """
 
 from __future__ import annotations
@@ -43,8 +44,13 @@ def flop_ratio(size: int, refs: int, steps: int, text: int = 512) -> float:
     return full / session
 
 
-def row_configs(serving, size: int) -> dict[str, object]:
-    """full/session x 0/1 references: the serving config without reuse, one bucket each."""
+REUSE_ROW = "session, 0 ref, step-2 reuse static (timing only)"
+
+
+def row_configs(serving, size: int, with_reuse: bool = True) -> dict[str, object]:
+    """full/session x 0/1 references: the serving config without reuse, one bucket each; then the session row with
+    the serving config's dbcache settings driving the session path's own step-2 reuse, static policy (on random
+    weights the dynamic check never passes, so only the static policy times what a reused step costs)."""
     base = dataclasses.replace(serving, dbcache=dataclasses.replace(serving.dbcache, enabled=False))
     rows = {}
     for refs in (0, 1):
@@ -52,6 +58,9 @@ def row_configs(serving, size: int) -> dict[str, object]:
         for mode in ("off", "session"):
             name = f"{'full' if mode == 'off' else 'session'}, {refs} ref"
             rows[name] = dataclasses.replace(base, buckets=bucket, causal=mode)
+    if with_reuse:
+        reuse = dataclasses.replace(serving.dbcache, enabled=True, policy="static")
+        rows[REUSE_ROW] = dataclasses.replace(rows["session, 0 ref"], dbcache=reuse)
     return rows
 
 
@@ -70,8 +79,10 @@ def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
     stats = editor.stats()
     recompiles = {n: b["recompiles"] for n, b in stats["compile"].get("branches", {}).items()}
     assert not any(recompiles.values()), f"{name}: recompiled after warm-up: {recompiles}"
+    reuse = stats["step_reuse"]
     row = {"row": name, "frames": args.frames, "recompiles": recompiles, "mode": editor.mode,
            "session_pass_ms": first.timings.get("session"), "attention": stats["attention_backend"],
+           "output": first.array, "reuse_hit_rate": reuse.get("hit_rate"), "reuse_label": reuse.get("label"),
            **{f"{s}_median": statistics.median(v) for s, v in samples.items()},
            "total_p99": float(np.percentile(samples["total"], 99))}
     print(f"row done: {name}: " + " ".join(f"{s} {row[f'{s}_median']:.2f}" for s in PASS_STAGES), flush=True)
@@ -90,11 +101,11 @@ def main() -> int:
     p.add_argument("--model", default="klein-4b-random", choices=["klein-4b-random", "tiny"])
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    if args.model == "tiny":  # the tiny preset itself: DBCache is off in every row, so 1 double block will do
+    if args.model == "tiny":  # the tiny preset's one double block leaves no middle block to reuse: no reuse row
         serving = fl.serving_config({"model": "tiny", "dtype": "float32", "compile": {"backend": "eager"}})
     else:
         serving = fl.serving_config()
-    configs = row_configs(serving, args.size)
+    configs = row_configs(serving, args.size, with_reuse=args.model != "tiny")
     # The prompt's embedding, from an editor with the text encoder and no fast path (replicas have none).
     encoder = fl.build(dataclasses.replace(serving, text_encoder=True, select_attention=False, buckets=ShapeBuckets(),
                                            compile=dataclasses.replace(serving.compile, enabled=False),
@@ -106,24 +117,36 @@ def main() -> int:
     rows = [run_row(name, cfg, image, emb, args) for name, cfg in configs.items()]
     card, uuid = fl.card()
     print(f"{card} ({uuid}), {datetime.date.today()}, {args.model}, {args.size}x{args.size}, {args.steps} steps, "
-          f"prompt cached, no step-2 reuse")
+          f"prompt cached, no step-2 reuse but in the last row")
     print("| row | prepare | session (per frame) | denoise | decode | total median | total p99 | T/R pass once "
           "| denoise full/session | FLOP ratio | attention |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     by_name = {r["row"]: r for r in rows}
+    drift = None
+    if REUSE_ROW in by_name:  # the reused step's drift: the same frame and seed with and without reuse
+        plain, reused = by_name["session, 0 ref"]["output"], by_name[REUSE_ROW]["output"]
+        drift = {"max_abs": float(np.abs(plain - reused).max()),
+                 "psnr_db": float(10 * np.log10(1.0 / max(float(np.mean((plain - reused) ** 2)), 1e-12)))}
     for r in rows:
+        r.pop("output")
         refs = int(r["row"].split(", ")[1][0])
         full = by_name[f"full, {refs} ref"]
         ratio = f"{full['denoise_median'] / r['denoise_median']:.2f}" if r["mode"] == "session" else "-"
-        ideal = f"{flop_ratio(args.size, refs, args.steps):.2f}" if r["mode"] == "session" else "-"
+        ideal = f"{flop_ratio(args.size, refs, args.steps):.2f}" if r["row"] in (
+            "session, 0 ref", "session, 1 ref") else "-"
         once = f"{r['session_pass_ms']:.1f}" if r["session_pass_ms"] is not None else "-"
         print(f"| {r['row']} | {r['prepare_median']:.1f} | {r['session_median']:.2f} | {r['denoise_median']:.1f} | "
               f"{r['decode_median']:.1f} | {r['total_median']:.1f} | {r['total_p99']:.1f} | {once} | {ratio} | "
               f"{ideal} | {r['attention']} |")
+    reuse_row = by_name.get(REUSE_ROW)
+    if reuse_row is not None:
+        print(f"step-2 reuse ({reuse_row['reuse_label']}): hit rate {reuse_row['reuse_hit_rate']}, drift against the "
+              f"session row without reuse on the same frame and seed: max abs {drift['max_abs']:.4f}, PSNR "
+              f"{drift['psnr_db']:.1f} dB (random weights)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"card": card, "card_uuid": uuid, "date": str(datetime.date.today()), "size": args.size,
-                       "steps": args.steps, "rows": rows}, fh, indent=2, default=str)
+                       "steps": args.steps, "rows": rows, "reuse_drift": drift}, fh, indent=2, default=str)
     return 0
 
 
