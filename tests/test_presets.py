@@ -228,6 +228,19 @@ def test_a_kv_checkpoint_with_a_session_sidecar_is_refused(kv_folder, tmp_path):
         ('{"tokenizer": "gpt2"}', "tokenizer"),
         ('{"native_size": 100}', "native_size"),
         ('{"native_size": 128.0}', "native_size"),
+        ('{"examples": []}', "examples must be a list of 1..32"),
+        ('{"examples": "make it darker"}', "examples must be a list"),
+        ('{"examples": ["make it darker", ""]}', "non-empty string"),
+        ('{"examples": [" make it darker"]}', "without surrounding spaces"),
+        ('{"examples": [3]}', "each example"),
+        ('{"examples": ["invert it", "invert it"]}', "distinct"),
+        ('{"sizes": []}', "sizes must be a non-empty list"),
+        ('{"sizes": [128, 128]}', r"each size must be \[height, width\]"),
+        ('{"sizes": [[128, 100]]}', "multiples of 16"),
+        ('{"sizes": [[128, 128.0]]}', "multiples of 16"),
+        ('{"sizes": [[128, 128, 3]]}', "each size"),
+        ('{"sizes": [[128, 128], [128, 128]]}', "distinct"),
+        ('{"native_size": 256, "sizes": [[128, 128]]}', "native_size 256 is not one of sizes 128x128"),
     ],
 )
 def test_bad_sidecars(tmp_path, content, pattern):
@@ -261,3 +274,56 @@ def test_config_validation():
     ]:
         with pytest.raises(ConfigError, match=pattern):
             EditorConfig.from_dict(bad)
+
+
+def test_examples_and_sizes_are_read_as_tuples(tmp_path):
+    data = {"examples": ["make it darker", "invert it"], "sizes": [[128, 128], [96, 160]], "native_size": 128}
+    (tmp_path / "rtedit.json").write_text(json.dumps(data))
+    sidecar = Sidecar.load(tmp_path)
+    assert sidecar.examples == ("make it darker", "invert it")
+    assert sidecar.sizes == ((128, 128), (96, 160))
+    assert Sidecar().examples is None and Sidecar().sizes is None
+
+
+def test_the_toy_editors_examples_are_instructions_it_was_trained_on():
+    """Every one-click example the page offers is a wording of the toy world (rtedit.train.toy.TEMPLATES) that the
+    reference-free page can send (no palette: it needs a reference image), and never a held-out combination."""
+    import itertools
+
+    from rtedit.train import toy
+    from test_serve_helpers import REPO
+
+    sidecar = Sidecar.load(REPO / "models" / "toy-editor")
+    fills = {"shape": toy.SHAPES, "colour": tuple(toy.COLOURS), "position": tuple(toy.POSITIONS),
+             "direction": tuple(toy.DIRECTIONS)}
+    trained = {}
+    for family, templates in toy.TEMPLATES.items():
+        for template in templates:
+            names = [n for n in fills if "{" + n + "}" in template]
+            for values in itertools.product(*(fills[n] for n in names)):
+                attributes = dict(zip(names, values))
+                article = "an" if str(attributes.get("colour", "x"))[:1] in "aeiou" else "a"
+                trained[template.format(a=article, **attributes)] = (family, attributes)
+    assert sidecar.sizes == ((128, 128),) and sidecar.native_size == 128
+    for example in sidecar.examples:
+        assert example in trained, example
+        family, attributes = trained[example]
+        assert family not in toy.REFERENCE_FAMILIES and not toy.is_held_out(family, attributes), example
+    assert {trained[e][0] for e in sidecar.examples} >= set(toy.GLOBAL_FAMILIES) - {"identity"}
+
+
+@pytest.mark.parametrize("image, requested, expected", [
+    ((128, 128), (None, None), None),
+    ((300, 451), (None, None), "would come out at 288x448"),
+    ((128, 128), (256, 256), "asks for 256x256"),
+    ((256, 256), (128, 128), "the input image is 256x256"),
+    ((130, 140), (None, None), None),  # floored to 128x128, as the pipeline crops it
+])
+def test_size_mismatch_names_what_is_off(image, requested, expected):
+    from rtedit.presets import nearest_size, size_mismatch
+
+    reason = size_mismatch(((128, 128),), *image, *requested)
+    assert reason is None if expected is None else expected in reason and "128x128" in reason
+    assert size_mismatch(None, 300, 451) is None  # a model that lists no sizes serves any
+    assert nearest_size(((128, 128), (96, 160), (160, 96)), 300, 451) == (96, 160)
+    assert nearest_size(((128, 128), (256, 256)), 200, 210) == (256, 256)

