@@ -1,9 +1,14 @@
-"""Score an editor on toy-world data: python -m jobs.eval_edit --model DIR --data DIR --steps N.
+"""Score an editor on toy-world data: python -m jobs.eval_edit --model DIR --data DIR --steps N [--engine K=V]...
 
-Prints one JSON object: PSNR and SSIM against the exact targets per family and overall (beside the TAEF2
-round-trip PSNR of the same targets, the ceiling a TAEF2 model can reach), and instruction accuracy (the share of
-outputs closer to their own target than to the target of any other global instruction on the same source). Writes
-a PNG grid (source, reference, target, output) for a person to look at. The model runs through rtedit.Editor, the
+Prints one JSON object: PSNR and SSIM against the exact targets per family, per family group and overall (beside
+the autoencoder round-trip PSNR of the same targets, the ceiling the model's autoencoder allows), instruction
+accuracy (the share of outputs closer to their own target than to the target of any other global instruction on the
+same source), and under "behaviour" the behavioural tests made measurable: copy-paste (the identity family against
+its source), structure transfer (Sobel edge F1 on recolour edits), controllability (accuracy per family), the
+reference family. `--engine section.key=value` overrides the EditorConfig (e.g. `causal=kv`, `training_free=true`,
+`dbcache.enabled=true`, `buckets.sizes=[[128,128]]`); the built config, the model's attention mode and the
+step-2 reuse stats go in the JSON, and `python -m jobs.eval_table` turns several such JSONs into one table. Writes a
+PNG grid (source, reference, target, output) for a person to look at. The model runs through rtedit.Editor, the
 same path `serve` uses; no Ray needed.
 """
 
@@ -18,15 +23,52 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
+import yaml
 from rtedit.config import EditorConfig
+from rtedit.config_parsing import set_dotted
 from rtedit.editor import Editor
+from rtedit.errors import (
+    ConfigError,
+    InvalidRequest,
+    ModelLoadError,
+    UnsupportedRequest,
+)
 from rtedit.images import pixels_to_array, to_pixel_tensor
 from rtedit.train import evaluation, toy
 from rtedit.train.data import decode_rgb, read_edit_examples
 from rtedit.train.tasks.teacher import to_uint8
 
 logger = logging.getLogger("jobs.eval_edit")
+
+# EditorConfig fields with their own flags: an --engine override of them would be a second, conflicting source.
+FLAG_FIELDS = {"model": "--model", "device": "--device", "taef2_dir": "--taef2-dir"}
+
+
+def parse_engine_overrides(items: list[str]) -> dict[str, object]:
+    """`section.key=value` strings as {dotted key: value}, values parsed as YAML scalars or lists."""
+    overrides: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--engine must look like section.key=value, got {item!r}")
+        if key.split(".")[0] in FLAG_FIELDS:
+            raise ConfigError(f"--engine {key}: set it with {FLAG_FIELDS[key.split('.')[0]]}")
+        try:
+            overrides[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or exc  # the one-line cause, without YAML's multi-line marks
+            raise ConfigError(f"--engine {key}: cannot parse {raw!r} as a YAML value: {problem}") from exc
+    return overrides
+
+
+def engine_config(model: str, device: str | None, taef2_dir: str | None,
+                  overrides: dict[str, object]) -> EditorConfig:
+    """The validated EditorConfig of the evaluated editor: the flags, then the dotted overrides."""
+    data: dict = {"model": model, "device": device, "taef2_dir": taef2_dir}
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    return EditorConfig.from_dict(data)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,9 +83,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--taef2-dir", default=None, help="TAEF2 weights folder; default rtedit.paths.taef2_dir()")
     parser.add_argument("--grid", type=Path, default=Path("eval_grid.png"), help="PNG grid output path")
     parser.add_argument("--grid-per-family", type=int, default=2, help="grid rows per family")
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="EditorConfig override, repeatable: causal=kv, training_free=true, dtype=bfloat16, "
+                             "dbcache.enabled=true, buckets.sizes=[[128,128]]")
+    parser.add_argument("--out", type=Path, default=None, help="also write the result JSON here (for jobs.eval_table)")
+    parser.add_argument("--label", default=None, help="row label in jobs.eval_table; default the --model value")
+    parser.add_argument("--copy-paste-db", type=float, default=evaluation.COPY_PASTE_THRESHOLD_DB,
+                        help="PSNR against the source at or above which an identity edit counts as a copy")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    try:
+        args.engine_overrides = parse_engine_overrides(args.engine)
+        args.engine_config = engine_config(args.model, args.device, args.taef2_dir, args.engine_overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    args.label = args.label or str(args.model)
     return args
 
 
@@ -62,18 +117,35 @@ def evaluate(args: argparse.Namespace) -> dict:
         examples = examples[: args.limit]
     if not examples:
         raise SystemExit(f"no valid {args.split} examples under {folder}: {report.as_dict()}")
-    editor = Editor.from_config(EditorConfig(model=args.model, device=args.device, taef2_dir=args.taef2_dir))
+    try:
+        editor = Editor.from_config(args.engine_config)
+    except (ConfigError, ModelLoadError, UnsupportedRequest) as exc:  # e.g. a causal mode the folder was not made for
+        raise SystemExit(f"eval_edit: cannot build the editor for {args.model}: {exc}") from exc
     scores, combinations = evaluation.Scores(), evaluation.Scores()
+    source_psnrs, edge_f1s, edit_seconds = [], [], []
     grid_rows, per_family = [], {}
     for i, example in enumerate(examples):
         source, target = decode_rgb(example.source), decode_rgb(example.target)
-        result = editor.edit(example.source, example.instruction, references=list(example.references),
-                             steps=args.steps, seed=args.seed + i)
+        edit_start = time.perf_counter()
+        try:
+            result = editor.edit(example.source, example.instruction, references=list(example.references),
+                                 steps=args.steps, seed=args.seed + i)
+        except InvalidRequest as exc:  # the config cannot serve this example (a bucket's reference counts, steps)
+            raise SystemExit(f"eval_edit: example {example.id} ({example.family}) is refused: {exc}") from exc
+        edit_seconds.append(time.perf_counter() - edit_start)
         output, own = result.array, target.astype(np.float32) / 255.0
+        if output.shape != own.shape:
+            raise SystemExit(f"eval_edit: the editor returned {output.shape[:2]} for a {own.shape[:2]} target; "
+                             f"its buckets resize the frame (use --engine buckets.sizes=[[{own.shape[0]},"
+                             f"{own.shape[1]}]])")
+        if example.family == evaluation.COPY_PASTE_FAMILY:
+            source_psnrs.append(evaluation.psnr(output, source.astype(np.float32) / 255.0))
+        if example.family == evaluation.STRUCTURE_FAMILY:
+            edge_f1s.append(evaluation.edge_f1(output, own))
         alternatives = evaluation.alternative_targets(source, target)
-        values = dict(psnr=evaluation.psnr(output, own), ssim=evaluation.ssim(output, own),
-                      taef2_psnr=evaluation.psnr(taef2_round_trip(editor, target), own),
-                      instruction_accuracy=float(evaluation.closest_to_own(output, own, alternatives)))
+        values = {"psnr": evaluation.psnr(output, own), "ssim": evaluation.ssim(output, own),
+                  "taef2_psnr": evaluation.psnr(taef2_round_trip(editor, target), own),
+                  "instruction_accuracy": float(evaluation.closest_to_own(output, own, alternatives))}
         scores.add(example.family, **values)
         if example.family in toy.LOCAL_FAMILIES:  # generalisation: (family, attribute) combinations never trained on
             held_out = toy.is_held_out(example.family, example.attributes)
@@ -84,16 +156,28 @@ def evaluate(args: argparse.Namespace) -> dict:
             grid_rows.append([source, reference, target, to_uint8(output)])
     grid = evaluation.save_grid(grid_rows, args.grid)
     summary = scores.summary()
-    return {"model": str(args.model), "data": str(folder), "steps": args.steps, "n": len(examples),
-            "bad_rows": report.num_bad, **summary, "local_combinations": combinations.summary()["families"],
-            "grid": str(grid),
-            "seconds": round(time.perf_counter() - start, 1), "device": str(editor.device)}
+    model_info = editor.model_info
+    return {"label": args.label, "model": str(args.model), "data": str(folder), "steps": args.steps,
+            "n": len(examples), "bad_rows": report.num_bad, **summary,
+            "local_combinations": combinations.summary()["families"],
+            "behaviour": evaluation.behaviour(summary, source_psnrs, edge_f1s, args.copy_paste_db),
+            "engine_overrides": args.engine_overrides, "engine": args.engine_config.to_dict(),
+            "causal": model_info.get("causal"), "model_info": model_info,
+            # Step-2 reuse stats exist only where the editor runs a reuse policy (the session mode's DBCache).
+            "step_reuse": editor.stats().get("step_reuse"),
+            "grid": str(grid), "seconds": round(time.perf_counter() - start, 1),
+            "seconds_per_edit": round(float(np.mean(edit_seconds)), 4), "device": str(editor.device)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    result = evaluate(parse_args(argv))
-    print(json.dumps(result))
+    args = parse_args(argv)
+    result = evaluate(args)
+    text = json.dumps(result)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
     return result
 
 

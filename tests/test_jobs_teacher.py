@@ -14,10 +14,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ray = pytest.importorskip("ray")
 
-from jobs import eval_edit, make_toy_data, runtime, train_teacher  # noqa: E402
+from jobs import eval_edit, eval_table, make_toy_data, runtime, train_teacher  # noqa: E402
 from rtedit.config import EditorConfig  # noqa: E402
 from rtedit.editor import Editor  # noqa: E402
 from rtedit.errors import ConfigError  # noqa: E402
+from rtedit.train import toy  # noqa: E402
+from rtedit.train.data import write_edit_examples  # noqa: E402
 from rtedit.train.tasks import teacher  # noqa: E402
 from rtedit.train.config import load_job_config  # noqa: E402
 from rtedit.train.runtime import MetricsLog  # noqa: E402
@@ -119,3 +121,54 @@ def test_teacher_trains_exports_serves_and_evaluates(tmp_path, toy_data, taef2_w
     assert 0 <= report["overall"]["instruction_accuracy"] <= 1
     assert report["overall"]["taef2_psnr"] > 25  # the TAEF2 ceiling of 128px toy targets
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _write_eval_examples(folder, families):
+    """One eval example of each family (example i of seed 0 drawn from that family alone)."""
+    examples = [toy.make_example(0, "eval", i, families=(family,)).to_edit_example()
+                for i, family in enumerate(families)]
+    write_edit_examples(folder / "eval", examples)
+    return folder
+
+
+def test_eval_edit_behaviour_engine_overrides_and_table(tmp_path, capsys):
+    data = _write_eval_examples(tmp_path / "toy", ("identity", "recolour", "palette"))
+    out = tmp_path / "bf16.json"
+    report = eval_edit.main(["--model", "tiny", "--data", str(data), "--steps", "1", "--device", "cpu",
+                             "--engine", "dtype=bfloat16", "--engine", "prompt.cache_entries=8",
+                             "--label", "tiny bf16", "--out", str(out), "--grid", str(tmp_path / "grid.png")])
+    assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
+    # The overrides reached the editor, not only the JSON.
+    assert report["model_info"]["dtype"] == "bfloat16" and report["engine"]["prompt"]["cache_entries"] == 8
+    assert report["engine_overrides"] == {"dtype": "bfloat16", "prompt.cache_entries": 8}
+    assert report["label"] == "tiny bf16" and report["causal"] is None and "step_reuse" in report
+    behaviour = report["behaviour"]
+    # The identity target is the source, so copy-paste PSNR is the identity family's PSNR.
+    assert behaviour["copy_paste"]["n"] == 1
+    assert behaviour["copy_paste"]["psnr_vs_source"] == pytest.approx(report["families"]["identity"]["psnr"])
+    assert behaviour["structure_transfer"]["n"] == 1 and 0 <= behaviour["structure_transfer"]["edge_f1"] <= 1
+    assert behaviour["reference"]["n"] == 1 and behaviour["reference"]["psnr"] == report["reference"]["psnr"]
+    assert set(behaviour["controllability"]["by_family"]) == {"identity", "recolour", "palette"}
+    assert behaviour["psnr_by_group"]["local"] == report["families"]["recolour"]["psnr"]
+    # eval_table: a teacher row 0.5 dB and 0.25 accuracy better gives deltas of -0.50 and -0.250 for the student.
+    teacher = {**report, "label": "teacher", "global": {**report["global"], "psnr": report["global"]["psnr"] + 0.5},
+               "overall": {**report["overall"],
+                           "instruction_accuracy": report["overall"]["instruction_accuracy"] + 0.25}}
+    (tmp_path / "teacher.json").write_text(json.dumps(teacher))
+    text = eval_table.main([str(tmp_path / "teacher.json"), str(out), "--against", "teacher"])
+    header, _, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()]
+    assert header[-2:] == ["delta PSNR global vs teacher", "delta accuracy vs teacher"] and len(rows) == 2
+    assert rows[0][0] == "teacher" and rows[0][-2:] == ["+0.00", "+0.000"]
+    assert rows[1][0] == "tiny bf16" and rows[1][-2:] == ["-0.50", "-0.250"]
+    assert rows[1][header.index("copy-paste PSNR")] == f"{behaviour['copy_paste']['psnr_vs_source']:.2f}"
+    with pytest.raises(SystemExit):
+        eval_table.main([str(out), "--against", "nobody"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dbcache.nope=1", "unknown field"), ("dtype=float64", "dtype must be one of"), ("causal", "section.key=value"),
+    ("model=other", "--model"), ("buckets.sizes=[[128", "YAML value")])
+def test_eval_edit_refuses_bad_engine_overrides(override, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        eval_edit.parse_args(["--model", "tiny", "--data", "x", "--engine", override])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
