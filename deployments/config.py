@@ -12,10 +12,17 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.limits import check_session_defaults, derive_frame_limits
+from deployments.limits import (
+    OffSize,
+    ServedSizes,
+    check_session_defaults,
+    derive_frame_limits,
+    model_session_defaults,
+)
 from rtedit.config import EditorConfig, resolve_model_path
 from rtedit.config_parsing import from_dict
-from rtedit.errors import ConfigError
+from rtedit.errors import ConfigError, ModelLoadError
+from rtedit.presets import Sidecar, model_sidecar
 from rtedit.streaming import SessionDefaults
 from rtedit.transport import FrameLimits
 
@@ -109,7 +116,10 @@ class RouterArgs(_Strict):
     limits: dict[str, Any] = Field(default_factory=dict)
     """rtedit.transport.FrameLimits fields."""
     defaults: dict[str, Any] = Field(default_factory=dict)
-    """rtedit.streaming.SessionDefaults fields."""
+    """rtedit.streaming.SessionDefaults fields; an unset prompt is the model's first rtedit.json example."""
+    off_size: OffSize = "resize"
+    """A frame off the sizes the model's rtedit.json lists: "resize" answers it at the nearest of them (the reply's
+    `resized` says from what), "refuse" answers an off_size error (422)."""
     stats_window: int = Field(2048, ge=16)
     """Samples kept per stage for the p50/p99 of /api/stats."""
 
@@ -170,10 +180,17 @@ class AppArgs(_Strict):
     def _router_within_engine(self) -> "AppArgs":
         try:
             limits = self.router.frame_limits(self.engine)
-            check_session_defaults(self.router.session_defaults(), limits, self.router.steps_override)
-        except ConfigError as exc:
+            sidecar = self.model_sidecar()
+            sizes = ServedSizes.of_model(sidecar, self.engine, self.router.off_size, self.engine.model)
+            defaults = model_session_defaults(self.router.session_defaults(), sidecar, self.engine.model)
+            check_session_defaults(defaults, limits, self.router.steps_override, sizes)
+        except (ConfigError, ModelLoadError) as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    def model_sidecar(self) -> Sidecar:
+        """The served model's rtedit.json as far as it is known before loading (presets.model_sidecar)."""
+        return model_sidecar(self.engine.model)
 
     def editor_config(self) -> EditorConfig:
         """The typed engine config (the `engine` field itself)."""

@@ -26,9 +26,17 @@ from ray.serve.metrics import Counter, Histogram
 
 import rtedit.errors
 from deployments.config import RouterArgs
-from deployments.limits import EngineChecks, check_session_defaults, default_steps, derive_frame_limits
+from deployments.limits import (
+    EngineChecks,
+    ServedSizes,
+    check_session_defaults,
+    default_steps,
+    derive_frame_limits,
+    model_session_defaults,
+)
 from rtedit.config import EditorConfig
 from rtedit.errors import EditError, EngineDead, InvalidRequest, UnsupportedRequest
+from rtedit.presets import model_sidecar
 from rtedit.streaming import EditJob, SessionDefaults, decode_base64, parse_settings, serve_stream
 from rtedit.transport import (
     OUTPUT_FORMATS,
@@ -147,8 +155,11 @@ class Router:
         # Limits within the engine's bounds, so what no replica serves is refused here (AppArgs checked them).
         self.limits = derive_frame_limits(args.limits, engine)
         self.checks = EngineChecks.from_config(engine)
-        self.defaults = args.session_defaults()
-        check_session_defaults(self.defaults, self.limits, args.steps_override)
+        # The model's rtedit.json, read here as the replicas read it: its examples and sizes shape every session.
+        self.sidecar = model_sidecar(engine.model)
+        self.sizes = ServedSizes.of_model(self.sidecar, engine, args.off_size, engine.model)
+        self.defaults = model_session_defaults(args.session_defaults(), self.sidecar, engine.model)
+        check_session_defaults(self.defaults, self.limits, args.steps_override, self.sizes)
         self._model_defaults: SessionDefaults | None = None  # with the model's steps, once an editor reported them
         self._info_lock = asyncio.Lock()
         self.api_key = args.api_key or (os.environ.get(args.api_key_env) if args.api_key_env else None) or None
@@ -239,6 +250,9 @@ class Router:
         """Edit one frame on the session's replica; embeddings cross from the text encoder once per prompt and
         references once per websocket session and change (resent when the replica lost the session)."""
         t0 = time.perf_counter()
+        job, resized = self.sizes.fit(job)
+        if resized is not None:
+            self.counts["resized"] += 1
         self.checks.check(job)
         handle = self._handle(job.session)
         outgoing, embedding = self._outgoing(job), None
@@ -265,6 +279,8 @@ class Router:
         timings = dict(reply.get("timings") or {})
         timings["server"] = (time.perf_counter() - t0) * 1000
         reply["timings"] = timings
+        if resized is not None:
+            reply["resized"] = resized
         self._observe(timings)
         self.replicas_seen[reply.get("replica", "?")] += 1
         return reply, image
@@ -439,6 +455,8 @@ class Router:
             info = await asyncio.wait_for(self.editor.info.remote(), self.args.edit_timeout_s)
             self.model_info = {k: info.get(k) for k in ("name", "random_weights", "description", "device", "dtype",
                                                         "transformer_params", "steps", "native_size")}
+            self.model_info["examples"] = list(self.sidecar.examples) if self.sidecar.examples else None
+            self.model_info["sizes"] = [list(s) for s in self.sidecar.sizes] if self.sidecar.sizes else None
         return self.model_info
 
     async def _session_defaults(self) -> SessionDefaults:
@@ -482,8 +500,17 @@ class Router:
                                         "min_side": limits.min_side, "max_steps": limits.max_steps,
                                         "max_references": limits.max_references,
                                         "max_prompt_chars": limits.max_prompt_chars,
-                                        "formats": list(OUTPUT_FORMATS), **self.checks.describe()},
-                             "defaults": {"steps": defaults.steps, "format": defaults.format}})
+                                        "formats": list(OUTPUT_FORMATS), **self.checks.describe(),
+                                        **self._served_sizes()},
+                             "defaults": {"steps": defaults.steps, "format": defaults.format,
+                                          "prompt": defaults.prompt}})
+
+    def _served_sizes(self) -> dict[str, Any]:
+        """For /api/info: the sizes the page offers (the model's within the engine's buckets, else the buckets'
+        from EngineChecks) and what a frame off the model's sizes gets (null: the model lists none)."""
+        if self.sizes.sizes:
+            return {"sizes": [list(s) for s in self.sizes.sizes], "off_size": self.sizes.off_size}
+        return {"off_size": None}
 
     async def _per_replica(self, method: str) -> dict[str, Any] | str:
         """`method` of every running editor replica, keyed by replica id (a handle call reaches one at random)."""

@@ -4,9 +4,11 @@ derived from the engine config refuse what no replica serves before any editor c
 from __future__ import annotations
 
 import base64
+import io
 import json
 import types
 
+import PIL.Image
 import pytest
 import yaml
 
@@ -135,3 +137,94 @@ def test_session_steps_default_to_the_models_own(monkeypatch, override, expected
         assert first.error["code"] == "not_served" and "steps [1, 4]" in first.error["message"]
     assert r.status_code == 422 and "got steps=3" in r.json()["error"]["message"]
     assert editor.info_calls == 1 and all(job.steps in (1, 4) for job in editor.jobs)
+
+
+# ---- the model's own examples and sizes (models/toy-editor's rtedit.json) ------------------------------------
+
+TOY_ARGS = {"engine": {"model": "models/toy-editor"}, "router": {"api_key_env": None}}
+
+
+def toy_sidecar():
+    from rtedit.presets import Sidecar
+
+    return Sidecar.load(REPO / "models" / "toy-editor")
+
+
+def test_toy_editor_info_offers_its_examples_and_sizes_and_defaults_to_its_first_example(monkeypatch):
+    """The page's instruction used to default to a watercolour painting and its size menu to 256-512: neither is
+    something the toy editor knows (it was trained at 128x128 on a fixed set of instructions)."""
+    editor = FakeEditor(steps=[2])
+    sidecar = toy_sidecar()
+    with client_for(monkeypatch, TOY_ARGS, editor) as client:
+        info = client.get("/api/info").json()
+        r = client.post("/api/predict", json={"image": b64(jpeg(128, 128))})  # no prompt: the default applies
+    assert info["model"]["examples"] == list(sidecar.examples) and len(sidecar.examples) >= 6
+    assert info["model"]["sizes"] == [[128, 128]] and info["limits"]["sizes"] == [[128, 128]]
+    assert info["limits"]["off_size"] == "resize"
+    assert info["defaults"]["prompt"] == sidecar.examples[0]
+    assert r.status_code == 200, r.text
+    assert editor.jobs[0].prompt == sidecar.examples[0]
+
+
+@pytest.mark.parametrize("image, fields, expected_from", [
+    ((451, 300), {}, [300, 451]),                        # a photo of its own size: cropped to 1:1, then 128x128
+    ((128, 128), {"width": 256, "height": 256}, [128, 128]),  # asked for a size it does not serve
+    ((256, 256), {"width": 128, "height": 128}, [256, 256]),  # right output size, input of another
+])
+def test_an_off_size_request_is_answered_at_the_models_size_and_says_so(monkeypatch, image, fields, expected_from):
+    """A 451x300 photo came back as garbage at 448x288: the toy editor only knows 128x128."""
+    editor = FakeEditor()
+    with client_for(monkeypatch, TOY_ARGS, editor) as client:
+        r = client.post("/api/predict", json={"image": b64(jpeg(*image)), "prompt": "invert the colours", **fields})
+    assert r.status_code == 200, r.text
+    resized = r.json()["resized"]
+    assert resized["from"] == expected_from and resized["to"] == [128, 128] and "128x128" in resized["reason"]
+    job = editor.jobs[0]
+    assert (job.height, job.width) == (128, 128)
+    assert PIL.Image.open(io.BytesIO(job.image)).size == (128, 128)
+
+
+def test_a_frame_of_the_models_size_passes_unchanged(monkeypatch):
+    editor = FakeEditor()
+    image = jpeg(128, 128, tag=3)
+    with client_for(monkeypatch, TOY_ARGS, editor) as client:
+        r = client.post("/api/predict", json={"image": b64(image), "prompt": "invert the colours"})
+        with client.websocket_connect("/ws/predict") as ws:
+            ws.send_bytes(encode_frame({"id": 1}, image))
+            on_size = decode_reply(ws.receive_bytes())
+            ws.send_bytes(encode_frame({"id": 2}, jpeg(160, 96)))  # a webcam frame of another size
+            off_size = decode_reply(ws.receive_bytes())
+    assert r.status_code == 200 and "resized" not in r.json()
+    assert "resized" not in on_size.meta and on_size.error is None
+    assert off_size.meta["resized"]["from"] == [96, 160] and off_size.meta["resized"]["to"] == [128, 128]
+    assert editor.jobs[0].image == image and editor.jobs[0].width is None and editor.jobs[1].image == image
+    assert (editor.jobs[2].height, editor.jobs[2].width) == (128, 128)
+
+
+def test_off_size_frames_are_refused_when_configured_without_an_editor_call(monkeypatch):
+    editor = FakeEditor()
+    args = {**TOY_ARGS, "router": {**TOY_ARGS["router"], "off_size": "refuse"}}
+    with client_for(monkeypatch, args, editor) as client:
+        info = client.get("/api/info").json()
+        r = client.post("/api/predict", json={"image": b64(jpeg(451, 300)), "prompt": "invert the colours"})
+        with client.websocket_connect("/ws/predict") as ws:
+            ws.send_bytes(encode_frame({"id": 1}, jpeg(160, 96)))
+            refused = decode_reply(ws.receive_bytes())
+            ws.send_bytes(encode_frame({"id": 2}, jpeg(128, 128)))
+            served = decode_reply(ws.receive_bytes())
+    assert info["limits"]["off_size"] == "refuse"
+    assert r.status_code == 422 and r.json()["error"]["code"] == "off_size"
+    assert "288x448" in r.json()["error"]["message"] and "128x128" in r.json()["error"]["message"]
+    assert refused.error["code"] == "off_size" and refused.id == 1 and served.error is None
+    assert len(editor.jobs) == 1
+
+
+def test_a_default_prompt_the_model_does_not_list_is_a_build_time_error():
+    with pytest.raises(ValidationError, match="not one of the example instructions"):
+        AppArgs.model_validate({**TOY_ARGS, "router": {"defaults": {"prompt": "make it look like a watercolor"}}})
+    with pytest.raises(ValidationError, match="not a size the model serves"):
+        AppArgs.model_validate({**TOY_ARGS, "router": {"defaults": {"width": 256, "height": 256}}})
+    with pytest.raises(ValidationError, match="off_size"):
+        AppArgs.model_validate({**TOY_ARGS, "router": {"off_size": "stretch"}})
+    chosen = AppArgs.model_validate({**TOY_ARGS, "router": {"defaults": {"prompt": "make it darker"}}})
+    assert chosen.router.session_defaults().prompt == "make it darker"
