@@ -56,7 +56,8 @@ setup)
       --target /tmp/site "$sdist"
   done
   shopt -u nullglob
-  rm -rf "$RUN" && mkdir -p "$RUN" && tar --exclude=./.raygpu --exclude=./.whl --exclude=./.dswhl -cf - . | tar -C "$RUN" -xf -
+  # -h: a .snap tree (bench/stage_device.sh snap) links models/ and .device in from beside it.
+  rm -rf "$RUN" && mkdir -p "$RUN" && tar -h --exclude=./.raygpu --exclude=./.whl --exclude=./.dswhl -cf - . | tar -C "$RUN" -xf -
   # rtedit is linked into the site folder: platform/ itself never goes on sys.path (it names a stdlib module).
   ln -sfn "$RUN/platform/rtedit" /tmp/site/rtedit
   cat >"$LANES/env.sh" <<'EOF'

@@ -5,6 +5,7 @@
 #   bash bench/stage_device.sh slim      # take models/ out of the working tree for the call, then `size`
 #   bash bench/stage_device.sh size      # what travels now with $CARRY, and the spare; fails under 8 MiB spare
 #   bash bench/stage_device.sh restore   # models/ back (git sparse-checkout disable)
+#   bash bench/stage_device.sh snap      # HEAD (no models/) into .snap, to run a call from while the tree is edited
 #   bash bench/stage_device.sh carry     # the carry list for the tool call
 # Carry folders (all ignored):
 #   .raygpu  Ray 2.60 with Serve (deployments/ imports ray.serve): ../shared/tools/pack-ray-offline's ray-slim.tar.xz,
@@ -119,6 +120,15 @@ slim)
   git sparse-checkout set --no-cone '/*' '!/models/'
   echo "models/ is out of the working tree until 'bash bench/stage_device.sh restore'"
   size
+  ;;
+snap)
+  # HEAD without models/, in the ignored .snap: a call runs from it (carry ".snap") while the working tree that
+  # travels beside it holds others' unfinished edits; the carry folders are linked in, models/ too when present.
+  ignore .snap
+  rm -rf .snap && mkdir .snap
+  git archive HEAD -- . ':!models' | tar -x -C .snap
+  for d in .raygpu .whl .device .dswhl models; do if [ -e "$d" ]; then ln -sfn "../$d" ".snap/$d"; fi; done
+  echo ".snap: $(git rev-parse --short HEAD), $(bytes .snap) B"
   ;;
 restore)
   git sparse-checkout disable
