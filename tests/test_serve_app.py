@@ -456,6 +456,7 @@ def test_browser_webcam_stream_keeps_at_most_two_frames_in_flight(app):
             page = browser.new_page(viewport={"width": 1100, "height": 800})
             page.goto(f"{BASE}/?api_key={API_KEY}")
             page.wait_for_function("document.getElementById('model').textContent.includes('tiny')", timeout=60_000)
+            page.fill("#prompt", "make it look like a pencil sketch")  # tiny lists no examples: no default prompt
             page.select_option("#size", "256")
             page.click("#camera")
             in_flight = []

@@ -1,12 +1,21 @@
 // rtedit web page: webcam or uploaded image -> binary frames over /ws/predict -> edited stream.
 // Frame: 4-byte big-endian length N, N bytes of UTF-8 JSON metadata, then the JPEG image.
+// The socket is redialled with backoff whenever it is lost while a source is active; #status[data-state] says
+// where it stands: idle, connecting, open, waiting (backoff), refused (wrong key), closed.
 "use strict";
 const MAX_IN_FLIGHT = 2;  // more would only queue frames that the server drops anyway
+const BACKOFF_MS = [250, 500, 1000, 2000, 4000, 8000];  // waits after failed handshakes; the last one repeats
+const DIAGNOSE_TIMEOUT_MS = 3000;  // a restarting server may accept and then not answer
+const LONGEST_SIDES = ["256", "384", "512"];  // the size menu of a model that lists no sizes
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 let apiKey = params.get("api_key") || "";
-let ws = null, nextId = 1, inFlight = new Map(), sent = 0, received = 0, running = false, source = null;
+let nextId = 1, inFlight = new Map(), sent = 0, received = 0, source = null;
 let frameTimes = [], lastPrompt = null, lastSteps = null;
+// active: a source is chosen and Stop was not pressed; stillPending: the uploaded image (or a setting) changed
+// and no frame for it is out; pumping: the send loop runs; infoLoaded: /api/info answered.
+let active = false, stillPending = false, pumping = false, infoLoaded = false;
+const link = { ws: null, attempt: 0, dialing: null, wake: null };
 const canvas = document.createElement("canvas");
 
 function encodeFrame(meta, imageBytes) {
@@ -25,8 +34,17 @@ function decodeFrame(buffer) {
   return { meta, image: new Uint8Array(buffer, 4 + n) };
 }
 
+const keyHeaders = () => (apiKey ? { "x-api-key": apiKey } : {});
+
+function setState(state, text) {
+  const status = $("status");
+  status.dataset.state = state;
+  status.className = `status ${state}`;
+  status.textContent = text;
+}
+
 async function loadInfo() {
-  const res = await fetch("/api/info", { headers: apiKey ? { "x-api-key": apiKey } : {} });
+  const res = await fetch("/api/info", { headers: keyHeaders(), cache: "no-store" });
   if (res.status === 401) {
     $("key-label").hidden = false;
     $("model").textContent = "model: (API key needed)";
@@ -34,38 +52,129 @@ async function loadInfo() {
   }
   const info = await res.json();
   if (!res.ok) { $("model").textContent = `model: unavailable (${(info.error || {}).message || res.status})`; return; }
-  const m = info.model || {};
+  const m = info.model || {}, limits = info.limits || {}, defaults = info.defaults || {};
   $("model").textContent = `model: ${m.name} on ${m.device} (${m.dtype})`;
   $("random-notice").hidden = !m.random_weights;
   $("model-about").textContent = m.description || "";
   $("model-about").hidden = !m.description;
-  if (m.native_size) {  // a model trained at one size (the toy editor: 128) edits best at it
-    const size = $("size");
-    if (![...size.options].some((o) => o.value === String(m.native_size))) size.add(new Option(m.native_size, m.native_size), 0);
-    size.value = String(m.native_size);
-  }
+  showSizes(limits.sizes, m.native_size);
+  showExamples(m.examples || []);
+  // The served default instruction (the model's first example) unless the user typed one already.
+  if (!$("prompt").value && defaults.prompt) $("prompt").value = defaults.prompt;
   // Steps: the served default (the model's own unless the server overrides it), within what the model allows.
-  const steps = $("steps"), limits = info.limits || {}, allowed = limits.steps || m.steps;
+  const steps = $("steps"), allowed = limits.steps || m.steps;
   steps.min = String(allowed ? Math.min(...allowed) : 1);
   steps.max = String(allowed ? Math.max(...allowed) : limits.max_steps || 8);
   steps.title = allowed ? `this model was trained for steps ${allowed.join(", ")}` : "";
-  const defaultSteps = (info.defaults || {}).steps;
-  if (defaultSteps && !steps.value) steps.value = String(defaultSteps);
+  if (defaults.steps && !steps.value) steps.value = String(defaults.steps);
   if (info.auth) { $("key-label").hidden = false; $("api-key").value = apiKey; }
+  infoLoaded = true;
 }
 
-function connect() {
-  return new Promise((resolve, reject) => {
+// A model that serves fixed sizes (height x width) gets only those; any other gets longest sides, its native first.
+function showSizes(sizes, nativeSize) {
+  const select = $("size"), previous = select.value;
+  const values = sizes && sizes.length ? sizes.map(([h, w]) => `${h}x${w}`)
+    : [...new Set([...(nativeSize ? [String(nativeSize)] : []), ...LONGEST_SIDES])];
+  select.replaceChildren(...values.map((v) => new Option(v, v)));
+  const preferred = nativeSize ? String(nativeSize) : "512";
+  select.value = values.includes(previous) ? previous : values.includes(preferred) ? preferred : values[0];
+  select.title = sizes && sizes.length ? "the sizes this model serves (its rtedit.json)" : "the longest side";
+}
+
+function showExamples(examples) {
+  const box = $("examples");
+  box.replaceChildren(...examples.map((text) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "example";
+    button.textContent = text;
+    button.onclick = () => { $("prompt").value = text; settingsChanged(); };
+    return button;
+  }));
+  box.hidden = examples.length === 0;
+}
+
+// Resolves with the open socket, or null when the server refused the key or the source was stopped.
+function openSocket() {
+  if (link.ws && link.ws.readyState === WebSocket.OPEN) return Promise.resolve(link.ws);
+  if (!link.dialing) link.dialing = dial().finally(() => { link.dialing = null; });
+  return link.dialing;
+}
+
+async function dial() {
+  while (active) {
+    setState("connecting", link.attempt ? `connecting (attempt ${link.attempt + 1})…` : "connecting…");
+    const sock = await handshake();
+    if (sock) { link.attempt = 0; return sock; }
+    const reason = await diagnose();
+    if (reason === null) {
+      $("key-label").hidden = false;
+      setState("refused", "refused: wrong or missing API key (enter it above)");
+      return null;
+    }
+    const wait = BACKOFF_MS[Math.min(link.attempt, BACKOFF_MS.length - 1)];
+    link.attempt += 1;
+    setState("waiting", `${reason}: reconnecting in ${(wait / 1000).toFixed(1)} s (attempt ${link.attempt})`);
+    await new Promise((resolve) => { link.wake = resolve; setTimeout(resolve, wait); });
+    link.wake = null;
+  }
+  setState("idle", "disconnected");
+  return null;
+}
+
+function handshake() {
+  return new Promise((resolve) => {
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
     const query = apiKey ? `?api_key=${encodeURIComponent(apiKey)}` : "";
-    ws = new WebSocket(`${proto}//${location.host}/ws/predict${query}`);
-    ws.binaryType = "arraybuffer";
-    ws.onopen = () => { $("status").textContent = "connected"; $("status").className = "status open"; resolve(); };
-    ws.onerror = () => reject(new Error("websocket refused (wrong API key?)"));
-    ws.onclose = () => { $("status").textContent = "disconnected"; $("status").className = "status"; ws = null;
-                         inFlight.clear(); };
-    ws.onmessage = onMessage;
+    const sock = new WebSocket(`${proto}//${location.host}/ws/predict${query}`);
+    sock.binaryType = "arraybuffer";
+    let opened = false;
+    sock.onopen = () => { opened = true; adopt(sock); resolve(sock); };
+    // onerror carries no reason; onclose always follows it.
+    sock.onclose = () => { if (opened) lost(sock); else resolve(null); };
+    sock.onmessage = (event) => { if (sock === link.ws) onMessage(event); };
   });
+}
+
+// A browser hides a refused handshake's HTTP status: /api/info with the same key tells a wrong key (null) from a
+// server that is down or restarting (words for the status line).
+async function diagnose() {
+  try {
+    const res = await fetch("/api/info", { headers: keyHeaders(), cache: "no-store",
+                                           signal: AbortSignal.timeout(DIAGNOSE_TIMEOUT_MS) });
+    if (res.status === 401) return null;
+    return res.ok ? "websocket handshake failed" : `server answered ${res.status}`;
+  } catch (err) {
+    return err.name === "TimeoutError" ? "server not answering" : "server unreachable";
+  }
+}
+
+// A new socket is a new server session: it knows no prompt or steps yet, and frames of the old one never return.
+function adopt(sock) {
+  if (link.ws && link.ws !== sock) link.ws.close();
+  link.ws = sock;
+  forgetInFlight();
+  lastPrompt = null;
+  lastSteps = null;
+  setState("open", "connected");
+  if (!infoLoaded) loadInfo().catch(showError);
+}
+
+function lost(sock) {
+  if (sock !== link.ws) return;
+  link.ws = null;
+  forgetInFlight();
+  setState("closed", "disconnected");
+  if (!active) return;
+  openSocket();  // redial now, not at the next change, so the status shows the server's state
+  pump();
+}
+
+function forgetInFlight() {
+  if (source === "file" && inFlight.size) stillPending = true;  // its answer will never come: send it again
+  inFlight.clear();
+  $("inflight").textContent = 0;
 }
 
 function onMessage(event) {
@@ -86,6 +195,7 @@ function onMessage(event) {
   if (meta.dropped !== undefined) $("dropped").textContent = meta.dropped;
   if (meta.error) { $("error").textContent = `frame ${meta.id}: ${meta.error.message}`; return; }
   $("error").textContent = "";
+  $("resized").textContent = meta.resized ? `resized from ${meta.resized.from.join("x")}: ${meta.resized.reason}` : "";
   const url = URL.createObjectURL(new Blob([image], { type: `image/${meta.format || "jpeg"}` }));
   const out = $("output");
   const old = out.src;
@@ -102,38 +212,62 @@ function onMessage(event) {
 }
 
 async function grab() {
-  const size = parseInt($("size").value, 10);
   const el = source === "camera" ? $("video") : $("source");
   const w = source === "camera" ? el.videoWidth : el.naturalWidth;
   const h = source === "camera" ? el.videoHeight : el.naturalHeight;
   if (!w || !h) return null;
-  // Longest side to the chosen size, both sides multiples of 16 (the model's patch size).
-  const scale = size / Math.max(w, h);
-  canvas.width = Math.max(64, Math.round((w * scale) / 16) * 16);
-  canvas.height = Math.max(64, Math.round((h * scale) / 16) * 16);
-  canvas.getContext("2d").drawImage(el, 0, 0, canvas.width, canvas.height);
+  const choice = $("size").value;
+  let sx = 0, sy = 0, sw = w, sh = h;
+  if (choice.includes("x")) {
+    // A served size exactly: the picture's centre at that aspect, scaled (a stretched one would edit worse).
+    const [th, tw] = choice.split("x").map(Number);
+    const scale = Math.max(tw / w, th / h);
+    sw = Math.min(w, Math.round(tw / scale));
+    sh = Math.min(h, Math.round(th / scale));
+    sx = Math.floor((w - sw) / 2);
+    sy = Math.floor((h - sh) / 2);
+    canvas.width = tw;
+    canvas.height = th;
+  } else {
+    // Longest side to the chosen size, both sides multiples of 16 (the model's patch size).
+    const scale = parseInt(choice, 10) / Math.max(w, h);
+    canvas.width = Math.max(64, Math.round((w * scale) / 16) * 16);
+    canvas.height = Math.max(64, Math.round((h * scale) / 16) * 16);
+  }
+  canvas.getContext("2d").drawImage(el, sx, sy, sw, sh, 0, 0, canvas.width, canvas.height);
   const blob = await new Promise((r) => canvas.toBlob(r, "image/jpeg", 0.85));
   return new Uint8Array(await blob.arrayBuffer());
 }
 
+// Sends frames while a source wants them: the webcam always, an uploaded image once per change.
 async function pump() {
-  while (running) {
-    if (!ws || ws.readyState !== WebSocket.OPEN) { await connect().catch(showError); if (!ws) break; }
-    if (inFlight.size >= MAX_IN_FLIGHT) { await sleep(5); continue; }
-    const image = await grab();
-    if (!image) { await sleep(20); continue; }
-    const meta = { id: nextId++ };
-    const prompt = $("prompt").value.trim(), steps = parseInt($("steps").value, 10);
-    if (prompt !== lastPrompt) { meta.prompt = prompt; lastPrompt = prompt; }
-    // An empty box keeps the session's default steps (the model's), so none is sent until one is chosen.
-    if (Number.isInteger(steps) && steps !== lastSteps) { meta.steps = steps; lastSteps = steps; }
-    inFlight.set(meta.id, performance.now());
-    ws.send(encodeFrame(meta, image));
-    sent += 1;
-    $("sent").textContent = sent;
-    $("inflight").textContent = inFlight.size;
-    // An uploaded still image needs one frame per change, not a stream.
-    if (source === "file") { running = false; break; }
+  if (pumping) return;
+  pumping = true;
+  try {
+    while (active && (source === "camera" || stillPending)) {
+      const sock = await openSocket();
+      if (!sock) break;  // refused or stopped: a new key, a new image or Start calls pump again
+      if (inFlight.size >= MAX_IN_FLIGHT) { await sleep(5); continue; }
+      const image = await grab();
+      if (!image) { await sleep(20); continue; }
+      if (sock !== link.ws || sock.readyState !== WebSocket.OPEN) continue;  // lost while grabbing: redial
+      const meta = { id: nextId++ };
+      const prompt = $("prompt").value.trim(), steps = parseInt($("steps").value, 10);
+      // An empty box keeps the session's prompt (the server's default until one is sent).
+      if (prompt && prompt !== lastPrompt) { meta.prompt = prompt; lastPrompt = prompt; }
+      // An empty box keeps the session's default steps (the model's), so none is sent until one is chosen.
+      if (Number.isInteger(steps) && steps !== lastSteps) { meta.steps = steps; lastSteps = steps; }
+      inFlight.set(meta.id, performance.now());
+      sock.send(encodeFrame(meta, image));
+      sent += 1;
+      $("sent").textContent = sent;
+      $("inflight").textContent = inFlight.size;
+      if (source === "file") stillPending = false;
+    }
+  } catch (err) {
+    showError(err);
+  } finally {
+    pumping = false;
   }
 }
 
@@ -142,9 +276,15 @@ function showError(err) { $("error").textContent = String(err.message || err); }
 
 function start(kind) {
   source = kind;
+  active = true;
+  if (kind === "file") stillPending = true;
   $("video").hidden = kind !== "camera";
   $("source").hidden = kind !== "file";
-  if (!running) { running = true; pump(); }
+  pump();
+}
+
+function settingsChanged() {
+  if (source === "file" && $("source").src) start("file");
 }
 
 $("camera").onclick = async () => {
@@ -158,11 +298,24 @@ $("file").onchange = () => {
   if (!file) return;
   const img = $("source");
   img.onload = () => start("file");
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
   img.src = URL.createObjectURL(file);
+  $("file").value = "";  // else picking the same file again fires no change, and sends nothing
 };
-$("prompt").onchange = () => { if (source === "file" && $("source").src) start("file"); };
-$("steps").onchange = $("prompt").onchange;
-$("api-key").onchange = () => { apiKey = $("api-key").value; if (ws) ws.close(); loadInfo().catch(showError); };
-$("stop").onclick = () => { running = false; if (source === "camera" && $("video").srcObject)
-  $("video").srcObject.getTracks().forEach((t) => t.stop()); };
+$("prompt").onchange = settingsChanged;
+$("steps").onchange = settingsChanged;
+$("size").onchange = settingsChanged;
+$("api-key").onchange = async () => {
+  apiKey = $("api-key").value;
+  link.attempt = 0;
+  if (link.wake) link.wake();  // a dial waiting out its backoff tries the new key now
+  if (link.ws) link.ws.close();
+  await loadInfo().catch(showError);
+  if (active) pump();
+};
+$("stop").onclick = () => {
+  active = false;
+  stillPending = false;
+  if (source === "camera" && $("video").srcObject) $("video").srcObject.getTracks().forEach((t) => t.stop());
+};
 loadInfo().catch(showError);
