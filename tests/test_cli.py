@@ -93,3 +93,39 @@ def test_config_reproduces_a_serve_yaml_engine(tmp_path):
     bad.write_text(yaml.safe_dump({"applications": [{"args": {"engine": {"modle": "tiny"}}}]}))
     proc = run_cli("info", "--config", str(bad))
     assert proc.returncode == 2 and "unknown field(s) modle" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def sized_model(tmp_path_factory, tiny_pipeline):
+    """The tiny model as a folder whose rtedit.json says it serves 64x64 only."""
+    import json
+
+    folder = tmp_path_factory.mktemp("sized")
+    tiny_pipeline.save_pretrained(folder)
+    (folder / "rtedit.json").write_text(json.dumps({"sizes": [[64, 64]], "examples": ["make it blue"]}))
+    return folder
+
+
+@pytest.mark.parametrize("image, flags, warned", [
+    ((80, 96), [], "would come out at 80x96"),
+    ((64, 64), ["--height", "128", "--width", "128"], "asks for 128x128"),
+    ((64, 64), [], None),
+])
+def test_edit_warns_when_off_the_models_sizes(sized_model, tmp_path, capsys, image, flags, warned):
+    """A 451x300 photo through the toy editor came back as garbage without a word: the CLI edits it as asked (the
+    output keeps its size) but says that the model serves other sizes."""
+    from rtedit.cli import main
+
+    src = tmp_path / "in.png"
+    PIL.Image.fromarray(random_image(*image)).save(src)
+    out = tmp_path / "out.png"
+    code = main(["edit", "--model", str(sized_model), "--image", str(src), "--prompt", "make it blue",
+                 "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code == 0
+    expected_size = (128, 128) if flags else (image[1], image[0])
+    assert PIL.Image.open(out).size == expected_size
+    if warned is None:
+        assert "warning" not in err
+    else:
+        assert warned in err and "64x64" in err and err.count("rtedit: warning:") == 1

@@ -71,6 +71,30 @@ def _editor_config(args: argparse.Namespace):
     return load_engine_config(args.config, {**overrides, "text_encoder": True})
 
 
+def size_warning(model: str, image: bytes, height: int | None, width: int | None) -> str | None:
+    """A warning when the edit is off the sizes the model's rtedit.json lists (it would likely come out wrong)."""
+    import io
+
+    import PIL.Image
+
+    from rtedit.presets import model_sidecar, nearest_size, size_mismatch
+
+    sizes = model_sidecar(model).sizes
+    if not sizes:
+        return None
+    try:
+        with PIL.Image.open(io.BytesIO(image)) as img:  # the header only
+            image_width, image_height = img.size
+    except Exception:  # noqa: BLE001 - not an image: the editor refuses it with InvalidImage and the reason
+        return None
+    reason = size_mismatch(sizes, image_height, image_width, height, width)
+    if reason is None:
+        return None
+    best_h, best_w = nearest_size(sizes, height or image_height, width or image_width)
+    return (f"rtedit: warning: {reason}; the edit will likely come out wrong: give it a {best_h}x{best_w} image "
+            "(the server answers such a request at the model's size)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rtedit.editor import Editor
@@ -88,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"rtedit: --out must end in .jpg, .jpeg, .png or .webp, got {args.out.name!r}")
         image = _read(args.image, "image")
         refs = [_read(p, "reference") for p in args.reference]
+        warning = size_warning(config.model, image, args.height, args.width)
+        if warning:
+            print(warning, file=sys.stderr)
         editor = Editor.from_config(config)
         result = editor.edit(
             image, args.prompt, references=refs, steps=args.steps, seed=args.seed,
