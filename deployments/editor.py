@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from deployments.config import EditorArgs
+from deployments.config import EditorArgs, replicas_options
 from rtedit.config import EditorConfig
 from rtedit.errors import EditError
 from rtedit.prompts import PromptEmbedding
@@ -33,12 +34,19 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
     return {"error": {"type": name, "code": code, "message": str(exc)[:500]}}
 
 
+def replica_gpu_share(args: EditorArgs) -> float | None:
+    """The part of one GPU an editor replica reserves: ray_actor_options["num_gpus"] as build_app sets it
+    (gpu_share / replicas_per_gpu; a fraction f is 1/f replicas on a device). None: a CPU replica."""
+    return replicas_options(args)["ray_actor_options"].get("num_gpus")
+
+
 def replica_editor(engine: EditorConfig, args: EditorArgs) -> "Editor":
     """The Editor of one editor replica, built exactly as EditorDeployment builds it (benchmarks call this too).
 
     torch's intra-op threads from args.torch_threads, the engine's fast path from `engine` with no text encoder
-    (prompts arrive as embeddings from the TextEncoder deployment), then every served shape warmed when
-    args.warmup is set and Editor.from_config has not warmed it already (compiled configs are).
+    (prompts arrive as embeddings from the TextEncoder deployment) and the replica's GPU share as the K/V store's
+    (unless the engine section sets one), then every served shape warmed when args.warmup is set and
+    Editor.from_config has not warmed it already (compiled configs are).
     """
     from rtedit.editor import Editor  # torch import stays inside the replica
 
@@ -46,7 +54,10 @@ def replica_editor(engine: EditorConfig, args: EditorArgs) -> "Editor":
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    editor = Editor.from_config(engine.for_replica())
+    config = engine.for_replica()
+    if config.kv_store_share is None:  # replicas sharing a GPU split its memory, not each take all that is free
+        config = dataclasses.replace(config, kv_store_share=replica_gpu_share(args))
+    editor = Editor.from_config(config)
     if args.warmup and editor.warm is None:
         editor.warm_up()
     return editor

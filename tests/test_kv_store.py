@@ -1,5 +1,5 @@
-"""The K/V store (rtedit.kv_store): byte-bounded LRU, its counters and keys, the default bound, and an editor whose
-tiny bound forces evictions that recompute the same frames."""
+"""The K/V store (rtedit.kv_store): byte-bounded LRU, its counters and keys, the default bound and a replica's share
+of its GPU, and an editor whose tiny bound forces evictions that recompute the same frames."""
 
 import dataclasses
 
@@ -80,14 +80,77 @@ def test_default_bound(monkeypatch):
         KVStore(-1)
 
 
-def session_editor(kv_store_bytes: int | None) -> Editor:
+def test_a_share_of_the_gpu_bounds_the_store_by_that_share(monkeypatch):
+    """Two replicas on a 140 GiB GPU (share 0.45 each, as serve-gpu.yaml places them; margin 21 GiB): each may
+    take 0.45 x 119 GiB less what its own process holds, however much is free when it measures."""
+    gib = 2**30
+    cuda = torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (120 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 17 * gib)  # weights and warm-up
+    first = int(0.45 * 119 * gib) - 17 * gib  # the other replica has not loaded yet: 120 GiB free
+    assert store_bytes(None, cuda, 0.45) == first
+    assert store_bytes(None, cuda) == store_bytes(None, cuda, 1.0) == 99 * gib  # the whole device: free - margin
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (86 * gib, 140 * gib))
+    assert store_bytes(None, cuda, 0.45) == first  # the other one loaded and took its part: the same bound
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * gib, 140 * gib))
+    assert store_bytes(None, cuda, 0.45) == 9 * gib  # something else holds the device: free - margin is less
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 60 * gib)
+    assert store_bytes(None, cuda, 0.45) == 0  # its own weights are over its share
+    assert store_bytes(5 * gib, cuda, 0.45) == 5 * gib and store_bytes(None, torch.device("cpu"), 0.5) == CPU_DEFAULT_BYTES
+
+    store = KVStore.for_device(None, cuda, 0.45).stats()
+    assert (store["max_bytes"], store["bound_source"], store["share"]) == (0, "derived", 0.45)
+    assert {k: KVStore.for_device(*args).stats()[k] for args in [(7, cuda)] for k in ("bound_source", "share")} == {
+        "bound_source": "configured", "share": 1.0}
+    assert KVStore.for_device(None, torch.device("cpu")).stats()["bound_source"] == "cpu_default"
+    for bad in (0, 0.0, 1.5, float("nan"), True, "half"):
+        with pytest.raises(ConfigError, match="kv_store_share"):
+            EditorConfig(kv_store_share=bad).validate()
+    with pytest.raises(ValueError, match="share"):
+        KVStore(10, share=0)
+    with pytest.raises(ValueError, match="bound_source"):
+        KVStore(10, bound_source="guessed")
+
+
+def test_the_editor_replica_passes_its_gpu_share_to_the_store(monkeypatch):
+    """replica_editor gives the engine the num_gpus build_app reserves per replica (gpu_share / replicas_per_gpu),
+    a CPU replica none, and a share set in the engine section stays; the Editor hands it to its store."""
+    pytest.importorskip("ray.serve")
+    import test_serve_helpers  # noqa: F401  (puts the repo root on sys.path)
+
+    from deployments.config import AppArgs, EditorArgs
+    from deployments.editor import replica_editor
+
+    seen = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(config):
+        seen.append(config)
+        raise Captured
+
+    monkeypatch.setattr(Editor, "from_config", staticmethod(capture))
+    engine = AppArgs(engine={"model": "tiny"}).engine
+    for editor_args, engine_share in [(EditorArgs(replicas_per_gpu=2, gpu_share=0.9), None), (EditorArgs(), None),
+                                      (EditorArgs(replicas_per_gpu=2, gpu_share=0.9), 0.25)]:
+        with pytest.raises(Captured):
+            replica_editor(dataclasses.replace(engine, kv_store_share=engine_share), editor_args)
+    assert [config.kv_store_share for config in seen] == [0.45, None, 0.25]
+    assert all(not config.text_encoder for config in seen)
+
+    store = session_editor(None, kv_store_share=0.45).stats()["kv_store"]  # a CPU editor: reported, not applied
+    assert (store["max_bytes"], store["bound_source"], store["share"]) == (CPU_DEFAULT_BYTES, "cpu_default", 0.45)
+
+
+def session_editor(kv_store_bytes: int | None, kv_store_share: float | None = None) -> Editor:
     bundle = build_preset("tiny", torch.device("cpu"), torch.float32, seed=0)
     bundle.sidecar = dataclasses.replace(bundle.sidecar, causal="session", condition_timestep=0.0)
     with torch.no_grad():  # sharpened, so the instruction visibly moves the output
         for name, p in bundle.transformer.named_parameters():
             if "modulation" in name or "time_guidance_embed" in name:
                 p.mul_(8.0)
-    return Editor(bundle, EditorConfig(kv_store_bytes=kv_store_bytes))
+    return Editor(bundle, EditorConfig(kv_store_bytes=kv_store_bytes, kv_store_share=kv_store_share))
 
 
 def test_evicted_sessions_recompute_the_same_frames():

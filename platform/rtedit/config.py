@@ -128,6 +128,10 @@ class EditorConfig:
     training_free: bool = False
     # Bytes of the session mode's K/V store (rtedit.kv_store); None: free GPU memory minus a margin, 1 GiB on a CPU.
     kv_store_bytes: int | None = None
+    # The part of one GPU this editor's process owns (a Serve replica's num_gpus, set by deployments/editor.py): a
+    # derived K/V store bound is that part of the device, not all its free memory. None: the whole device. Not
+    # compared: it says where the editor runs, not what it computes (frames are alike under any store bound).
+    kv_store_share: float | None = field(default=None, compare=False)
 
     def validate(self) -> "EditorConfig":
         if not isinstance(self.model, str) or not self.model.strip():
@@ -155,6 +159,8 @@ class EditorConfig:
             raise ConfigError(f"causal must be one of {list(CAUSAL_CHOICES)}, got {self.causal!r}")
         if self.kv_store_bytes is not None:
             _check_int("kv_store_bytes", self.kv_store_bytes, 0)
+        if self.kv_store_share is not None:
+            _check_float("kv_store_share", self.kv_store_share, 1e-4, 1.0)  # Ray's finest GPU fraction is 0.0001
         if not isinstance(self.training_free, bool):
             raise ConfigError(f"training_free must be true or false, got {self.training_free!r}")
         if self.training_free and self.causal not in ("kv", "session"):

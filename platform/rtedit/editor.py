@@ -35,7 +35,7 @@ from rtedit.images import (
     to_pixel_tensor,
     to_uint8_array,
 )
-from rtedit.kv_store import KVStore, store_bytes
+from rtedit.kv_store import KVStore
 from rtedit.model.causal import SessionCache, causal_denoise
 from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
 from rtedit.model.packing import PATCH_PIXELS, LatentIdCache, pack, unpack
@@ -135,7 +135,7 @@ class Editor:
         self.kv_store: KVStore | None = None
         fast_path.build(self)
         if self.mode == "session":  # after the warm-up, so a GPU's default bound sees the working memory taken
-            self.kv_store = KVStore(store_bytes(self.config.kv_store_bytes, self.device))
+            self.kv_store = KVStore.for_device(self.config.kv_store_bytes, self.device, self.config.kv_store_share)
 
     def _load_taef2(self, config: EditorConfig, sidecar):
         """TAEF2 when the config or the model folder's rtedit.json asks for it; its weights are checked by sha256."""

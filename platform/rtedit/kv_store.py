@@ -14,7 +14,12 @@ inputs it was not computed from.
 
 The bound (`EditorConfig.kv_store_bytes`, `store_bytes`): an explicit number of bytes (0 stores nothing: every
 frame recomputes T and R), or by default on a GPU the free device memory once the editor is built and warmed
-(`torch.cuda.mem_get_info`) minus a margin of max(4 GiB, 15 % of the device), and on a CPU a fixed 1 GiB.
+(`torch.cuda.mem_get_info`) minus a margin of max(4 GiB, 15 % of the device), and on a CPU a fixed 1 GiB. An editor
+that owns only part of its GPU (`EditorConfig.kv_store_share`, a Serve replica's num_gpus: 1/n when n replicas share
+the device) is held as well to share x (device memory - margin) less what its own process holds
+(`torch.cuda.memory_reserved`: weights, warm-up workspace), so replicas sharing a GPU never count one another's free
+memory, whatever order they start in. The store's stats say where its bound came from (`bound_source`:
+"configured", "derived" on a GPU, "cpu_default") and the share.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from rtedit.lru import CountingLRU
 CPU_DEFAULT_BYTES = 2**30
 GPU_MARGIN_BYTES = 4 * 2**30
 GPU_MARGIN_FRACTION = 0.15
+BOUND_SOURCES = ("configured", "derived", "cpu_default")  # EditorConfig.kv_store_bytes; free GPU memory; 1 GiB
 _EVICTED_MEMORY = 4096  # evicted keys remembered, to count a recompute when their session returns
 
 
@@ -53,25 +59,43 @@ def entry_digest(*, prompt_key: str, reference_digests: Sequence[str], condition
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
-def store_bytes(configured: int | None, device: torch.device) -> int:
-    """The store's bound: `configured` when set, else the documented default for `device` (module docstring)."""
+def store_bytes(configured: int | None, device: torch.device, share: float | None = None) -> int:
+    """The store's bound: `configured` when set, else the documented default for `device` with this process's
+    `share` of the GPU (None: all of it; module docstring)."""
     if configured is not None:
         return configured
     if device.type != "cuda":
         return CPU_DEFAULT_BYTES
     free, total = torch.cuda.mem_get_info(device)
-    return max(0, free - max(GPU_MARGIN_BYTES, int(GPU_MARGIN_FRACTION * total)))
+    margin = max(GPU_MARGIN_BYTES, int(GPU_MARGIN_FRACTION * total))
+    room = free - margin
+    if share is not None and share < 1:
+        # Its own part of the device, not the free memory: a replica that warms up before the others load would
+        # otherwise claim what they are about to take.
+        room = min(room, int(share * (total - margin)) - torch.cuda.memory_reserved(device))
+    return max(0, room)
 
 
 class KVStore(CountingLRU[StoreKey, Entry]):
     """A byte-bounded LRU of session caches; thread-safe; a hit returns the very same tensors."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, *, bound_source: str = "configured", share: float = 1.0) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
+        if bound_source not in BOUND_SOURCES:
+            raise ValueError(f"bound_source must be one of {BOUND_SOURCES}, got {bound_source!r}")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"share must be a fraction in (0, 1], got {share!r}")
         super().__init__(max_bytes)
+        self.bound_source, self.share = bound_source, float(share)
         self._evicted: OrderedDict[StoreKey, None] = OrderedDict()
         self.recomputes = self.oversize = 0
+
+    @classmethod
+    def for_device(cls, configured: int | None, device: torch.device, share: float | None = None) -> KVStore:
+        """The store of an editor on `device`: bounded by `store_bytes(configured, device, share)`."""
+        source = "configured" if configured is not None else "derived" if device.type == "cuda" else "cpu_default"
+        return cls(store_bytes(configured, device, share), bound_source=source, share=1.0 if share is None else share)
 
     def put(self, key: StoreKey, entry: Entry) -> bool:
         """Stores `entry`, evicting the least recently used ones until it fits; False when it alone is over the
@@ -110,4 +134,5 @@ class KVStore(CountingLRU[StoreKey, Entry]):
     def stats(self) -> dict:
         with self._lock:
             return {**self.counters(), "sessions": len({k.session for k in self._entries}),
-                    "max_bytes": self.max_bytes, "recomputes": self.recomputes, "oversize": self.oversize}
+                    "max_bytes": self.max_bytes, "bound_source": self.bound_source, "share": self.share,
+                    "recomputes": self.recomputes, "oversize": self.oversize}
