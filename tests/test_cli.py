@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import PIL.Image
 import pytest
@@ -119,10 +120,14 @@ def test_edit_warns_when_off_the_models_sizes(sized_model, tmp_path, capsys, ima
     src = tmp_path / "in.png"
     PIL.Image.fromarray(random_image(*image)).save(src)
     out = tmp_path / "out.png"
-    code = main(["edit", "--model", str(sized_model), "--image", str(src), "--prompt", "make it blue",
-                 "--out", str(out), *flags])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["edit", "--model", str(sized_model), "--image", str(src), "--prompt", "make it blue",
+                     "--out", str(out), *flags])
     err = capsys.readouterr().err
     assert code == 0
+    # A normal load says nothing: no progress bars, no torch_dtype FutureWarning from diffusers.
+    assert "Loading" not in err and not [w for w in caught if issubclass(w.category, FutureWarning)]
     expected_size = (128, 128) if flags else (image[1], image[0])
     assert PIL.Image.open(out).size == expected_size
     if warned is None:

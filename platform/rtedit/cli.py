@@ -95,9 +95,20 @@ def size_warning(model: str, image: bytes, height: int | None, width: int | None
             "(the server answers such a request at the model's size)")
 
 
+def _quiet_loading() -> None:
+    """No "Loading pipeline components" / "Loading weights" bars: a normal load prints nothing; failures still do."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rtedit.editor import Editor
+
+    _quiet_loading()
 
     try:
         config = _editor_config(args)

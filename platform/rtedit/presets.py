@@ -349,7 +349,7 @@ def load_text_encoder(path: str, device: torch.device, dtype: torch.dtype):
     sidecar = Sidecar.load(folder) or Sidecar()
     sidecar.check_servable(path)
     try:
-        text_encoder = Qwen3ForCausalLM.from_pretrained(folder / "text_encoder", torch_dtype=dtype).to(device)
+        text_encoder = Qwen3ForCausalLM.from_pretrained(folder / "text_encoder", dtype=dtype).to(device)
         if sidecar.tokenizer == PACKAGE_TOKENIZER:
             tokenizer = load_qwen3_tokenizer()
         else:
@@ -431,7 +431,7 @@ def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype, t
         skip = {} if text_encoder else {"text_encoder": None, "tokenizer": None}
         if text_encoder and sidecar.tokenizer == PACKAGE_TOKENIZER:
             skip["tokenizer"] = load_qwen3_tokenizer()
-        pipe = pipeline_class.from_pretrained(path_or_id, torch_dtype=dtype, **skip)
+        pipe = pipeline_class.from_pretrained(path_or_id, dtype=dtype, **skip)
     except Exception as exc:
         raise ModelLoadError(f"could not load {path_or_id} as a {pipeline_class.__name__}: {type(exc).__name__}: "
                              f"{exc}") from exc
