@@ -7,6 +7,7 @@ The page used to stay stuck after one refused websocket ("Cannot read properties
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import socket
@@ -33,12 +34,27 @@ ARGS = {"engine": {"model": "models/toy-editor"}, "router": {"api_key": KEY, "ap
 EXAMPLES = Sidecar.load(REPO / "models" / "toy-editor").examples
 
 
+class SlowResponse(FakeResponse):
+    """A response that takes `delay_s` to arrive: a frame still in flight when the server goes away."""
+
+    def __init__(self, value, delay_s: float):
+        super().__init__(value)
+        self.delay_s = delay_s
+
+    def __await__(self):
+        yield from asyncio.sleep(self.delay_s).__await__()
+        return self.value
+
+
 class EchoEditor:
-    """An editor handle that returns its input at the job's size (grey, so a reply is visibly an edit); records jobs."""
+    """An editor handle that returns its input at the job's size (grey, so a reply is visibly an edit); records jobs.
+    With delay_s set, every edit takes that long."""
 
     def __init__(self):
         self.jobs = []
-        self.edit = types.SimpleNamespace(remote=lambda job, embedding=None: FakeResponse(self._edit(job)))
+        self.delay_s = 0.0
+        self.edit = types.SimpleNamespace(remote=lambda job, embedding=None: SlowResponse(self._edit(job),
+                                                                                         self.delay_s))
         self.info = types.SimpleNamespace(remote=lambda: FakeResponse(
             {"name": "echo", "random_weights": False, "device": "cpu", "dtype": "float32", "steps": [2]}))
         self.close_session = types.SimpleNamespace(remote=lambda session: FakeResponse(True))
@@ -180,6 +196,16 @@ def test_page_recovers_from_a_refused_key_and_a_server_restart(browser, monkeypa
         wait_received(page, 3)
         assert len(restarted.jobs) == 1 and restarted.jobs[0].prompt == EXAMPLES[1]
         assert page.text_content("#error") == ""
+
+        # 5. The server goes away with a frame in flight: once back, the page sends it again by itself.
+        restarted.delay_s = 60.0
+        page.click(f".example >> text='{EXAMPLES[2]}'")
+        page.wait_for_function("document.getElementById('inflight').textContent === '1'")
+        server.stop()
+        wait_state(page, "waiting")
+        third = server.start()
+        wait_received(page, 4)
+        assert [job.prompt for job in third.jobs] == [EXAMPLES[2]] and page.text_content("#error") == ""
     finally:
         page.close()
         server.stop()
