@@ -386,14 +386,17 @@ class Router:
             format=settings.get("format", defaults.format), references=settings.get("references", ()))
 
     @app.post("/api/predict", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"type": "object", "required": ["image", "prompt"], "additionalProperties": False, "properties": {
+        "schema": {"type": "object", "required": ["image"], "additionalProperties": False, "properties": {
             "image": {"type": "string", "description": "base64 JPEG/PNG/WebP (a data: URL is accepted)"},
-            "prompt": {"type": "string"}, "steps": {"type": "integer"}, "seed": {"type": "integer"},
+            "prompt": {"type": "string", "description": "the instruction; without one the server's default "
+                                                        "(GET /api/info defaults.prompt), refused when it has none"},
+            "steps": {"type": "integer"}, "seed": {"type": "integer"},
             "width": {"type": "integer"}, "height": {"type": "integer"},
             "format": {"type": "string", "enum": list(OUTPUT_FORMATS)},
             "references": {"type": "array", "items": {"type": "string"}}}}}}}})
     async def predict(self, request: Request) -> Response:
-        """JSON in (base64 image), JSON out (base64 image, size, timings, replica)."""
+        """JSON in (base64 image), JSON out (base64 image, size, timings, replica, and `resized` when the image was
+        answered at a size the model serves instead of its own)."""
         if (refused := self._refuse(request)) is not None:
             return refused
         self._count("received", "json")

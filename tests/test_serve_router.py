@@ -228,3 +228,10 @@ def test_a_default_prompt_the_model_does_not_list_is_a_build_time_error():
         AppArgs.model_validate({**TOY_ARGS, "router": {"off_size": "stretch"}})
     chosen = AppArgs.model_validate({**TOY_ARGS, "router": {"defaults": {"prompt": "make it darker"}}})
     assert chosen.router.session_defaults().prompt == "make it darker"
+
+
+def test_openapi_says_prompt_is_optional_where_a_default_applies(monkeypatch):
+    with client_for(monkeypatch, TOY_ARGS, FakeEditor()) as client:
+        schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["image"] and "defaults.prompt" in body["properties"]["prompt"]["description"]
