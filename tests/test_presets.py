@@ -128,15 +128,21 @@ def test_a_causal_folder_is_served_in_its_own_mode_only(causal_folder, saved_fol
     assert "session" in editor.edit(random_image(64, 64), "make it blue").timings
     assert PromptService.from_config(EditorConfig(model=str(causal_folder))).key("x") == editor.prompt_key("x")
     Editor.from_config(EditorConfig(model=str(causal_folder), causal="session", text_encoder=False))
+    from rtedit.errors import ConfigError
+
     for asked in ("off", "kv"):  # refused before any weight is read
         with pytest.raises(UnsupportedRequest, match="own attention mode"):
             Editor.from_config(EditorConfig(model=str(causal_folder), causal=asked))
     for asked in ("kv", "session"):  # a full-attention folder never runs causally
         with pytest.raises(UnsupportedRequest, match="full attention"):
             Editor.from_config(EditorConfig(model=str(saved_folder), causal=asked))
+    # Unless asked for as the training-free baseline: the folder loads as itself, then runs in the asked mode.
+    for asked in ("kv", "session"):
+        free = Editor.from_config(EditorConfig(model=str(saved_folder), causal=asked, training_free=True))
+        assert (free.mode, free.model_info["training_free"]) == (asked, True)
+    with pytest.raises(ConfigError, match="trained for the causal mode"):
+        Editor.from_config(EditorConfig(model=str(causal_folder), causal="kv", training_free=True))
     # Random preset weights were trained for no mode: they run in the asked one (tests/test_sessions.py), folders never.
-    from rtedit.errors import ConfigError
-
     with pytest.raises(ConfigError, match="causal must be one of"):
         EditorConfig(causal="yes").validate()
 

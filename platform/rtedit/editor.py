@@ -178,8 +178,9 @@ class Editor:
         """A diffusers Flux2KleinPipeline folder or hub id, with its optional rtedit.json sidecar."""
         dev = resolve_device(device, prefer_gpu=True)
         config = config or EditorConfig()
+        # A training-free run loads a full-attention folder as itself; the Editor then runs it in config.causal.
         bundle = load_pretrained(str(path_or_id), dev, resolve_dtype(dtype, dev), text_encoder=config.text_encoder,
-                                 causal=config.causal)
+                                 causal="auto" if config.training_free else config.causal)
         return cls(bundle, replace(config, model=str(path_or_id)))
 
     @classmethod
