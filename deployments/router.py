@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi.websockets import WebSocketState
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
@@ -351,10 +352,13 @@ class Router:
         finally:
             self._close_session(session, self.sessions.pop(session, None))
             self.counts["sessions_open"] -= 1
-            try:
-                await ws.close()
-            except Exception:  # noqa: BLE001 - already closed by the client
-                pass
+            # After the client's disconnect a close is an ASGI error: Serve's proxy logged an ERROR with a traceback
+            # at the end of every session.
+            if ws.client_state == WebSocketState.CONNECTED and ws.application_state == WebSocketState.CONNECTED:
+                try:
+                    await ws.close()
+                except (WebSocketDisconnect, RuntimeError) as exc:  # the client left while we closed
+                    logger.info("session %s: close after the client left (%s)", session[:8], type(exc).__name__)
 
     # ---- HTTP ---------------------------------------------------------------------------------------------------
     async def _read_body(self, request: Request, base64_json: bool = False) -> bytes:

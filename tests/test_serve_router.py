@@ -235,3 +235,34 @@ def test_openapi_says_prompt_is_optional_where_a_default_applies(monkeypatch):
         schema = client.get("/openapi.json").json()
     body = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["required"] == ["image"] and "defaults.prompt" in body["properties"]["prompt"]["description"]
+
+
+def test_a_session_the_client_ended_is_not_closed_again(monkeypatch):
+    """Closing after the client's disconnect is an ASGI error: Serve's proxy logged "Request failed due to unexpected
+    error" with a GeneratorExit traceback at the end of every websocket session."""
+    import asyncio
+
+    import deployments.router as router_module
+
+    client_for(monkeypatch, {"engine": {"model": "tiny"}, "router": {"api_key_env": None}}, FakeEditor())
+    incoming = [{"type": "websocket.connect"},
+                {"type": "websocket.receive", "bytes": encode_frame({"id": 1, "prompt": "make it blue"}, jpeg())},
+                {"type": "websocket.disconnect", "code": 1000}]
+    sent = []
+
+    async def receive():
+        if incoming:
+            await asyncio.sleep(0.05)  # the frame is answered before the client leaves
+            return incoming.pop(0)
+        raise AssertionError("receive() called after the client disconnected")
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/ws/predict", "raw_path": b"/ws/predict", "query_string": b"",
+             "headers": [], "scheme": "ws", "server": ("test", 80), "client": ("client", 1), "root_path": "",
+             "subprotocols": [], "asgi": {"version": "3.0"}}
+    asyncio.run(router_module.app(scope, receive, send))
+    types_sent = [m["type"] for m in sent]
+    assert types_sent == ["websocket.accept", "websocket.send"], types_sent
+    assert decode_reply(sent[1]["bytes"]).error is None
