@@ -22,7 +22,9 @@
 #     (the clone: 50,517,252 B travel, 16,591,612 B spare)
 #   toy-model call, not slimmed, carry [".whl", ".device"]: 65,928,721 B travel, 1,180,143 B (1.1 MiB) spare
 # A call that needs the committed toy model (models/toy-editor, tracked, 53 MB) carries it in place of the Ray
-# bundle: no `slim`, no .raygpu (so nothing that imports deployments/ or ray), and nothing new in the tree:
+# bundle: only its causal student (models/toy-editor-session, 44 MB) slimmed away, no .raygpu (so nothing that
+# imports deployments/ or ray, unless an earlier call on the same warm machine installed it), nothing new in the tree:
+#   SLIM=models/toy-editor-session bash bench/stage_device.sh slim
 #   CARRY=".whl .device" MIN_SPARE=0 bash bench/stage_device.sh size   # then call with carry [".whl", ".device"]
 # On the GPU host either call begins with `bash bench/lent_host.sh setup && . /tmp/lanes/env.sh`, which unpacks the
 # carried folders present into /tmp/site and sets PYTHONPATH, RTEDIT_TAEF2_DIR and TORCHINDUCTOR_CACHE_DIR.
@@ -113,12 +115,15 @@ stage)
   report "$tree" ".whl .device" "not slimmed"
   ;;
 slim)
-  if [ -n "$(git status --porcelain -- models/)" ]; then
-    echo "models/ has local changes; commit or move them first" >&2
+  # SLIM: the folder to take out (default all of models/); a toy-model call takes out only the causal student,
+  # SLIM=models/toy-editor-session, since the teacher and its student together pass the 64 MiB.
+  out=${SLIM:-models}
+  if [ -n "$(git status --porcelain -- "$out/")" ]; then
+    echo "$out/ has local changes; commit or move them first" >&2
     exit 1
   fi
-  git sparse-checkout set --no-cone '/*' '!/models/'
-  echo "models/ is out of the working tree until 'bash bench/stage_device.sh restore'"
+  git sparse-checkout set --no-cone '/*' "!/${out%/}/"
+  echo "$out/ is out of the working tree until 'bash bench/stage_device.sh restore'"
   size
   ;;
 snap)
