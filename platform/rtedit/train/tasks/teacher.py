@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -206,6 +207,49 @@ def cache_file(cfg: TeacherTaskConfig, split: str) -> Path:
     return cfg.cache_path() / f"{split}-{_fingerprint(cfg, split_dir)}.pt"
 
 
+# One progress line per this many seconds: a redrawn bar would land in Ray's log files as thousands of lines.
+PROGRESS_EVERY_S = 10.0
+
+
+def progress_logger() -> logging.Logger:
+    """The logger of the precompute's progress lines. In a process where nothing configured logging (the one-GPU
+    Ray task jobs.train_teacher runs build_cache in) it writes to stderr itself, which Ray forwards to the driver:
+    the root logger would drop INFO lines there and the precompute printed nothing for minutes."""
+    progress = logging.getLogger(f"{__name__}.progress")
+    if not logging.getLogger().handlers and not progress.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
+    return progress
+
+
+class EncodeProgress:
+    """Counts, rate and time left of a split's latent precompute over all its passes (sources, targets, references):
+    a line at the first batch, then at most one every `every_s` seconds, and one at the end."""
+
+    def __init__(self, split: str, total: int, every_s: float = PROGRESS_EVERY_S, clock=time.monotonic,
+                 log: logging.Logger | None = None):
+        self.split, self.total, self.every_s, self.clock = split, total, every_s, clock
+        self.log = log or progress_logger()
+        self.done = 0
+        self.started = clock()
+        self.last_line: float | None = None
+
+    def add(self, n: int, what: str) -> None:
+        self.done += n
+        now = self.clock()
+        if self.last_line is not None and now - self.last_line < self.every_s and self.done < self.total:
+            return
+        self.last_line = now
+        elapsed = now - self.started
+        rate = self.done / elapsed if elapsed > 0 else float("inf")
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        self.log.info("latent cache %s: %d / %d images (%.0f%%; %s), %.0f images/s, %.0f s elapsed, %.0f s left",
+                      self.split, self.done, self.total, 100 * self.done / self.total, what, rate, elapsed, left)
+
+
 def build_cache(cfg: TeacherTaskConfig, split: str, device: torch.device | None = None) -> Path:
     """Encode a split once: TAEF2 latents of sources, targets and references, and one embedding per instruction."""
     from rtedit.config import PromptConfig
@@ -242,7 +286,7 @@ def build_cache(cfg: TeacherTaskConfig, split: str, device: torch.device | None 
                                                                           dtype=torch.float32))
 
     @torch.no_grad()
-    def encode(images: list[bytes]) -> torch.Tensor:
+    def encode(images: list[bytes], what: str) -> torch.Tensor:
         # Whole batches per host-to-device copy: per-image pinned copies took minutes for 10^5 images.
         parts = []
         for i in range(0, len(images), cfg.encode_batch):
@@ -251,19 +295,22 @@ def build_cache(cfg: TeacherTaskConfig, split: str, device: torch.device | None 
                 raise ConfigError(f"task.data_dir: images of one batch differ in size ({sorted({a.shape for a in arrays})})"
                                   "; the teacher trains on one size")
             parts.append(codec.encode(to_pixel_batch(np.stack(arrays), device, torch.float32)).to("cpu", torch.float32))
-            if (i // cfg.encode_batch) % 100 == 99:
-                logger.info("encoded %d / %d images", i + len(arrays), len(images))
+            progress.add(len(arrays), what)
         return torch.cat(parts)
 
     index = {text: i for i, text in enumerate(instructions)}
     has_ref = torch.tensor([len(e.references) > 0 for e in examples])
     if any(len(e.references) > 1 for e in examples):
         raise ConfigError("the teacher trains on at most one reference image per example")
+    progress = EncodeProgress(split, 2 * len(examples) + int(has_ref.sum()))
+    progress.log.info("latent cache %s: encoding %d examples (%d images) on %s into %s", split, len(examples),
+                      progress.total, device, out)
     with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:  # PIL decodes with the GIL released
-        source, target = encode([e.source for e in examples]), encode([e.target for e in examples])
+        source = encode([e.source for e in examples], "sources")
+        target = encode([e.target for e in examples], "targets")
         ref = torch.zeros_like(source)
         if has_ref.any():
-            ref[has_ref] = encode([e.references[0] for e in examples if e.references])
+            ref[has_ref] = encode([e.references[0] for e in examples if e.references], "references")
     cache = {"version": CACHE_VERSION, "source": source.half(), "target": target.half(), "reference": ref.half(),
              "has_reference": has_ref, "instruction": torch.tensor([index[e.instruction] for e in examples]),
              "embeds": embeds, "instructions": instructions, "families": [e.family for e in examples],
