@@ -19,7 +19,6 @@ import PIL.Image
 import pytest
 
 pytest.importorskip("ray.serve")
-sync_api = pytest.importorskip("playwright.sync_api")
 uvicorn = pytest.importorskip("uvicorn")
 
 from conftest import IN_CI, FakeResponse  # noqa: E402
@@ -118,6 +117,8 @@ def free_port() -> int:
 
 @pytest.fixture()
 def browser():
+    # Here, not at import: tests/test_client*.py import PageServer from this module and need no browser.
+    sync_api = pytest.importorskip("playwright.sync_api")
     if not os.path.exists(CHROMIUM):
         if IN_CI:
             pytest.fail(f"{CHROMIUM} is missing in CI (apt-get install chromium)")
