@@ -1,16 +1,17 @@
 """Load benchmark of the Serve app (not a test): many websocket clients, flicker, and Serve's per-frame cost.
 
     python bench/serve_load.py                          # starts a local cluster with deployments/serve.yaml's app
-    python bench/serve_load.py --url ws://host:8000     # against a running service (memory is then not measured)
+    python bench/serve_load.py --url http://host:8000   # against a running service (memory is then not measured)
     python bench/serve_load.py --config deployments/serve-gpu.yaml   # on a GPU host
 
 Phases:
-1. load: --clients websocket clients, each like the web page: a camera makes --fps frames a second for --duration
-   seconds and the newest one is sent while fewer than --max-in-flight (2, as on the page; 0: unthrottled) of the
-   client's frames are unanswered; camera frames never sent are client-side drops, frames the session mailbox
-   overwrote are server-side drops. Reports processed FPS, drop rate, p50/p99 send-to-reply latency, the p99 of
-   the last 10 s against the first 10 s (frames must not pile up before the mailbox), the p99 outside the router
-   (transport, proxy, mailbox) to show where frames wait, and the RSS of the Serve processes before and after.
+1. load: --clients rtedit.client sessions, each like the web page: a camera makes --fps frames a second for
+   --duration seconds and the session sends the newest while fewer than --max-in-flight (2, as on the page; 0:
+   unthrottled) of its frames are unanswered; camera frames never sent are client-side drops, frames the session
+   mailbox overwrote are server-side drops, frames in flight on a connection that broke are lost. Reports
+   processed FPS, drop rate, p50/p99 send-to-reply latency, the p99 of the last 10 s against the first 10 s
+   (frames must not pile up before the mailbox), the p99 outside the router (transport, proxy, mailbox) to show
+   where frames wait, and the RSS of the Serve processes before and after.
 2. flicker: one session, a 512x512 window slowly panning over a photo; mean absolute frame-to-frame change of
    the output against that of the input (a still camera should give a still picture).
 3. overhead: 512x512 JPEG frames one at a time over the websocket against Editor.edit called directly in this
@@ -39,8 +40,6 @@ import PIL.Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # deployments/ (platform/ itself never goes on sys.path)
 
-from rtedit.transport import decode_reply, encode_frame  # noqa: E402
-
 
 def to_jpeg(arr: np.ndarray, quality: int = 85) -> bytes:
     buf = io.BytesIO()
@@ -62,76 +61,57 @@ def pct(values, q) -> float:
 # ---- phase 1: load ---------------------------------------------------------------------------------------------
 
 
-async def one_client(k: int, url: str, frames: list[bytes], fps: float, duration: float, max_in_flight: int,
-                     prompt: str, drain_s: float, log: list) -> dict:
-    """One web page (deployments/static/app.js): a camera makes frame i at i/fps s; the newest camera frame is
-    sent while fewer than max_in_flight (0: no limit) of this client's frames are unanswered. Camera frames
-    never sent are client-side drops. Log rows: (send offset, latency, router time, engine time, reply offset)
-    in seconds, offsets from this client's first camera frame."""
-    import websockets
+async def one_client(k: int, url: str, api_key: str | None, frames: list[bytes], fps: float, duration: float,
+                     max_in_flight: int, prompt: str | None, drain_s: float, log: list) -> dict:
+    """One web page (deployments/static/app.js) through rtedit.client: a camera makes frame i at i/fps s and hands
+    it to the session, which sends the newest while fewer than max_in_flight (0: no limit) of its frames are
+    unanswered; camera frames replaced before they went out are client-side drops. Log rows: (send offset,
+    latency, router time, engine time, reply offset) in seconds, offsets from this client's first camera frame."""
+    from rtedit.client import AsyncClient, Backoff, ClientError, EditFailed
 
-    in_flight: dict[int, float] = {}  # frame id -> perf_counter at send
-    stats = {"camera": 0, "sent": 0, "processed": 0, "errors": 0, "server_dropped": 0, "unanswered": 0,
-             "closed": None}
-    wake = asyncio.Event()
+    stats = {"camera": 0, "sent": 0, "processed": 0, "errors": 0, "server_dropped": 0, "client_dropped": 0,
+             "unanswered": 0, "lost": 0, "reconnects": 0, "closed": None}
+    start = time.perf_counter()
 
-    async def reader(ws):
-        async for message in ws:
-            if isinstance(message, str):
+    async def reader(session) -> None:
+        while True:
+            try:
+                edit = await session.receive()
+            except EditFailed:  # an error reply: counted in the session's stats; the stream goes on
                 continue
-            reply = decode_reply(message)
-            now = time.perf_counter()
-            stats["server_dropped"] = max(stats["server_dropped"], reply.meta.get("dropped", 0))
-            sent = in_flight.get(reply.id)
-            # Frames the server dropped never come back: a reply also answers every earlier frame, as on the page.
-            for frame_id in [f for f in in_flight if reply.id is None or f <= reply.id]:
-                del in_flight[frame_id]
-            wake.set()
-            if reply.error is not None:
-                stats["errors"] += 1
-                continue
-            stats["processed"] += 1
-            if sent is not None:
-                timings = reply.meta.get("timings", {})
-                log.append((sent - start, now - sent, timings.get("server", math.nan) / 1000,
-                            timings.get("total", math.nan) / 1000, now - start))
+            if edit.sent_at is not None:
+                timings = edit.timings
+                log.append((edit.sent_at - start, edit.latency_ms / 1000, timings.get("server", math.nan) / 1000,
+                            timings.get("total", math.nan) / 1000, edit.received_at - start))
 
+    # A session that cannot connect within 10 s is a result to report (refused or unreachable), not a wait.
+    client = AsyncClient(url, api_key=api_key, timeout_s=120, backoff=Backoff(give_up_after_s=10))
+    session = client.session(f"{prompt} #{k % 4}" if prompt else None, max_in_flight=max_in_flight,
+                             max_unread=1024)
     try:
-        async with websockets.connect(url, max_size=2**24, open_timeout=120, ping_interval=None) as ws:
-            reader_task = asyncio.create_task(reader(ws))
-            period, last_sent = 1.0 / fps, -1
+        async with client, session:
+            reader_task = asyncio.create_task(reader(session))
+            period, camera = 1.0 / fps, 0
             start = time.perf_counter()
             while (now := time.perf_counter()) - start < duration:
-                wake.clear()
                 newest = int((now - start) / period)  # the camera frame showing now
-                if newest > last_sent and (not max_in_flight or len(in_flight) < max_in_flight):
-                    frame_id = newest + 1  # ids start at 1, as on the page
-                    meta = {"id": frame_id, **({"prompt": f"{prompt} #{k % 4}"} if last_sent < 0 else {})}
-                    in_flight[frame_id] = time.perf_counter()
-                    await ws.send(encode_frame(meta, frames[(newest + k) % len(frames)]))
-                    stats["sent"] += 1
-                    last_sent = newest
-                    continue
-                if newest > last_sent:  # every slot is taken: only a reply can unblock
-                    timeout = start + duration - now
-                else:  # the newest frame is sent: wait for the camera's next one
-                    timeout = start + (newest + 1) * period - now
-                try:
-                    await asyncio.wait_for(wake.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-            stats["camera"] = math.ceil(duration * fps)
-            drain_end = time.perf_counter() + drain_s  # let frames in flight come back, so slow ones are counted
-            while in_flight and time.perf_counter() < drain_end:
-                wake.clear()
-                try:
-                    await asyncio.wait_for(wake.wait(), drain_end - time.perf_counter())
-                except asyncio.TimeoutError:
-                    pass
-            stats["unanswered"] = len(in_flight)
+                while camera <= newest:  # every frame the camera made reaches the session, which keeps the newest
+                    session.send(frames[(camera + k) % len(frames)])
+                    camera += 1
+                await asyncio.sleep(max(0.0, start + camera * period - time.perf_counter()))
+            try:
+                await session.flush(drain_s)  # let frames in flight come back, so slow ones are counted
+            except TimeoutError:
+                pass
             reader_task.cancel()
-    except Exception as exc:  # noqa: BLE001 - a closed connection is a result to report, not a crash
-        stats["closed"] = repr(exc)[:200]
+            await asyncio.gather(reader_task, return_exceptions=True)
+    except ClientError as exc:
+        stats["closed"] = f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        s = session.stats
+        stats.update(camera=s.frames, sent=s.sent, processed=s.edits, errors=s.errors,
+                     server_dropped=s.server_dropped, client_dropped=s.client_dropped,
+                     unanswered=s.in_flight + s.pending, lost=s.lost, reconnects=s.reconnects)
     return stats
 
 
@@ -165,14 +145,14 @@ def sample_serve_rss(samples: list, t0: float, stop: threading.Event, every_s: f
             return
 
 
-async def _clients(url: str, ids: list[int], fps: float, duration: float, max_in_flight: int, drain_s: float,
-                   size: int, t0: float) -> tuple:
+async def _clients(url: str, api_key: str | None, ids: list[int], fps: float, duration: float, max_in_flight: int,
+                   drain_s: float, size: int, prompt: str | None, t0: float) -> tuple:
     base = photo(max(size, 64))
     frames = [to_jpeg(np.roll(base, s, axis=1)) for s in range(0, 40, 4)]
     log: list = []
     await asyncio.sleep(max(0.0, t0 - time.time()))
-    results = await asyncio.gather(*[one_client(k, url, frames, fps, duration, max_in_flight,
-                                                "make it look like winter", drain_s, log) for k in ids],
+    results = await asyncio.gather(*[one_client(k, url, api_key, frames, fps, duration, max_in_flight, prompt,
+                                                drain_s, log) for k in ids],
                                    return_exceptions=True)
     return [r if not isinstance(r, Exception) else {"failed": repr(r)[:200]} for r in results], log
 
@@ -181,15 +161,15 @@ def _clients_proc(job: tuple) -> tuple:
     return asyncio.run(_clients(*job))
 
 
-def load_phase(url: str, clients: int, fps: float, duration: float, max_in_flight: int, drain_s: float, size: int,
-               procs: int, sample_rss: bool) -> dict:
+def load_phase(url: str, api_key: str | None, clients: int, fps: float, duration: float, max_in_flight: int,
+               drain_s: float, size: int, procs: int, prompt: str | None, sample_rss: bool) -> dict:
     """Clients spread over `procs` processes (one Python process may not keep up with many unthrottled clients).
     With sample_rss, the Serve processes' RSS every 5 s from the common start (they must be on this machine)."""
     import multiprocessing as mp
 
     t0 = time.time() + 5.0 + procs  # a common start, after every process is up
     groups = [list(range(clients))[i::procs] for i in range(procs)]
-    jobs = [(url, g, fps, duration, max_in_flight, drain_s, size, t0) for g in groups if g]
+    jobs = [(url, api_key, g, fps, duration, max_in_flight, drain_s, size, prompt, t0) for g in groups if g]
     rss_samples: list[tuple[float, float]] = []
     sampling = threading.Event()
     if sample_rss:
@@ -205,8 +185,8 @@ def load_phase(url: str, clients: int, fps: float, duration: float, max_in_fligh
     ok = [r for r in results if "failed" not in r]
     failures = [r["failed"] for r in results if "failed" in r] + [r["closed"] for r in ok if r["closed"]]
     total = {key: sum(r[key] for r in ok) for key in ("camera", "sent", "processed", "errors", "server_dropped",
-                                                      "unanswered")}
-    client_dropped = total["camera"] - total["sent"]
+                                                      "client_dropped", "unanswered", "lost", "reconnects")}
+    client_dropped = total["client_dropped"]
     rows = np.asarray(log, float).reshape(-1, 5)
     sent_at, replied_at = rows[:, 0], rows[:, 4]
     latency_ms, router_ms, engine_ms = rows[:, 1] * 1000, rows[:, 2] * 1000, rows[:, 3] * 1000
@@ -216,7 +196,7 @@ def load_phase(url: str, clients: int, fps: float, duration: float, max_in_fligh
     return {
         "clients": clients, "procs": procs, "fps_per_client": fps, "duration_s": duration, "frame_px": size,
         "max_in_flight": max_in_flight, "client_failures": len(failures), "failure_examples": failures[:3],
-        **total, "client_dropped": client_dropped,
+        **total,
         "drop_rate": (client_dropped + total["server_dropped"]) / total["camera"] if total["camera"] else math.nan,
         "processed_fps": int((replied_at < duration).sum()) / duration,
         "latency_p50_ms": pct(latency_ms, 50), "latency_p99_ms": pct(latency_ms, 99),
@@ -233,20 +213,16 @@ def load_phase(url: str, clients: int, fps: float, duration: float, max_in_fligh
 # ---- phase 2: flicker -----------------------------------------------------------------------------------------
 
 
-def flicker_phase(url: str, n: int, size: int = 512, step_px: int = 2) -> dict:
-    from websockets.sync.client import connect
+def flicker_phase(url: str, api_key: str | None, prompt: str, n: int, size: int = 512, step_px: int = 2) -> dict:
+    from rtedit.client import Client
 
     big = photo(size + n * step_px + 8)
     inputs = [np.ascontiguousarray(big[:size, i * step_px:i * step_px + size]) for i in range(n)]
     outputs = []
-    with connect(url, max_size=2**24, open_timeout=120) as ws:
-        for i, arr in enumerate(inputs):
-            meta = {"id": i, **({"prompt": "make it look like a watercolor painting"} if i == 0 else {})}
-            ws.send(encode_frame(meta, to_jpeg(arr, 95)))
-            reply = decode_reply(ws.recv(timeout=600))
-            if reply.error is not None:
-                raise RuntimeError(f"flicker frame {i} failed: {reply.error}")
-            outputs.append(np.asarray(PIL.Image.open(io.BytesIO(reply.image)).convert("RGB"), np.float32) / 255)
+    with Client(url, api_key=api_key, timeout_s=600) as client, client.session(prompt, max_in_flight=1) as session:
+        for arr in inputs:
+            session.send(to_jpeg(arr, 95))
+            outputs.append(session.receive(timeout=600).array.astype(np.float32) / 255)  # EditFailed stops the run
     ins = [a.astype(np.float32) / 255 for a in inputs]
     d_in = float(np.mean([np.abs(b - a).mean() for a, b in zip(ins, ins[1:])]))
     d_out = float(np.mean([np.abs(b - a).mean() for a, b in zip(outputs, outputs[1:])]))
@@ -257,13 +233,13 @@ def flicker_phase(url: str, n: int, size: int = 512, step_px: int = 2) -> dict:
 # ---- phase 3: Serve's own per-frame cost ------------------------------------------------------------------------
 
 
-def overhead_phase(url: str, n: int, engine, size: int = 512, threads: int | None = 1) -> dict:
+def overhead_phase(url: str, api_key: str | None, prompt: str, n: int, engine, size: int = 512,
+                   threads: int | None = 1) -> dict:
     """Serve round trips and direct Editor.edit calls (engine: the EditorConfig the app serves; None: no direct
     baseline) interleaved, so both see the same machine load."""
-    from websockets.sync.client import connect
+    from rtedit.client import Client
 
     frame = to_jpeg(photo(size), 90)
-    prompt = "make it look like a watercolor painting"
     editor = emb = None
     if engine:
         import torch
@@ -275,13 +251,11 @@ def overhead_phase(url: str, n: int, engine, size: int = 512, threads: int | Non
         editor = Editor.from_config(engine)
         emb = editor.encode_prompt(prompt)
     serve_ms, server_total, direct = [], [], []
-    with connect(url, max_size=2**24, open_timeout=120) as ws:
+    with Client(url, api_key=api_key, timeout_s=600) as client, client.session(prompt, max_in_flight=1) as session:
         for i in range(n + 2):
             t = time.perf_counter()
-            ws.send(encode_frame({"id": i, **({"prompt": prompt} if i == 0 else {})}, frame))
-            reply = decode_reply(ws.recv(timeout=600))
-            if reply.error is not None:
-                raise RuntimeError(f"overhead frame {i} failed: {reply.error}")
+            session.send(frame)
+            reply = session.receive(timeout=600)  # an EditFailed stops the run: its numbers would mean nothing
             elapsed = (time.perf_counter() - t) * 1000
             if editor is not None:
                 t = time.perf_counter()
@@ -289,7 +263,7 @@ def overhead_phase(url: str, n: int, engine, size: int = 512, threads: int | Non
                 direct_ms = (time.perf_counter() - t) * 1000
             if i >= 2:  # the first frames pay for the prompt's embedding transfer and warm-up
                 serve_ms.append(elapsed)
-                server_total.append(reply.meta["timings"]["total"])
+                server_total.append(reply.timings["total"])
                 if editor is not None:
                     direct.append(direct_ms)
     out = {"frames": n, "frame_px": size, "serve_round_trip_p50_ms": pct(serve_ms, 50),
@@ -328,7 +302,7 @@ def start_local(config: Path, num_cpus: int):
                                                                                    os.environ.get("PYTHONPATH")]))}})
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     serve.run(build_app(app_args), name=name, route_prefix="/")
-    return "ws://127.0.0.1:8000"
+    return "http://127.0.0.1:8000"
 
 
 def rss_growth(load: dict, early_s: float, late_s: float) -> str:
@@ -354,6 +328,7 @@ def markdown(res: dict) -> str:
         ("drop rate (of camera frames)", f"{load.get('drop_rate', nan):.3f}"),
         ("errors / unanswered / failed clients", f"{load.get('errors')} / {load.get('unanswered')} / "
                                                  f"{load.get('client_failures')}"),
+        ("lost on broken connections / reconnects", f"{load.get('lost')} / {load.get('reconnects')}"),
         ("processed FPS", f"{load.get('processed_fps', nan):.1f}"),
         ("latency p50 / p99 (ms, send to reply)", f"{load.get('latency_p50_ms', nan):.0f} / "
                                                   f"{load.get('latency_p99_ms', nan):.0f}"),
@@ -385,7 +360,12 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", help="ws://host:port of a running service (default: start one locally)")
+    ap.add_argument("--url", help="http(s):// or ws(s)://host:port of a running service (default: start one "
+                                  "locally)")
+    ap.add_argument("--api-key", default=os.environ.get("RTEDIT_API_KEY"),
+                    help="the service's API key (default: $RTEDIT_API_KEY)")
+    ap.add_argument("--prompt", help="the instruction (default: the service's default prompt, GET /api/info); the "
+                                     "load phase's clients use it with one of four suffixes, so four prompts")
     ap.add_argument("--config", type=Path, default=REPO / "deployments" / "serve.yaml")
     ap.add_argument("--num-cpus", type=int, default=4)
     ap.add_argument("--clients", type=int, default=64)
@@ -406,22 +386,31 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
+    from rtedit.client import Client
+
     url = args.url or start_local(args.config, args.num_cpus)
-    ws_url = url.rstrip("/") + "/ws/predict"
-    res: dict = {"machine": args.machine, "config": str(args.config.name if not args.url else args.url)}
+    prompt = args.prompt
+    if prompt is None:
+        with Client(url, api_key=args.api_key) as client:
+            prompt = client.info()["defaults"]["prompt"]
+        if not prompt:
+            ap.error("the service has no default prompt (GET /api/info): pass --prompt")
+    res: dict = {"machine": args.machine, "config": str(args.config.name if not args.url else args.url),
+                 "prompt": prompt}
     local = not args.url
     # Quiet-machine phases first: the load phase leaves replicas busy with its last frames.
     if args.overhead_frames:
         engine = app_spec(args.config)[1].engine
         if args.direct_model is not None:
             engine = dataclasses.replace(engine, model=args.direct_model) if args.direct_model else None
-        res["overhead"] = overhead_phase(ws_url, args.overhead_frames, engine, threads=args.direct_threads or None)
+        res["overhead"] = overhead_phase(url, args.api_key, prompt, args.overhead_frames, engine,
+                                         threads=args.direct_threads or None)
     if args.flicker_frames:
-        res["flicker"] = flicker_phase(ws_url, args.flicker_frames)
+        res["flicker"] = flicker_phase(url, args.api_key, prompt, args.flicker_frames)
     if local:
         before = serve_usage()
-    res["load"] = load_phase(ws_url, args.clients, args.fps, args.duration, args.max_in_flight, args.drain,
-                             args.size, args.procs, sample_rss=local)
+    res["load"] = load_phase(url, args.api_key, args.clients, args.fps, args.duration, args.max_in_flight,
+                             args.drain, args.size, args.procs, prompt, sample_rss=local)
     if local:
         time.sleep(5)
         after = serve_usage()

@@ -260,6 +260,26 @@ def test_api_key_is_required(app):
         assert ws_frame(ws, {"id": 1, "prompt": "x"}, jpeg()).error is None
 
 
+def test_client_library_session_through_serve(app):
+    """rtedit.client through Serve's proxy: the key in the subprotocol, edits with the engine's stage timings, a
+    reference, one replica per session; a wrong key is told apart from a server that is down."""
+    from rtedit.client import Client, Unauthorized
+
+    with Client(BASE, api_key=API_KEY) as client:
+        with client.session("make it blue", references=[jpeg(64, 64, tag=3)], width=96, height=80) as session:
+            edits = []
+            for tag in (1, 2):
+                session.send(jpeg(64, 64, tag=tag))
+                edits.append(session.receive(timeout=120))
+            stats = session.stats
+    assert [e.id for e in edits] == [1, 2] and (stats.sent, stats.edits, stats.reconnects) == (2, 2, 0)
+    assert {e.meta["replica"] for e in edits} == {edits[0].meta["replica"]}
+    for edit in edits:
+        assert edit.image.size == (96, 80) and {"prepare", "denoise", "decode", "server"} <= set(edit.timings)
+    with Client(BASE, api_key="wrong") as client, pytest.raises(Unauthorized):
+        client.session("make it blue")
+
+
 def test_stats_report_frames_stages_and_caches(app):
     with httpx.Client() as client:
         stats = client.get(f"{BASE}/api/stats", headers=HEADERS).json()
