@@ -2,11 +2,14 @@
 // Frame: 4-byte big-endian length N, N bytes of UTF-8 JSON metadata, then the JPEG image.
 // The socket is redialled with backoff whenever it is lost while a source is active; #status[data-state] says
 // where it stands: idle, connecting, open, waiting (backoff), refused (wrong key), closed.
+// A reference image is a session setting: a text message {"references": [data URL]} (rtedit.streaming), sent once
+// per socket and change before the next frame; #reference-state[data-state] says none, chosen, sent, in-use, refused.
 "use strict";
 const MAX_IN_FLIGHT = 2;  // more would only queue frames that the server drops anyway
 const BACKOFF_MS = [250, 500, 1000, 2000, 4000, 8000];  // waits after failed handshakes; the last one repeats
 const DIAGNOSE_TIMEOUT_MS = 3000;  // a restarting server may accept and then not answer
 const LONGEST_SIDES = ["256", "384", "512"];  // the size menu of a model that lists no sizes
+const REFERENCE_MAX_SIDE = 512;  // a palette or a style needs no more, and the text message stays small
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 let apiKey = params.get("api_key") || "";
@@ -15,6 +18,9 @@ let frameTimes = [], lastPrompt = null, lastSteps = null;
 // active: a source is chosen and Stop was not pressed; stillPending: the uploaded image (or a setting) changed
 // and no frame for it is out; pumping: the send loop runs; infoLoaded: /api/info answered.
 let active = false, stillPending = false, pumping = false, infoLoaded = false;
+// reference: the chosen reference as a JPEG data: URL (null: none); sentReference: what this socket's session
+// was sent (null: none, as every new session starts).
+let reference = null, sentReference = null;
 const link = { ws: null, attempt: 0, dialing: null, wake: null };
 const canvas = document.createElement("canvas");
 
@@ -59,6 +65,8 @@ async function loadInfo() {
   $("model-about").hidden = !m.description;
   showSizes(limits.sizes, m.native_size);
   showExamples(m.examples || []);
+  // A server configured for no references (router.limits.max_references: 0) gets no slot for one.
+  $("reference-controls").hidden = limits.max_references === 0;
   // The served default instruction (the model's first example) unless the user typed one already.
   if (!$("prompt").value && defaults.prompt) $("prompt").value = defaults.prompt;
   // Steps: the served default (the model's own unless the server overrides it), within what the model allows.
@@ -157,6 +165,8 @@ function adopt(sock) {
   forgetInFlight();
   lastPrompt = null;
   lastSteps = null;
+  sentReference = null;
+  if (reference) setReferenceState("chosen", "not sent yet");
   setState("open", "connected");
   if (!infoLoaded) loadInfo().catch(showError);
 }
@@ -179,8 +189,15 @@ function forgetInFlight() {
 
 function onMessage(event) {
   if (typeof event.data === "string") {
+    // The page sends only references as a text message: its ack (or refusal) is about them.
     const msg = JSON.parse(event.data);
-    if (msg.error) $("error").textContent = `settings: ${msg.error.message}`;
+    if (msg.error) {
+      $("error").textContent = `settings: ${msg.error.message}`;
+      setReferenceState("refused", `reference refused: ${msg.error.message}`);
+    } else if (msg.type === "settings") {
+      setReferenceState(msg.references ? "in-use" : "none",
+                        msg.references ? "reference in use" : "no reference");
+    }
     return;
   }
   const { meta, image } = decodeFrame(event.data);
@@ -251,6 +268,12 @@ async function pump() {
       const image = await grab();
       if (!image) { await sleep(20); continue; }
       if (sock !== link.ws || sock.readyState !== WebSocket.OPEN) continue;  // lost while grabbing: redial
+      if (reference !== sentReference) {
+        // Before the frame, on the same socket: the server applies it from this frame on.
+        sock.send(JSON.stringify({ references: reference ? [reference] : [] }));
+        sentReference = reference;
+        setReferenceState("sent", reference ? "reference sent…" : "clearing the reference…");
+      }
       const meta = { id: nextId++ };
       const prompt = $("prompt").value.trim(), steps = parseInt($("steps").value, 10);
       // An empty box keeps the session's prompt (the server's default until one is sent).
@@ -272,6 +295,22 @@ async function pump() {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function setReferenceState(state, text) {
+  const el = $("reference-state");
+  el.dataset.state = state;
+  el.textContent = text;
+}
+
+// The reference scaled to at most REFERENCE_MAX_SIDE on its longest side, as a JPEG data: URL.
+function referenceDataUrl(img) {
+  const scale = Math.min(1, REFERENCE_MAX_SIDE / Math.max(img.naturalWidth, img.naturalHeight));
+  const c = document.createElement("canvas");
+  c.width = Math.max(1, Math.round(img.naturalWidth * scale));
+  c.height = Math.max(1, Math.round(img.naturalHeight * scale));
+  c.getContext("2d").drawImage(img, 0, 0, c.width, c.height);
+  return c.toDataURL("image/jpeg", 0.9);
+}
 function showError(err) { $("error").textContent = String(err.message || err); }
 
 function start(kind) {
@@ -301,6 +340,29 @@ $("file").onchange = () => {
   if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
   img.src = URL.createObjectURL(file);
   $("file").value = "";  // else picking the same file again fires no change, and sends nothing
+};
+$("reference").onchange = () => {
+  const file = $("reference").files[0];
+  if (!file) return;
+  const img = $("reference-preview");
+  img.onload = () => {
+    reference = referenceDataUrl(img);
+    $("reference-figure").hidden = false;
+    $("clear-reference").disabled = false;
+    setReferenceState("chosen", "not sent yet");
+    settingsChanged();  // an uploaded image is edited again with it; a webcam's next frame carries it
+  };
+  img.onerror = () => showError(new Error(`the reference ${file.name} is not an image this browser can read`));
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.src = URL.createObjectURL(file);
+  $("reference").value = "";  // the same file picked again fires a change
+};
+$("clear-reference").onclick = () => {
+  reference = null;
+  $("reference-figure").hidden = true;
+  $("clear-reference").disabled = true;
+  setReferenceState(sentReference ? "chosen" : "none", sentReference ? "clearing on the next frame" : "no reference");
+  settingsChanged();
 };
 $("prompt").onchange = settingsChanged;
 $("steps").onchange = settingsChanged;
