@@ -858,6 +858,11 @@ class Client:
             raise SessionClosed("the client is closed")
         return self._thread.run(coro)
 
+    def _call(self, fn: Any, *args: Any) -> Any:
+        if self._thread is None:
+            raise SessionClosed("the client is closed")
+        return self._thread.call(fn, *args)
+
     def info(self) -> dict[str, Any]:
         """GET /api/info (AsyncClient.info)."""
         return self._run(self._async.info())
@@ -894,7 +899,7 @@ class Session:
         """Queues a frame (newest frame wins) and returns its id; the image is encoded in this thread."""
         with self._send_lock:
             frame_id, data = self._async.next_frame(frame)
-            return self._client._thread.call(self._async._put, (frame_id, data))
+            return self._client._call(self._async._put, (frame_id, data))
 
     def receive(self, timeout: float | None = None) -> Edit:
         return self._client._run(self._async.receive(timeout))
@@ -918,7 +923,7 @@ class Session:
 
     @property
     def stats(self) -> SessionStats:
-        return self._client._thread.call(lambda: self._async.stats)
+        return self._client._call(lambda: self._async.stats)
 
     @property
     def closed(self) -> bool:
