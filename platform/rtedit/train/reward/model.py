@@ -197,12 +197,31 @@ def backbone_from_dict(data: dict[str, Any]):
 
 
 def linear_attention_path() -> str:
-    """Which GatedDeltaNet kernels transformers would use here: 'fla' or 'torch' (its reference path)."""
-    from transformers.utils import import_utils
+    """Which GatedDeltaNet kernels transformers' Qwen3.5 module resolved at import: 'fla' (flash-linear-attention)
+    or 'torch' (its reference path), '+causal-conv1d' when that kernel is in use too."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
 
-    fla = getattr(import_utils, "is_flash_linear_attention_available", lambda: False)()
-    conv = getattr(import_utils, "is_causal_conv1d_available", lambda: False)()
-    return ("fla" if fla else "torch") + ("+causal-conv1d" if conv else "")
+    def resolved(fn, depth: int = 0) -> str:
+        """The module of the first non-transformers function in the wrapper's closures (searched a few levels)."""
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if not callable(value):
+                continue
+            module = getattr(value, "__module__", "") or ""
+            if not module.startswith("transformers"):
+                return module.split(".")[0]
+            if depth < 3:
+                inner = resolved(value, depth + 1)
+                if inner != "torch":
+                    return inner
+        return "torch"
+
+    delta = resolved(qwen.torch_chunk_gated_delta_rule)
+    conv = resolved(qwen.causal_conv1d_fn)
+    return ("fla" if delta.startswith("fla") else "torch") + ("+causal-conv1d" if conv.startswith("causal") else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def build_model(cfg: RewardTaskConfig, device: torch.device, dtype: torch.dtype,
         model._hf_deepspeed_config = live  # keep it alive as long as the model
     else:
         with torch.device(device), default_dtype(dtype), without_zero3():
-            model = EditReward(config, tokenizer)
+            model = EditReward(config, tokenizer, dtype=dtype)
     if Path(cfg.backbone).is_dir() and cfg.backbone not in ("tiny", "9b"):
         _load_backbone_weights(model, Path(cfg.backbone))
     if cfg.freeze_token_embeddings:
