@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.websockets import WebSocketState
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
@@ -34,6 +35,14 @@ from deployments.limits import (
     default_steps,
     derive_frame_limits,
     model_session_defaults,
+)
+from deployments.schemas import (
+    HealthReply,
+    InfoReply,
+    PredictReply,
+    StatsReply,
+    binary_responses,
+    json_responses,
 )
 from rtedit.config import EditorConfig
 from rtedit.errors import EditError, EngineDead, InvalidRequest, UnsupportedRequest
@@ -117,11 +126,18 @@ def auth_notice(key: str | None) -> str:
             "to require one)")
 
 
-app = FastAPI(
+# /docs and /redoc load Swagger UI's and ReDoc's assets from the fastapi-offline package, never from a CDN: the docs
+# work on a machine without internet. validatorUrl null: Swagger UI would otherwise ask swagger.io about the schema.
+DOCS_ASSETS = "/docs-assets"
+app = FastAPIOffline(
     title="rtedit",
     description="Realtime instruction-based image editing on FLUX.2 [klein]. Binary frame: 4-byte big-endian "
-                "length N, N bytes of UTF-8 JSON metadata, then the encoded image.",
+                "length N, N bytes of UTF-8 JSON metadata, then the encoded image. The websocket `WS /ws/predict` "
+                "streams such frames (newest frame first; dropped frames are counted); OpenAPI cannot describe it. "
+                "What a request may ask for: `GET /api/info` limits.",
     version="0.1.0",
+    static_url=DOCS_ASSETS,
+    swagger_ui_parameters={"validatorUrl": None},
 )
 if STATIC_DIR.is_dir():
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -397,7 +413,8 @@ class Router:
             "steps": {"type": "integer"}, "seed": {"type": "integer"},
             "width": {"type": "integer"}, "height": {"type": "integer"},
             "format": {"type": "string", "enum": list(OUTPUT_FORMATS)},
-            "references": {"type": "array", "items": {"type": "string"}}}}}}}})
+            "references": {"type": "array", "items": {"type": "string"}}}}}}}},
+              responses=json_responses(PredictReply, 400, 401, 413, 422, 500, 503, 504))
     async def predict(self, request: Request) -> Response:
         """JSON in (base64 image), JSON out (base64 image, size, timings, replica, and `resized` when the image was
         answered at a size the model serves instead of its own)."""
@@ -424,7 +441,8 @@ class Router:
         return JSONResponse({**meta, "image": base64.b64encode(out).decode()})
 
     @app.post("/api/predict_binary", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+              response_class=Response, responses=binary_responses(400, 401, 413, 422, 500, 503, 504))
     async def predict_binary(self, request: Request) -> Response:
         """One binary frame in, one out (errors are frames with `error`, with a matching HTTP status)."""
         if (refused := self._refuse(request)) is not None:
@@ -448,11 +466,11 @@ class Router:
         return Response(encode_frame({**meta, "id": frame_id, "dropped": 0}, out),
                         media_type="application/octet-stream")
 
-    @app.get("/")
+    @app.get("/", include_in_schema=False)
     async def index(self) -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=json_responses(HealthReply))
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
@@ -488,7 +506,7 @@ class Router:
                 self._model_defaults = dataclasses.replace(self.defaults, steps=steps)
         return self._model_defaults
 
-    @app.get("/api/info")
+    @app.get("/api/info", responses=json_responses(InfoReply, 401, 503))
     async def info(self, request: Request) -> Response:
         """The model being served (the page shows it, with a notice when its weights are random), what a request
         may ask for, and the session defaults (steps: the model's own unless the router overrides them)."""
@@ -503,9 +521,11 @@ class Router:
         defaults = await self._session_defaults()
         limits = self.limits
         return JSONResponse({"model": model, "auth": bool(self.api_key),
-                             "limits": {"max_frame_bytes": limits.max_frame_bytes, "max_side": limits.max_side,
-                                        "min_side": limits.min_side, "max_steps": limits.max_steps,
-                                        "max_references": limits.max_references,
+                             "limits": {"max_frame_bytes": limits.max_frame_bytes,
+                                        "max_meta_bytes": limits.max_meta_bytes, "max_side": limits.max_side,
+                                        "min_side": limits.min_side, "max_pixels": self.checks.max_pixels,
+                                        "max_steps": limits.max_steps, "max_references": limits.max_references,
+                                        "max_reference_bytes": limits.max_reference_bytes,
                                         "max_prompt_chars": limits.max_prompt_chars,
                                         "formats": list(OUTPUT_FORMATS), **self.checks.describe(),
                                         **self._served_sizes()},
@@ -534,7 +554,7 @@ class Router:
                 out[f"unreachable {i}"] = f"unavailable ({type(reply).__name__})"
         return out
 
-    @app.get("/api/stats")
+    @app.get("/api/stats", responses=json_responses(StatsReply, 401))
     async def stats(self, request: Request) -> Response:
         """Cache hit rates, per-stage p50/p99, frames received/processed/dropped, errors by type; each editor
         replica's engine stats (attention backend, caches, warm-up) and model, keyed by replica id."""

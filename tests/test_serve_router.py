@@ -27,7 +27,8 @@ GPU_ARGS = yaml.safe_load((REPO / "deployments" / "serve-gpu.yaml").read_text())
 
 
 class FakeEditor:
-    """An editor handle that records every call; `info` is what a replica of a model with rtedit.json reports."""
+    """An editor handle that records every call; its replies carry the fields EditorDeployment.edit's do, and `info`
+    is what a replica of a model with rtedit.json reports."""
 
     def __init__(self, steps=None):
         self.jobs, self.info_calls, self.model_steps = [], 0, steps
@@ -46,7 +47,7 @@ class FakeEditor:
     def _edit(self, job):
         self.jobs.append(job)
         return {"image": jpeg(64, 64), "width": 64, "height": 64, "format": job.format, "seed": job.seed,
-                "steps": job.steps, "timings": {}, "replica": "fake", "prompt_key": "k"}
+                "steps": job.steps, "timings": {}, "replica": "fake", "prompt_key": "k", "prompt_truncated": False}
 
     def _info(self):
         self.info_calls += 1
