@@ -135,3 +135,44 @@ def test_edit_warns_when_off_the_models_sizes(sized_model, tmp_path, capsys):
     assert size_warning(str(sized_model), png(64, 64), None, None) is None
     assert "asks for 128x128" in size_warning(str(sized_model), png(64, 64), 128, 128)
     assert size_warning("tiny", png(80, 96), None, None) is None  # a preset lists no sizes
+
+
+def test_default_is_the_served_toy_editor_with_the_servers_step_limit(tmp_path, capsys):
+    """`rtedit edit` used the random tiny preset and allowed 50 steps while the server served the toy editor and
+    allowed 8: without --config it now builds what deployments/serve.yaml serves, and refuses what that server would."""
+    import yaml
+
+    from deployments.config import AppArgs
+    from rtedit.cli import SERVED_YAML, _editor_config, build_parser, main, step_limit
+    from test_serve_helpers import REPO
+
+    args = build_parser().parse_args(["edit", "--image", "x.png", "--prompt", "p", "--out", "o.png"])
+    config = _editor_config(args)
+    served = AppArgs.model_validate(yaml.safe_load(SERVED_YAML.read_text())["applications"][0]["args"])
+    assert config.model == served.engine.model == str(REPO / "models" / "toy-editor") and config.text_encoder
+    assert step_limit(None, config.max_steps) == served.frame_limits().max_steps == 8
+
+    # One rule with the router for any Serve YAML: its router.limits within its engine's max_steps.
+    for router_limits, engine_steps in (({"max_steps": 3}, 50), ({}, 4), ({"max_steps": 6}, 6)):
+        path = tmp_path / f"serve-{engine_steps}.yaml"
+        app = {"engine": {"model": "tiny", "max_steps": engine_steps}, "router": {"limits": router_limits}}
+        path.write_text(yaml.safe_dump({"applications": [{"name": "rtedit", "args": app}]}))
+        assert step_limit(path, engine_steps) == AppArgs.model_validate(app).frame_limits().max_steps
+
+    src = tmp_path / "in.png"
+    PIL.Image.fromarray(random_image(128, 128)).save(src)
+    code = main(["edit", "--image", str(src), "--prompt", "invert the colours", "--out", str(tmp_path / "o.png"),
+                 "--steps", "9"])
+    assert code == 2 and "steps must be in 1..8" in capsys.readouterr().err
+
+
+def test_a_wrong_argument_fails_before_torch_is_imported(tmp_path):
+    src = tmp_path / "in.png"
+    PIL.Image.fromarray(random_image(64, 64)).save(src)
+    probe = ("import sys\nfrom rtedit.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+             "    print(exc, file=sys.stderr)\nprint('torch' in sys.modules)")
+    for argv, message in ((["--image", str(src), "--out", "o.bmp"], "--out must end"),
+                          (["--image", str(tmp_path / "missing.png"), "--out", "o.png"], "cannot read image")):
+        proc = subprocess.run([sys.executable, "-c", probe, "edit", "--prompt", "p", *argv], capture_output=True,
+                              text=True, timeout=60)
+        assert message in proc.stderr and proc.stdout.strip() == "False", (proc.stdout, proc.stderr)
