@@ -12,6 +12,10 @@ Task and MultiModelTask):
 Jobs run as `python -m jobs.<name> --config jobs/configs/<name>.yaml [--set run.max_steps=10 ...]` through `main`.
 Resume: rerun with the same run.name and run.storage_path; Ray Train V2 finds the run snapshot and hands the last
 checkpoint to the new workers (ray.train.get_checkpoint), as it does after a worker failure (run.max_failures).
+
+Before anything else runs, `check_cluster_fits` compares the workers' resources with what the cluster has free (or,
+on an autoscaling cluster, with what it can grow to) and raises ClusterTooSmall with the numbers: a job beside
+`serve run` used to wait for CPUs Serve held until run.timeout_s.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ METRICS_CSV = "metrics.csv"
 EXPORT_DIR = "export"
 WORKERS_DIR = "workers"
 __all__ = ["ModelSpec", "MultiModelTask", "Task", "WorkerContext", "main", "run"]  # what jobs import
+PLACEMENT_SLACK = 1e-9  # fractional CPUs (0.5 + 0.5) must add up to a whole one
+
+
+class ClusterTooSmall(RuntimeError):
+    """The cluster cannot place the job's workers: not with what is free now on a fixed cluster, nor on any node an
+    autoscaling cluster can add. Raised at start, before data preparation, with the numbers."""
 
 
 @dataclass
@@ -302,6 +312,66 @@ def worker_env(config: JobConfig) -> dict[str, str]:
     return env
 
 
+def worker_resources(config: JobConfig) -> dict[str, float]:
+    """What each Ray Train worker reserves (its placement-group bundle)."""
+    resources = {"CPU": config.scaling.cpus_per_worker}
+    if config.scaling.use_gpu:
+        resources["GPU"] = config.scaling.gpus_per_worker
+    return resources
+
+
+def unplaced_workers(bundle: dict[str, float], num_workers: int, strategy: str,
+                     free_per_node: list[dict[str, float]]) -> int:
+    """How many of `num_workers` bundles find no room in the nodes' free resources under the placement `strategy`
+    (0: all of them fit). PACK and SPREAD may split the workers over nodes, STRICT_PACK needs one node for all of
+    them, STRICT_SPREAD a node each."""
+    def fits(free: dict[str, float]) -> int:  # how many bundles one node holds
+        return min(int(free.get(name, 0.0) / amount + PLACEMENT_SLACK) for name, amount in bundle.items())
+
+    per_node = [fits(free) for free in free_per_node]
+    if strategy == "STRICT_PACK":
+        return 0 if any(n >= num_workers for n in per_node) else num_workers
+    if strategy == "STRICT_SPREAD":
+        return max(0, num_workers - sum(1 for n in per_node if n >= 1))
+    return max(0, num_workers - sum(per_node))
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    return ", ".join(f"{amount:g} {name}" for name, amount in resources.items())
+
+
+def check_cluster_fits(config: JobConfig) -> None:
+    """Raises ClusterTooSmall when the connected cluster cannot place the job's workers, so the job fails in seconds
+    with the numbers instead of waiting out run.timeout_s (Ray Train waits for resources without end)."""
+    from ray._private import state  # per-node resources and the autoscaler's limits, as Ray Train's own check reads
+
+    bundle, num_workers = worker_resources(config), config.scaling.num_workers
+    strategy = config.scaling.placement_strategy
+    needed = {name: amount * num_workers for name, amount in bundle.items()}
+    fix = ("lower scaling.num_workers or scaling.cpus_per_worker (e.g. --set scaling.num_workers=1), stop what holds "
+           "them, or give Ray more logical CPUs (ray start --head --num-cpus N)")
+    autoscaler_max = state.state.get_max_resources_from_cluster_config()
+    if autoscaler_max:  # nodes come on demand: only what no node type can ever provide is refused now
+        short = {name: autoscaler_max.get(name, 0) for name, amount in needed.items()
+                 if amount > autoscaler_max.get(name, 0)}
+        if short:
+            raise ClusterTooSmall(f"the job needs {num_workers} worker(s) x {_amounts(bundle)} = {_amounts(needed)}; "
+                                  f"this autoscaling cluster can grow to {_amounts(short)} at most: {fix}")
+        return
+    free_per_node = list(state.available_resources_per_node().values())
+    missing = unplaced_workers(bundle, num_workers, strategy, free_per_node)
+    if missing:
+        totals = state.total_resources_per_node().values()
+        total = {name: sum(node.get(name, 0.0) for node in totals) for name in bundle}
+        free = {name: sum(node.get(name, 0.0) for node in free_per_node) for name in bundle}
+        held = {name: total[name] - free[name] for name in bundle}
+        raise ClusterTooSmall(
+            f"the job needs {num_workers} worker(s) x {_amounts(bundle)} = {_amounts(needed)} ({strategy}), but the "
+            f"cluster has {_amounts(total)} in all and {_amounts(free)} free on {len(free_per_node)} node(s), so "
+            f"{missing} worker(s) could not start: other work (Serve replicas, other jobs) holds {_amounts(held)}; "
+            f"{fix}")
+
+
 def _storage_path(config: JobConfig) -> str:
     path = config.run.storage_path
     return path if "://" in path else str(Path(path).expanduser().resolve())
@@ -314,12 +384,11 @@ def run(config: JobConfig, task: str, datasets: dict[str, Any] | None = None) ->
 
     config.validate()
     resolve_task(task)
+    check_cluster_fits(config)
     if config.scaling.use_gpu and "DS_ACCELERATOR" not in os.environ:
         os.environ["DS_ACCELERATOR"] = "cuda"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the driver may import deepspeed too (checkpoint tools)
-    resources = {"CPU": config.scaling.cpus_per_worker}
-    if config.scaling.use_gpu:
-        resources["GPU"] = config.scaling.gpus_per_worker
+    resources = worker_resources(config)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": _sections(config), "task": task},
@@ -383,8 +452,11 @@ def main(task: str, argv: list[str] | None = None, description: str = "",
     address = args.address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address or "local", log_to_driver=True)
     try:
+        check_cluster_fits(config)  # before prepare(), which may take minutes
         datasets = prepare(config) if prepare is not None else None
         result = run(config, task, datasets=datasets)
+    except ClusterTooSmall as exc:
+        raise SystemExit(f"{type(exc).__name__}: {exc}") from None  # the numbers, not a traceback
     finally:
         ray.shutdown()
     print(json.dumps({"run": config.run.name, "steps": int(result.metrics.get("step", 0)),
