@@ -40,6 +40,28 @@ def test_schema_check_is_real(raw):
         util.validate_config(util.prepare_config(broken))
 
 
+# ---- the metrics export port, one number everywhere ------------------------------------------------------------
+
+REPO = CLUSTER.parent
+PROMETHEUS = REPO / "deployments" / "observability" / "prometheus.yml"
+
+
+def test_every_node_exports_metrics_on_the_port_prometheus_scrapes(raw):
+    """Ray's metrics port was random: Prometheus, and the dashboard's Metrics tab behind it, found nothing."""
+    import re
+
+    scrape = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
+    targets = [t for job in scrape for config in job.get("static_configs", []) for t in config["targets"]]
+    ports = {int(target.rsplit(":", 1)[1]) for target in targets}
+    assert len(ports) == 1
+    port = ports.pop()
+    for commands in (raw["head_start_ray_commands"], raw["worker_start_ray_commands"]):
+        starts = [c for c in commands if "ray start" in c]
+        assert starts and all(f"--metrics-export-port={port}" in c for c in starts), starts
+    first_command = (REPO / "README.md").read_text().split("```bash\n", 1)[1].split("\n", 1)[0]
+    assert re.search(rf"ray start --head .*--metrics-export-port[ =]{port}\b", first_command), first_command
+
+
 # ---- whether a job's workers fit the cluster (jobs.runtime.unplaced_workers) ----------------------------------
 
 
@@ -57,3 +79,32 @@ def test_unplaced_workers(bundle, workers, strategy, nodes, unplaced):
     from jobs.runtime import unplaced_workers
 
     assert unplaced_workers(bundle, workers, strategy, nodes) == unplaced
+
+
+def test_check_cluster_fits_says_what_is_needed_free_and_held(monkeypatch):
+    """The numbers a job that does not fit stops with, on a fixed cluster and on an autoscaling one (Ray's state
+    API stands in for a cluster here; test_serve_dashboard runs it against a real one beside Serve)."""
+    from ray._private import state
+
+    from jobs import runtime
+    from rtedit.train.config import load_job_config
+
+    config = load_job_config(CLUSTER.parent / "jobs" / "configs" / "tiny.yaml", ["scaling.num_workers=2"])
+    monkeypatch.setattr(state.state, "get_max_resources_from_cluster_config", lambda: None)
+    monkeypatch.setattr(state, "total_resources_per_node", lambda: {"a": {"CPU": 2.0, "memory": 1e9}})
+    monkeypatch.setattr(state, "available_resources_per_node", lambda: {"a": {"CPU": 0.0, "memory": 1e9}})
+    with pytest.raises(runtime.ClusterTooSmall) as refused:
+        runtime.check_cluster_fits(config)
+    assert str(refused.value).startswith("the job needs 2 worker(s) x 1 CPU = 2 CPU (PACK), but the cluster has 2 CPU "
+                                         "in all and 0 CPU free on 1 node(s), so 2 worker(s) could not start")
+    assert "holds 2 CPU" in str(refused.value)
+    monkeypatch.setattr(state, "available_resources_per_node", lambda: {"a": {"CPU": 2.0}})
+    runtime.check_cluster_fits(config)  # fits: no error
+
+    # An autoscaling cluster adds nodes on demand: only more than it can ever have is refused at start.
+    monkeypatch.setattr(state, "available_resources_per_node", lambda: {"a": {"CPU": 0.0}})
+    monkeypatch.setattr(state.state, "get_max_resources_from_cluster_config", lambda: {"CPU": 8, "GPU": 0})
+    runtime.check_cluster_fits(config)
+    gpu = load_job_config(CLUSTER.parent / "jobs" / "configs" / "tiny.yaml", ["scaling.use_gpu=true"])
+    with pytest.raises(runtime.ClusterTooSmall, match="can grow to 0 GPU at most"):
+        runtime.check_cluster_fits(gpu)

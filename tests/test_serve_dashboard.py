@@ -1,30 +1,56 @@
-"""With the dashboard on: Serve's REST API lists the app, Prometheus export carries our metrics, and an app
-without an API key says so in its start-up log. Its own cluster (the dashboard costs ~1 GiB more)."""
+"""The README's local cluster, end to end: Ray started as its first command starts it (the dashboard on, its logical
+CPUs, a fixed metrics export port), the served toy student with serve.yaml's resources, and the README's small
+training job beside it. The job fits and trains; one that does not fit fails in seconds with the numbers; Serve's
+REST API lists the app; the metrics port carries every rtedit metric the code declares, and the Grafana dashboard
+queries each of them; an app without an API key says so in its start-up log. Its own cluster (the dashboard costs
+~1 GiB more).
+
+A job beside `serve run` used to wait 10 minutes for CPUs Serve held; the dashboard's metrics were on a random port.
+"""
 
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 import socket
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
+import yaml
 
 pytest.importorskip("ray.serve")
 
 import httpx  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
-from test_serve_helpers import BASE, WS_URL, jpeg, start_ray, ws_frame  # noqa: E402
+from test_serve_helpers import REPO, jpeg, start_ray, worker_pythonpath, ws_frame  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-APP_ARGS = {
-    "engine": {"model": "tiny"},
-    "editor": {"num_replicas": 1, "num_cpus": 1, "torch_threads": 1},
-    "text_encoder": {"num_cpus": 0.5},
-    "router": {"num_cpus": 0.5, "api_key": None, "api_key_env": None, "defaults": {"prompt": "make it blue"}},
-}
+DASHBOARD_JSON = REPO / "deployments" / "observability" / "grafana" / "dashboards" / "rtedit.json"
+# Where the code declares its metrics: Serve's replicas and the job runtime.
+METRIC_SOURCES = [*sorted((REPO / "deployments").glob("*.py")), REPO / "jobs" / "runtime.py"]
+# The job runtime's gauge per logged column (rtedit_train_<column>); the tiny task logs these.
+TRAIN_GAUGES = ("loss", "lr", "grad_norm", "samples_per_s")
+REPORT_INTERVAL_ENV = "RAY_metrics_report_interval_ms"
+JOB_STEPS = 6
+
+
+def yaml_app(name: str) -> dict:
+    return yaml.safe_load((REPO / "deployments" / name).read_text())["applications"][0]["args"]
+
+
+def readme_ray_start() -> dict[str, int]:
+    """The flags of the `ray start` in the README's first command."""
+    first = (REPO / "README.md").read_text().split("```bash\n", 1)[1].split("\n", 1)[0]
+    start = re.search(r"ray start --head((?: --[\w-]+(?:[ =]\S+)?)*)", first)
+    assert start, f"the README's first command starts no Ray head: {first}"
+    return {flag: int(value) for flag, value in re.findall(r"--([\w-]+)[ =](\d+)", start.group(1))}
 
 
 def free_port() -> int:
@@ -33,50 +59,174 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def declared_metrics() -> set[str]:
+    """Every Prometheus name our code declares (Ray adds ray_, a counter gets _total), the tiny job's gauges too."""
+    names = set()
+    for path in METRIC_SOURCES:
+        for kind, name in re.findall(r"\b(Counter|Gauge|Histogram)\(\s*f?\"(rtedit_\w+)", path.read_text()):
+            if kind == "Counter" and not name.endswith("_total"):
+                name += "_total"
+            names.add(f"ray_{name}")
+    # editor.py builds its gauges from a table: rtedit_editor_{name}
+    editor_gauges = re.findall(r"\(\"(\w+)\", \"[^\"]+\"\)", (REPO / "deployments" / "editor.py").read_text())
+    names |= {f"ray_rtedit_editor_{name}" for name in editor_gauges}
+    names = {n for n in names if "{" not in n and not n.endswith("_")}  # the f-string templates themselves
+    names |= {f"ray_rtedit_train_{column}" for column in TRAIN_GAUGES}
+    return names
+
+
+def dashboard_metrics() -> set[str]:
+    """The metric names the Grafana dashboard's queries read (a histogram by its _bucket series)."""
+    panels = json.loads(DASHBOARD_JSON.read_text())["panels"]
+    exprs = [target["expr"] for panel in panels for target in panel.get("targets", [])]
+    return {name for expr in exprs for name in re.findall(r"\bray_rtedit_\w+", expr)}
+
+
+def exported(name: str) -> str:
+    """The series name a declared metric is scraped as (a histogram's _bucket)."""
+    return name + "_bucket" if name.endswith("_ms") else name
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(taef2_weights, tmp_path_factory):
+    """`ray start --head` as the README's first command runs it, then serve-session.yaml's app (serve.yaml's resources;
+    its session-mode model fills the K/V store, so every editor gauge is exported)."""
     import ray
     from ray import serve
 
     from deployments.app import build_app
     from deployments.config import AppArgs
 
-    dashboard_port, metrics_port = free_port(), free_port()
-    context = start_ray(num_cpus=4, include_dashboard=True, dashboard_port=dashboard_port,
+    flags = readme_ray_start()
+    assert "metrics-export-port" in flags and "num-cpus" in flags
+    served, session = yaml_app("serve.yaml"), yaml_app("serve-session.yaml")
+    assert {k: session[k] for k in ("editor", "text_encoder")} == {k: served[k] for k in ("editor", "text_encoder")}
+    assert session["router"]["num_cpus"] == served["router"]["num_cpus"]
+    args = {**session, "engine": {**session["engine"], "taef2_dir": str(taef2_weights)},
+            "router": {**session["router"], "api_key": None, "api_key_env": None}}
+    # Free ports, not the README's, so a cluster or service someone runs on this machine is left alone.
+    dashboard_port, metrics_port, http_port = free_port(), free_port(), free_port()
+    # Every process exports its metrics each second instead of each 10 s: the scrapes below wait less.
+    report_interval = os.environ.get(REPORT_INTERVAL_ENV)
+    os.environ[REPORT_INTERVAL_ENV] = "1000"
+    context = start_ray(num_cpus=flags["num-cpus"], include_dashboard=True, dashboard_port=dashboard_port,
                         _metrics_export_port=metrics_port)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-        serve.run(build_app(AppArgs.model_validate(APP_ARGS)), name="rtedit", route_prefix="/", blocking=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.run(build_app(AppArgs.model_validate(args)), name="rtedit", route_prefix="/", blocking=False)
         yield {"dashboard": f"http://127.0.0.1:{dashboard_port}", "metrics": f"http://127.0.0.1:{metrics_port}",
-               "session_dir": context.address_info["session_dir"]}
+               "http": f"http://127.0.0.1:{http_port}", "ws": f"ws://127.0.0.1:{http_port}/ws/predict",
+               "session_dir": context.address_info["session_dir"], "gcs": context.address_info["gcs_address"],
+               "runs": tmp_path_factory.mktemp("runs")}
     finally:
         serve.shutdown()
         ray.shutdown()
+        if report_interval is None:
+            os.environ.pop(REPORT_INTERVAL_ENV, None)
+        else:
+            os.environ[REPORT_INTERVAL_ENV] = report_interval
 
 
-def test_dashboard_lists_app_and_metrics_export_our_series(cluster):
-    with connect(WS_URL) as ws:  # no key configured: the handshake needs none
-        for i in range(3):
-            assert ws_frame(ws, {"id": i}, jpeg(64, 64, tag=i)).error is None
+def scrape(cluster) -> str:
+    return httpx.get(f"{cluster['metrics']}/metrics", timeout=30).text
+
+
+def readme_job_command() -> list[str]:
+    """The README's small job beside the service, as its `python -m jobs...` line says."""
+    text = (REPO / "README.md").read_text()
+    line = re.search(r"^(python -m jobs\.train_tiny [^\n]*--address auto[^\n]*)$", text, flags=re.M)
+    assert line, "the README shows no small job beside the service"
+    return line.group(1).split()
+
+
+@pytest.fixture(scope="module")
+def job_beside_serving(cluster):
+    """The README's job on the cluster Serve runs on, scraped while it trains (a worker's gauges leave with it)."""
+    command = readme_job_command()
+    assert command[command.index("--address") + 1] == "auto"
+    command[command.index("--address") + 1] = cluster["gcs"]  # "auto" would find any cluster on this machine
+    command = [sys.executable, *command[1:], "--set", f"run.storage_path={cluster['runs']}",
+               "--set", f"run.max_steps={JOB_STEPS}", "--set", f"run.checkpoint_every={JOB_STEPS}",
+               "--set", "run.log_every=2", "--set", "task.step_sleep_s=0.5"]
+    env = {**os.environ, "PYTHONPATH": worker_pythonpath(), "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
+    seen: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                seen.extend(line for line in scrape(cluster).splitlines() if line.startswith("ray_rtedit_train_"))
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    started = time.time()
+    try:
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        done.set()
+        watcher.join(10)
+    return {"proc": proc, "seconds": time.time() - started, "train_series": seen}
+
+
+def test_the_readmes_small_job_trains_beside_serving(cluster, job_beside_serving):
+    proc = job_beside_serving["proc"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == JOB_STEPS and summary["loss"] is not None
     apps = httpx.get(f"{cluster['dashboard']}/api/serve/applications/", timeout=30).json()
-    assert "rtedit" in apps["applications"]
-    deployments = apps["applications"]["rtedit"]["deployments"]
-    assert {"Router", "Editor", "TextEncoder"} <= set(deployments)
-    wanted = ["ray_rtedit_stage_ms_bucket", "ray_rtedit_editor_stage_ms_bucket", "ray_rtedit_frames_total",
-              "ray_rtedit_prompt_cache_lookups_total"]
-    deadline, text = time.time() + 90, ""
+    assert apps["applications"]["rtedit"]["status"] == "RUNNING"  # serving went on beside it
+
+
+def test_a_job_that_does_not_fit_fails_in_seconds_with_the_numbers(cluster, tmp_path):
+    import ray
+
+    from jobs import runtime
+    from rtedit.train.config import load_job_config
+
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:  # an earlier job's workers leaving
+        time.sleep(1)
+
+    config = load_job_config(REPO / "jobs" / "configs" / "tiny.yaml",
+                             ["scaling.num_workers=3", f"run.storage_path={tmp_path}"])
+    started = time.time()
+    with pytest.raises(runtime.ClusterTooSmall) as refused:
+        runtime.run(config, "jobs.train_tiny:build_task")
+    assert time.time() - started < 10
+    message = str(refused.value)
+    # 4 logical CPUs, serve.yaml's replicas hold 2 (1 editor + 0.5 text encoder + 0.5 router).
+    assert "3 worker(s) x 1 CPU = 3 CPU" in message and "4 CPU in all and 2 CPU free" in message, message
+    assert "holds 2 CPU" in message and "scaling.num_workers" in message
+
+
+def test_the_metrics_port_carries_every_rtedit_metric_and_the_dashboard_shows_them(cluster, job_beside_serving):
+    with connect(cluster["ws"]) as ws:  # no key configured: the handshake needs none
+        for i in range(3):
+            assert ws_frame(ws, {"id": i}, jpeg(128, 128, tag=i)).error is None
+    # b"nonsense" as the image: the editor refuses it, and so the router counts an error
+    bad = httpx.post(f"{cluster['http']}/api/predict", json={"image": "bm9uc2Vuc2U="}, timeout=60)
+    assert bad.status_code == 400
+    apps = httpx.get(f"{cluster['dashboard']}/api/serve/applications/", timeout=30).json()
+    assert {"Router", "Editor", "TextEncoder"} <= set(apps["applications"]["rtedit"]["deployments"])
+
+    declared, queried = declared_metrics(), dashboard_metrics()
+    assert {exported(name) for name in declared} == queried, "a metric without a panel, or a panel without a metric"
+    serving = {name for name in queried if not name.startswith("ray_rtedit_train_")}
+    deadline, names = time.time() + 90, set()
     while time.time() < deadline:
-        text = httpx.get(f"{cluster['metrics']}/metrics", timeout=30).text
-        if all(name in text for name in wanted):
+        names = {line.split("{")[0] for line in scrape(cluster).splitlines() if line.startswith("ray_rtedit_")}
+        if serving <= names:
             break
-        time.sleep(3)
-    missing = [name for name in wanted if name not in text]
-    assert not missing, missing
-    assert 'stage="denoise"' in text and 'event="processed"' in text
+        time.sleep(1)
+    names |= {line.split("{")[0] for line in job_beside_serving["train_series"]}
+    assert sorted(queried - names) == []
 
 
 def test_startup_log_says_when_no_api_key_is_configured(cluster):
-    assert httpx.get(f"{BASE}/api/stats", timeout=30).status_code == 200
+    assert httpx.get(f"{cluster['http']}/api/stats", timeout=30).status_code == 200
     logs = glob.glob(os.path.join(cluster["session_dir"], "logs", "serve", "replica_rtedit_Router_*.log"))
     assert logs
     text = "".join(open(p, encoding="utf-8", errors="replace").read() for p in logs)

@@ -1,6 +1,6 @@
 """The API docs: /docs and /redoc render in headless Chromium with every request to another host refused (their
 assets come from the fastapi-offline package, not a CDN), the OpenAPI document has a schema for every reply and
-real replies match it.
+real replies match it, and the README's table of what the server accepts is what GET /api/info says.
 
 Without internet /docs and /redoc used to be blank pages: Swagger UI and ReDoc loaded from a CDN.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 import threading
 import time
@@ -96,6 +97,30 @@ def test_a_side_of_max_side_is_served_within_max_pixels(monkeypatch):
     assert square.status_code == 422 and f"over the limit of {pixels} pixels" in square.json()["error"]["message"]
 
 
+# ---- the README's numbers ---------------------------------------------------------------------------------------
+
+
+def readme_limits() -> dict[str, int]:
+    """The README's table of what `serve run deployments/serve.yaml` accepts: `limits.<name>` -> number."""
+    text = (REPO / "README.md").read_text()
+    rows = re.findall(r"^\| `limits\.(\w+)` \| ([\d,]+)", text, flags=re.M)
+    assert rows, "README.md has no `limits.*` table"
+    return {name: int(value.replace(",", "")) for name, value in rows}
+
+
+def test_readme_states_the_limits_the_router_enforces(monkeypatch):
+    """The README said prompts up to 4,096 characters, the router refused them over 2,000."""
+    with client_for(monkeypatch, DEFAULT_APP, FakeEditor(steps=[2])) as client:
+        served = client.get("/api/info").json()["limits"]
+        documented = readme_limits()
+        long_prompt = "x" * (documented["max_prompt_chars"] + 1)
+        refused = client.post("/api/predict", json={"image": b64(jpeg(128, 128)), "prompt": long_prompt})
+    assert documented == {name: served[name] for name in documented}
+    assert {"max_side", "max_pixels", "max_prompt_chars", "max_steps", "max_references", "max_frame_bytes"} <= set(
+        documented)
+    assert refused.status_code == 400 and str(documented["max_prompt_chars"]) in refused.json()["error"]["message"]
+
+
 # ---- /docs and /redoc in the browser, offline -------------------------------------------------------------------
 
 
@@ -176,3 +201,18 @@ def test_docs_and_redoc_render_without_internet(docs_server):
             browser.close()
     assert [url for url in elsewhere if url != REDOC_LOGO] == [] and errors == []
 
+
+def test_the_readmes_curl_walkthrough_edits_an_image(docs_server, tmp_path):
+    """The README's section 3, as written, against the router (its port swapped for this server's)."""
+    import subprocess
+    import sys
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("### 3. Edit with curl", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert "http://127.0.0.1:8000/api/predict" in block
+    script = block.replace("http://127.0.0.1:8000", docs_server)
+    env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "'timings'" in proc.stdout and (tmp_path / "edited.jpg").read_bytes()[:2] == b"\xff\xd8"
