@@ -59,6 +59,7 @@ EXPORT_DIR = "export"
 WORKERS_DIR = "workers"
 __all__ = ["ModelSpec", "MultiModelTask", "Task", "WorkerContext", "main", "run"]  # what jobs import
 PLACEMENT_SLACK = 1e-9  # fractional CPUs (0.5 + 0.5) must add up to a whole one
+RESOURCES_SETTLE_S = 3.0  # the cluster's view of free resources lags a just-finished job's release (~1 s at most)
 
 
 class ClusterTooSmall(RuntimeError):
@@ -358,8 +359,13 @@ def check_cluster_fits(config: JobConfig) -> None:
             raise ClusterTooSmall(f"the job needs {num_workers} worker(s) x {_amounts(bundle)} = {_amounts(needed)}; "
                                   f"this autoscaling cluster can grow to {_amounts(short)} at most: {fix}")
         return
-    free_per_node = list(state.available_resources_per_node().values())
-    missing = unplaced_workers(bundle, num_workers, strategy, free_per_node)
+    deadline = time.monotonic() + RESOURCES_SETTLE_S
+    while True:
+        free_per_node = list(state.available_resources_per_node().values())
+        missing = unplaced_workers(bundle, num_workers, strategy, free_per_node)
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
     if missing:
         totals = state.total_resources_per_node().values()
         total = {name: sum(node.get(name, 0.0) for node in totals) for name in bundle}

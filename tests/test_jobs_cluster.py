@@ -90,6 +90,7 @@ def test_check_cluster_fits_says_what_is_needed_free_and_held(monkeypatch):
     from rtedit.train.config import load_job_config
 
     config = load_job_config(CLUSTER.parent / "jobs" / "configs" / "tiny.yaml", ["scaling.num_workers=2"])
+    monkeypatch.setattr(runtime, "RESOURCES_SETTLE_S", 0.0)  # nothing is being released here
     monkeypatch.setattr(state.state, "get_max_resources_from_cluster_config", lambda: None)
     monkeypatch.setattr(state, "total_resources_per_node", lambda: {"a": {"CPU": 2.0, "memory": 1e9}})
     monkeypatch.setattr(state, "available_resources_per_node", lambda: {"a": {"CPU": 0.0, "memory": 1e9}})
@@ -108,3 +109,17 @@ def test_check_cluster_fits_says_what_is_needed_free_and_held(monkeypatch):
     gpu = load_job_config(CLUSTER.parent / "jobs" / "configs" / "tiny.yaml", ["scaling.use_gpu=true"])
     with pytest.raises(runtime.ClusterTooSmall, match="can grow to 0 GPU at most"):
         runtime.check_cluster_fits(gpu)
+
+
+def test_check_cluster_fits_waits_out_a_just_finished_jobs_release(monkeypatch):
+    """A rerun right after a job sees its workers' CPUs as held for a moment: that is no reason to fail."""
+    from ray._private import state
+
+    from jobs import runtime
+    from rtedit.train.config import load_job_config
+
+    config = load_job_config(CLUSTER.parent / "jobs" / "configs" / "tiny.yaml", ["scaling.num_workers=2"])
+    views = iter([{"a": {"CPU": 0.0}}, {"a": {"CPU": 2.0}}])
+    monkeypatch.setattr(state.state, "get_max_resources_from_cluster_config", lambda: None)
+    monkeypatch.setattr(state, "available_resources_per_node", lambda: next(views))
+    runtime.check_cluster_fits(config)  # the second look finds the CPUs free
