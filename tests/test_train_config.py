@@ -31,10 +31,12 @@ def test_every_committed_job_config_validates():
         assert config.run.max_steps >= 1
     from jobs.train_teacher import TeacherTaskConfig
     from jobs.train_tiny import TinyTaskConfig
+    from rtedit.train.reward.task import RewardTaskConfig
     from rtedit.train.tasks.distill import DistillTaskConfig
 
     tasks = {"tiny.yaml": TinyTaskConfig, "tiny_pair.yaml": TinyTaskConfig, "toy_teacher.yaml": TeacherTaskConfig,
-             "distill_toy.yaml": DistillTaskConfig}
+             "distill_toy.yaml": DistillTaskConfig, "reward_toy.yaml": RewardTaskConfig,
+             "reward_9b_lora.yaml": RewardTaskConfig}
     assert sorted(tasks) == sorted(p.name for p in configs)  # a new job config needs its task check here
     for name, cls in tasks.items():
         load_job_config(REPO / "jobs" / "configs" / name).task_config(cls)

@@ -121,10 +121,14 @@ def build_model(cfg: RewardTaskConfig, device: torch.device, dtype: torch.dtype,
         from transformers.integrations import HfDeepSpeedConfig
 
         live = HfDeepSpeedConfig(zero3_config)
-        model = EditReward(config, tokenizer, dtype=dtype)
+        try:
+            model = EditReward(config, tokenizer, dtype=dtype)
+        finally:
+            # Only construction needs it: alive, it makes every later transformers model of the process (a text
+            # encoder in the same process, the next test) build inside zero.Init, partitioned.
+            del live
         model.head.to(dtype)
         model.query.data = model.query.data.to(dtype)
-        model._hf_deepspeed_config = live  # keep it alive as long as the model
     else:
         with torch.device(device), default_dtype(dtype), without_zero3():
             model = EditReward(config, tokenizer, dtype=dtype)
