@@ -294,7 +294,8 @@ def load_qwen3_tokenizer():
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
+    """Modules built in this block get `dtype` (torch's default, restored after)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -327,7 +328,7 @@ def _preset_sidecar(name: str, causal: str = "auto") -> "Sidecar":
 def _random_text_encoder(qwen_cfg: dict, device: torch.device, dtype: torch.dtype, seed: int):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         text_encoder = Qwen3ForCausalLM(Qwen3Config(**qwen_cfg))
     init_random_weights(text_encoder, seed + 1)  # seed + 1 in every build, so a lone text encoder matches
     return text_encoder.eval().requires_grad_(False)
@@ -391,7 +392,7 @@ def build_preset(
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
     tr_cfg, qwen_cfg, vae_cfg = _preset_configs(name, device)
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         transformer = Flux2Transformer2DModel(**tr_cfg)
         vae = AutoencoderKLFlux2(**vae_cfg)
     for offset, module in ((0, transformer), (2, vae)):

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from rtedit.errors import ConfigError, ModelLoadError
+from rtedit.presets import default_dtype  # noqa: F401  (re-exported: the reward task builds with it)
 from rtedit.train.reward.images import VisionSettings, preprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub from here (tokenizers, configs)
@@ -513,16 +514,6 @@ def without_zero3():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 __all__ = ["CONFIG_FILE", "EditReward", "LoraSettings", "RewardConfig", "apply_lora", "backbone_from_dict",

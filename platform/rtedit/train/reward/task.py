@@ -7,7 +7,6 @@ on one GPU without carrying Ray.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
