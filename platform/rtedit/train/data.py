@@ -231,7 +231,7 @@ def check_preference_row(row: Mapping[str, Any], decode: bool = True) -> str | N
 # Writers
 
 
-def _write_rows(path: str | Path, rows: Iterable[Mapping[str, Any]], schema: pa.Schema, rows_per_file: int,
+def write_rows(path: str | Path, rows: Iterable[Mapping[str, Any]], schema: pa.Schema, rows_per_file: int,
                 rows_per_group: int = 256, first_part: int = 0) -> list[Path]:
     """Write rows as part-NNNNN.parquet files (numbered from first_part) in a folder; returns the files written."""
     if rows_per_file < 1:
@@ -264,14 +264,14 @@ def write_edit_examples(path: str | Path, examples: Iterable[EditExample | Mappi
 
     first_part numbers the first file, so parallel writers of one folder never collide."""
     rows = (e.to_row() if isinstance(e, EditExample) else e for e in examples)
-    return _write_rows(path, rows, EDIT_SCHEMA, rows_per_file, first_part=first_part)
+    return write_rows(path, rows, EDIT_SCHEMA, rows_per_file, first_part=first_part)
 
 
 def write_preference_pairs(path: str | Path, pairs: Iterable[PreferencePair | Mapping[str, Any]],
                            rows_per_file: int = 4096) -> list[Path]:
     """Write preference pairs into a folder of Parquet files with PREFERENCE_SCHEMA."""
     rows = (p.to_row() if isinstance(p, PreferencePair) else p for p in pairs)
-    return _write_rows(path, rows, PREFERENCE_SCHEMA, rows_per_file)
+    return write_rows(path, rows, PREFERENCE_SCHEMA, rows_per_file)
 
 
 # ---------------------------------------------------------------------------------------------------------------

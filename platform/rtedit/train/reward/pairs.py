@@ -44,7 +44,7 @@ from PIL import Image
 from rtedit.errors import InvalidImage
 from rtedit.train import toy
 from rtedit.train.data import (PREFERENCE_SCHEMA, ValidationReport, check_preference_row, decode_rgb, encode_png,
-                               parquet_files)
+                               parquet_files, write_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -252,23 +252,8 @@ def mix_pairs(example: toy.ToyExample, mix: PairMix, seed: int, first_index: int
 
 def write_reward_pairs(folder: str | Path, rows: Iterator[dict[str, Any]] | list[dict[str, Any]],
                        rows_per_file: int = 2048) -> list[Path]:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    files, chunk = [], []
-
-    def flush():
-        if chunk:
-            file = folder / f"part-{len(files):05d}.parquet"
-            pq.write_table(pa.Table.from_pylist(chunk, schema=REWARD_PAIR_SCHEMA), file, compression="zstd")
-            files.append(file)
-            chunk.clear()
-
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) >= rows_per_file:
-            flush()
-    flush()
-    return files
+    """Pairs as part-NNNNN.parquet files of REWARD_PAIR_SCHEMA (the data module's writer)."""
+    return write_rows(folder, rows, REWARD_PAIR_SCHEMA, rows_per_file)
 
 
 # ---------------------------------------------------------------------------------------------------------------
