@@ -136,7 +136,8 @@ distill)
   python3 -c "from jobs.distill import prepare; from rtedit.train.config import load_job_config; \
 prepare(load_job_config('jobs/configs/distill_toy.yaml', ['task.data_dir=/tmp/toy']))" >"$LANES/cache.log" 2>&1
   tail -1 "$LANES/cache.log"
-  ray start --head --num-gpus 1 --num-cpus 16 --disable-usage-stats --include-dashboard=false >"$LANES/ray.log" 2>&1
+  # The bundle installs no console scripts (bin/ stays home), so the CLI runs as a module.
+  python3 -m ray.scripts.scripts start --head --num-gpus 1 --num-cpus 16 --disable-usage-stats --include-dashboard=false >"$LANES/ray.log" 2>&1
   main=${DISTILL_STEPS:-1500}
   short=${ABLATION_STEPS:-600}
   # name, steps, overrides: the two students at the main schedule; the ablation at a fixed short one.
