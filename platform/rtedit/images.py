@@ -111,25 +111,50 @@ def to_pixel_tensor(arr: np.ndarray, device: torch.device, dtype: torch.dtype) -
 
 def to_pixel_batch(arrays: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 BxHxWx3 -> [B, 3, H, W] in [-1, 1] in one copy (dataset encoding: one pinned buffer per batch)."""
+    return uint8_to_pixels(stage_uint8(arrays, device), dtype)
+
+
+def stage_uint8(arrays: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 BxHxWx3 on the host -> the same on the device: pinned memory and a non-blocking copy on a GPU (no host
+    sync; the caching host allocator keeps the pinned block until the copy is done)."""
     host = torch.from_numpy(arrays if arrays.flags.writeable else arrays.copy())  # PIL-backed arrays are read-only
     if device.type == "cuda":
         host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def uint8_to_pixels(staged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 BxHxWx3 (on the device) -> [B, 3, H, W] in [-1, 1], on the device: graph-capturable."""
     # Contiguous NCHW as the pipeline hands it over: a channels-last view makes cuDNN pick other conv kernels.
-    pixels = host.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+    pixels = staged.permute(0, 3, 1, 2).contiguous()
     # Same float32 arithmetic as VaeImageProcessor (x / 255, then 2x - 1) so outputs match the pipeline exactly.
     pixels = pixels.to(torch.float32) / 255.0
     return (2.0 * pixels - 1.0).to(dtype)
 
 
+def postprocess(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, 3, H, W] in [-1, 1] -> (float32 HxWx3 in [0, 1], its uint8 quantisation), on the pixels' device.
+
+    VaeImageProcessor.postprocess's float arithmetic, then numpy_to_pil's rounding (x * 255, round half to even,
+    as numpy rounds): the same bits as the pipeline's PIL output, computed where the pixels are."""
+    image = (pixels * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).float().contiguous()
+    return image, (image * 255).round().to(torch.uint8)
+
+
+def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Device tensors -> numpy arrays: non-blocking copies into pinned buffers, then one wait for all of them."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.cpu().numpy() for t in tensors]
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, t in zip(hosts, tensors):
+        host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [host.numpy() for host in hosts]
+
+
 def pixels_to_array(pixels: torch.Tensor) -> np.ndarray:
     """[1, 3, H, W] in [-1, 1] -> float32 HxWx3 in [0, 1], as VaeImageProcessor.postprocess computes it."""
-    image = (pixels * 0.5 + 0.5).clamp(0, 1)
-    return image[0].permute(1, 2, 0).float().cpu().numpy()
-
-
-def array_to_pil(arr: np.ndarray) -> PIL.Image.Image:
-    """float [0, 1] HxWx3 -> PIL, rounding as diffusers' numpy_to_pil does."""
-    return PIL.Image.fromarray((arr * 255).round().astype(np.uint8))
+    return to_host(postprocess(pixels)[0])[0]
 
 
 def check_output_format(fmt: object) -> str:

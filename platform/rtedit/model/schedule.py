@@ -13,7 +13,10 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 def initial_noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The seed's noise, drawn from a CPU generator exactly as diffusers' randn_tensor draws it, on every device."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    noise = torch.randn(shape, generator=generator, dtype=dtype)
+    if device.type == "cuda":  # pinned and non-blocking: a pageable copy would wait for the GPU to drain
+        noise = noise.pin_memory()
+    return noise.to(device, non_blocking=True)
 
 
 class TimestepCache:
