@@ -50,7 +50,10 @@ STAGES = ("prepare", "denoise", "decode", "total")
 SERVING = "serving configuration"
 OURS = ("exact", "+attention", "+compile", "+dbcache dynamic", "+dbcache static", "+taef2 (dbcache dynamic)",
         "+taef2 (dbcache static)", SERVING)
-ROWS = ("stock eager", "stock compile", *OURS)
+# The serving configuration's variants (issue: engine speed): reuse off or static, CUDA graphs, FP8 linear layers.
+VARIANTS = ("serving, no reuse", "serving, no reuse + graphs", "serving, static reuse", "serving, static reuse + graphs",
+            "serving fp8, no reuse", "serving fp8, no reuse + graphs", "serving fp8, static reuse + graphs")
+ROWS = ("stock eager", "stock compile", *OURS, *VARIANTS)
 
 
 # ---- the rows as configs ---------------------------------------------------------------------------------------
@@ -126,7 +129,25 @@ def row_configs(serving: EditorConfig, size: int) -> dict[str, EditorConfig]:
     rows["+taef2 (dbcache static)"] = policy(rows["+taef2 (dbcache dynamic)"], "static")
     rows[SERVING] = serving
     assert tuple(rows) == OURS
+    rows.update(variant_configs(serving))
     return {name: config.validate() for name, config in rows.items()}
+
+
+def variant_configs(serving: EditorConfig) -> dict[str, EditorConfig]:
+    """VARIANTS: the serving configuration with its step-2 reuse off or static (timing only: random weights never
+    pass the dynamic check), each with and without CUDA graphs, and with FP8 linear layers."""
+    def variant(reuse: str, graphs: bool, fp8: bool = False) -> EditorConfig:
+        dbcache = dataclasses.replace(serving.dbcache, enabled=reuse == "static", policy="static" if reuse == "static"
+                                      else serving.dbcache.policy)
+        return dataclasses.replace(serving, dbcache=dbcache, cuda_graphs=graphs,
+                                   fp8=dataclasses.replace(serving.fp8, enabled=fp8))
+
+    rows = {"serving, no reuse": variant("off", False), "serving, no reuse + graphs": variant("off", True),
+            "serving, static reuse": variant("static", False), "serving, static reuse + graphs": variant("static", True),
+            "serving fp8, no reuse": variant("off", False, True), "serving fp8, no reuse + graphs": variant("off", True, True),
+            "serving fp8, static reuse + graphs": variant("static", True, True)}
+    assert tuple(rows) == VARIANTS
+    return rows
 
 
 def note(name: str, config: EditorConfig) -> str:
@@ -134,6 +155,10 @@ def note(name: str, config: EditorConfig) -> str:
         return "no approximation: equals the stock pipeline on CPU float32"
     if name == SERVING:
         return f"deployments/serve-gpu.yaml for_replica(), buckets {[list(s) for s in config.buckets.sizes]}"
+    if name in VARIANTS:
+        parts = ["cuda_graphs" if config.cuda_graphs else "", "fp8 " + config.fp8.granularity if config.fp8.enabled else "",
+                 "TIMING ONLY: step 2 reused unconditionally" if "static" in name else ""]
+        return "; ".join(p for p in parts if p)
     if "static" in name:
         return "TIMING ONLY: caches step 2 unconditionally"
     if name == "+compile":
@@ -270,29 +295,43 @@ def edit_once(editor, image, emb, steps: int) -> tuple[np.ndarray, dict]:
 
 def run_ours(configs: dict[str, EditorConfig], image, emb, args, rows: list[dict]) -> None:
     """Each row measured on an editor of its own; the exact row always runs (once at least): it anchors drift."""
-    if args.only and not set(args.only) & set(OURS) and not args.parity_frames:
+    if args.only and not set(args.only) & (set(OURS) | set(VARIANTS)) and not args.parity_frames:
         return  # --only names stock rows alone
     for name, config in configs.items():
         frames, warmup = frame_counts(name, args)
         if not frames and name != "exact":
             continue
-        editor = build(config)
-        row = measure(name, functools.partial(edit_once, editor, image, emb, args.steps), frames, warmup,
-                      note(name, config))
-        stats = editor.stats()
-        if config.dbcache.enabled:
-            row["dbcache"] = {k: stats["dbcache"][k] for k in ("policy", "label", "config", "groups")}
-        if config.select_attention:
-            row["attention_probe"] = stats["attention"]["probe"]
-            row["note"] = f"chosen {stats['attention_backend']}; {row.get('note', '')}".rstrip("; ")
-        if config.compile.enabled:
-            branches = stats["compile"]["branches"]
-            row["recompiles"] = {n: b["recompiles"] for n, b in branches.items() if b["state"] != "off"}
-            row["compile_failures"] = {n: b["failure"] for n, b in branches.items() if b["failure"]}
-            assert all(v == 0 for v in row["recompiles"].values()), f"{name}: recompiled after warm-up: {row['recompiles']}"
-        rows.append(row)
-        editor = None  # the last reference: release() frees it before the next row is built
+        try:
+            run_row(name, config, image, emb, args, rows, frames, warmup)
+        except Exception as exc:  # a failed row is reported and the others still run (one GPU call, many rows)
+            print(f"row failed: {name}: {type(exc).__name__}: {' '.join(str(exc).split())[:600]}", flush=True)
+            rows.append({"row": name, "_skipped": True, "failure": f"{type(exc).__name__}: {exc}"[:2000]})
         release()
+
+
+def run_row(name: str, config: EditorConfig, image, emb, args, rows: list[dict], frames: int, warmup: int) -> None:
+    """One row: its editor built from the config, timed, its stats checked (zero recompiles, every frame in a
+    captured graph)."""
+    editor = build(config)
+    row = measure(name, functools.partial(edit_once, editor, image, emb, args.steps), frames, warmup,
+                  note(name, config))
+    stats = editor.stats()
+    if config.dbcache.enabled:
+        row["dbcache"] = {k: stats["dbcache"][k] for k in ("policy", "label", "config", "groups")}
+    if config.select_attention:
+        row["attention_probe"] = stats["attention"]["probe"]
+        row["note"] = f"chosen {stats['attention_backend']}; {row.get('note', '')}".rstrip("; ")
+    if config.cuda_graphs:
+        row["cuda_graphs"] = stats["cuda_graphs"]
+        assert stats["cuda_graphs"]["unwarmed_runs"] == 0, f"{name}: a frame ran outside its captured graphs"
+    if config.fp8.enabled:
+        row["fp8"] = stats["fp8"]
+    if config.compile.enabled:
+        branches = stats["compile"]["branches"]
+        row["recompiles"] = {n: b["recompiles"] for n, b in branches.items() if b["state"] != "off"}
+        row["compile_failures"] = {n: b["failure"] for n, b in branches.items() if b["failure"]}
+        assert all(v == 0 for v in row["recompiles"].values()), f"{name}: recompiled after warm-up: {row['recompiles']}"
+    rows.append(row)
 
 
 # ---- reporting -------------------------------------------------------------------------------------------------
@@ -397,6 +436,7 @@ def main() -> int:
         with open(args.reference) as fh:
             stock = next(r for r in json.load(fh)["rows"] if r["row"] == "stock eager")
     exact = next((r for r in rows if r["row"] == "exact"), None)
+    failed = [r for r in rows if r.get("failure")]
     rows = [r for r in rows if not r.get("_skipped")]
     name, uuid = card()
     for r in rows:
@@ -407,12 +447,15 @@ def main() -> int:
         r["card_uuid"] = uuid
     print_table(rows, f"{name} ({uuid}), {datetime.date.today()}, {args.model} {dtype}, {args.size}x{args.size}, "
                       f"{args.steps} steps, 1 input image, prompt cached")
+    for r in failed:
+        print(f"FAILED row {r['row']}: {r['failure']}")
     result = {
         "card": name, "card_uuid": uuid, "date": str(datetime.date.today()), "size": args.size, "steps": args.steps,
         "frames": args.frames,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda},
         "configs": {n: c.to_dict() for n, c in configs.items() if args.rows != "stock"},
         "rows": [{k: v for k, v in r.items() if k != "_output"} for r in rows],
+        "failed": [{"row": r["row"], "failure": r["failure"]} for r in failed],
     }
     if args.json:
         with open(args.json, "w") as fh:

@@ -46,7 +46,7 @@ setup)
   # The bundle is unzipped without file modes: Ray's gcs_server and raylet need their exec bits back.
   if [ -d /tmp/site/ray/core/src ]; then find /tmp/site/ray/core/src -type f ! -name "*.py" -exec chmod +x {} +; fi
   shopt -s nullglob
-  wheels=(.raygpu/*.whl .whl/*.whl .dswhl/*.whl)
+  wheels=(.raygpu/*.whl .whl/*.whl .dswhl/*.whl .tao/*.whl)
   if ((${#wheels[@]})); then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "${wheels[@]}"
   fi
@@ -57,7 +57,7 @@ setup)
   done
   shopt -u nullglob
   # -h: a .snap tree (bench/stage_device.sh snap) links models/ and .device in from beside it.
-  rm -rf "$RUN" && mkdir -p "$RUN" && tar -h --exclude=./.raygpu --exclude=./.whl --exclude=./.dswhl -cf - . | tar -C "$RUN" -xf -
+  rm -rf "$RUN" && mkdir -p "$RUN" && tar -h --exclude=./.raygpu --exclude=./.whl --exclude=./.dswhl --exclude=./.tao -cf - . | tar -C "$RUN" -xf -
   # rtedit is linked into the site folder: platform/ itself never goes on sys.path (it names a stdlib module).
   ln -sfn "$RUN/platform/rtedit" /tmp/site/rtedit
   cat >"$LANES/env.sh" <<'EOF'
@@ -67,7 +67,7 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 EOF
   . "$LANES/env.sh"
   python3 -c "import importlib as i, importlib.util, torch; print({m: getattr(i.import_module(m), '__version__', '?') \
-for m in ('diffusers', 'cache_dit', 'ray', 'pydantic', 'deepspeed') if i.util.find_spec(m)}, 'torch', torch.__version__, \
+for m in ('diffusers', 'cache_dit', 'ray', 'pydantic', 'deepspeed', 'torchao') if i.util.find_spec(m)}, 'torch', torch.__version__, \
 torch.cuda.device_count(), 'GPUs')"
   ;;
 train)

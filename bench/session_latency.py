@@ -23,7 +23,6 @@ import statistics
 import sys
 
 import numpy as np
-import torch
 
 import frame_latency as fl  # bench/ is the script's folder, so its sibling imports by name
 from rtedit.config import ShapeBuckets
@@ -47,10 +46,14 @@ def flop_ratio(size: int, refs: int, steps: int, text: int = 512) -> float:
 REUSE_ROW = "session, 0 ref, step-2 reuse static (timing only)"
 
 
-def row_configs(serving, size: int, with_reuse: bool = True) -> dict[str, object]:
+GRAPHS = " + graphs"
+
+
+def row_configs(serving, size: int, with_reuse: bool = True, graphs: bool = False) -> dict[str, object]:
     """full/session x 0/1 references: the serving config without reuse, one bucket each; then the session row with
     the serving config's dbcache settings driving the session path's own step-2 reuse, static policy (on random
-    weights the dynamic check never passes, so only the static policy times what a reused step costs)."""
+    weights the dynamic check never passes, so only the static policy times what a reused step costs). `graphs`:
+    every row again with CUDA graphs over its stages (rtedit.accel.cuda_graphs), named with GRAPHS appended."""
     base = dataclasses.replace(serving, dbcache=dataclasses.replace(serving.dbcache, enabled=False))
     rows = {}
     for refs in (0, 1):
@@ -61,6 +64,8 @@ def row_configs(serving, size: int, with_reuse: bool = True) -> dict[str, object
     if with_reuse:
         reuse = dataclasses.replace(serving.dbcache, enabled=True, policy="static")
         rows[REUSE_ROW] = dataclasses.replace(rows["session, 0 ref"], dbcache=reuse)
+    if graphs:
+        rows.update({name + GRAPHS: dataclasses.replace(cfg, cuda_graphs=True) for name, cfg in list(rows.items())})
     return rows
 
 
@@ -79,6 +84,8 @@ def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
     stats = editor.stats()
     recompiles = {n: b["recompiles"] for n, b in stats["compile"].get("branches", {}).items()}
     assert not any(recompiles.values()), f"{name}: recompiled after warm-up: {recompiles}"
+    if config.cuda_graphs:
+        assert stats["cuda_graphs"]["unwarmed_runs"] == 0, f"{name}: frames outside the captured graphs"
     reuse = stats["step_reuse"]
     row = {"row": name, "frames": args.frames, "recompiles": recompiles, "mode": editor.mode,
            "session_pass_ms": first.timings.get("session"), "attention": stats["attention_backend"],
@@ -100,12 +107,13 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--model", default="klein-4b-random", choices=["klein-4b-random", "tiny"])
     p.add_argument("--json", default=None)
+    p.add_argument("--graphs", action="store_true", help="every row again with CUDA graphs (a GPU only)")
     args = p.parse_args()
     if args.model == "tiny":  # the tiny preset's one double block leaves no middle block to reuse: no reuse row
         serving = fl.serving_config({"model": "tiny", "dtype": "float32", "compile": {"backend": "eager"}})
     else:
         serving = fl.serving_config()
-    configs = row_configs(serving, args.size, with_reuse=args.model != "tiny")
+    configs = row_configs(serving, args.size, with_reuse=args.model != "tiny", graphs=args.graphs)
     # The prompt's embedding, from an editor with the text encoder and no fast path (replicas have none).
     encoder = fl.build(dataclasses.replace(serving, text_encoder=True, select_attention=False, buckets=ShapeBuckets(),
                                            compile=dataclasses.replace(serving.compile, enabled=False),
@@ -114,7 +122,14 @@ def main() -> int:
     del encoder
     fl.release()
     image = fl.frame(args.size)
-    rows = [run_row(name, cfg, image, emb, args) for name, cfg in configs.items()]
+    rows, failed = [], []
+    for name, cfg in configs.items():
+        try:
+            rows.append(run_row(name, cfg, image, emb, args))
+        except Exception as exc:  # reported; the other rows of the one GPU call still run
+            failed.append(f"{name}: {type(exc).__name__}: {' '.join(str(exc).split())[:800]}")
+            print("row failed:", failed[-1], flush=True)
+            fl.release()
     card, uuid = fl.card()
     print(f"{card} ({uuid}), {datetime.date.today()}, {args.model}, {args.size}x{args.size}, {args.steps} steps, "
           f"prompt cached, no step-2 reuse but in the last row")
@@ -123,6 +138,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     by_name = {r["row"]: r for r in rows}
     drift = None
+    graph_diffs = {r["row"]: float(np.abs(r["output"] - by_name[r["row"][:-len(GRAPHS)]]["output"]).max())
+                   for r in rows if r["row"].endswith(GRAPHS) and r["row"][:-len(GRAPHS)] in by_name}
     if REUSE_ROW in by_name:  # the reused step's drift: the same frame and seed with and without reuse
         plain, reused = by_name["session, 0 ref"]["output"], by_name[REUSE_ROW]["output"]
         drift = {"max_abs": float(np.abs(plain - reused).max()),
@@ -130,9 +147,10 @@ def main() -> int:
     for r in rows:
         r.pop("output")
         refs = int(r["row"].split(", ")[1][0])
-        full = by_name[f"full, {refs} ref"]
-        ratio = f"{full['denoise_median'] / r['denoise_median']:.2f}" if r["mode"] == "session" else "-"
-        ideal = f"{flop_ratio(args.size, refs, args.steps):.2f}" if r["row"] in (
+        graphs = GRAPHS if r["row"].endswith(GRAPHS) else ""
+        full = by_name.get(f"full, {refs} ref{graphs}")
+        ratio = f"{full['denoise_median'] / r['denoise_median']:.2f}" if r["mode"] == "session" and full else "-"
+        ideal = f"{flop_ratio(args.size, refs, args.steps):.2f}" if r["row"].removesuffix(graphs) in (
             "session, 0 ref", "session, 1 ref") else "-"
         once = f"{r['session_pass_ms']:.1f}" if r["session_pass_ms"] is not None else "-"
         print(f"| {r['row']} | {r['prepare_median']:.1f} | {r['session_median']:.2f} | {r['denoise_median']:.1f} | "
@@ -143,10 +161,15 @@ def main() -> int:
         print(f"step-2 reuse ({reuse_row['reuse_label']}): hit rate {reuse_row['reuse_hit_rate']}, drift against the "
               f"session row without reuse on the same frame and seed: max abs {drift['max_abs']:.4f}, PSNR "
               f"{drift['psnr_db']:.1f} dB (random weights)")
+    for name, diff in graph_diffs.items():
+        print(f"{name}: max abs difference from the same row without graphs (first frame): {diff:.3g}")
+    for line in failed:
+        print("FAILED row", line)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"card": card, "card_uuid": uuid, "date": str(datetime.date.today()), "size": args.size,
-                       "steps": args.steps, "rows": rows, "reuse_drift": drift}, fh, indent=2, default=str)
+                       "steps": args.steps, "rows": rows, "reuse_drift": drift, "graph_diffs": graph_diffs,
+                       "failed": failed}, fh, indent=2, default=str)
     return 0
 
 

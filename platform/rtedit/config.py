@@ -11,6 +11,7 @@ from typing import Any
 from rtedit.accel.attention_probe import AttentionConfig
 from rtedit.accel.compile import CompileConfig
 from rtedit.accel.dbcache import CachingConfig
+from rtedit.accel.fp8 import FP8Config
 from rtedit.config_parsing import from_dict
 from rtedit.device import DTYPES
 from rtedit.errors import ConfigError
@@ -120,6 +121,10 @@ class EditorConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     dbcache: CachingConfig = field(default_factory=lambda: CachingConfig(enabled=False))
     compile: CompileConfig = field(default_factory=lambda: CompileConfig(enabled=False))
+    # CUDA graphs over each frame's encode, denoise and decode stages, captured per bucket at warm-up
+    # (rtedit.accel.cuda_graphs); a CUDA device and fixed buckets only, and no host-side reuse decision.
+    cuda_graphs: bool = False
+    fp8: FP8Config = field(default_factory=FP8Config)  # FP8 linear layers in the transformer's blocks (torchao)
     # Causal models (rtedit.json "causal"): "auto" serves the model in its own attention mode; "off" (full
     # attention), "kv" or "session" must be the model's own, else loading fails with UnsupportedRequest.
     causal: str = "auto"
@@ -155,6 +160,7 @@ class EditorConfig:
         self.attention.validate()
         self.dbcache.validate()
         self.compile.validate()
+        self.fp8.validate()
         if self.causal not in CAUSAL_CHOICES:
             raise ConfigError(f"causal must be one of {list(CAUSAL_CHOICES)}, got {self.causal!r}")
         if self.kv_store_bytes is not None:
@@ -171,6 +177,14 @@ class EditorConfig:
                               "loop and breaks diffusers' KV cache; the session mode has its own step-2 reuse")
         if (self.compile.enabled or self.dbcache.enabled) and not self.buckets.sizes:
             raise ConfigError("compile and dbcache serve fixed shapes: list buckets.sizes (e.g. [[512, 512]])")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        if self.cuda_graphs and not self.buckets.sizes:
+            raise ConfigError("cuda_graphs captures each bucket at warm-up: list buckets.sizes (e.g. [[512, 512]])")
+        if self.cuda_graphs and self.dbcache.enabled and self.dbcache.policy == "dynamic":
+            raise ConfigError("cuda_graphs does not combine with dbcache.policy 'dynamic': its residual check is read "
+                              "on the host at every reusable step, which a replayed graph cannot do; turn dbcache "
+                              "off, or use the 'static' policy (timing only)")
         return self
 
     @classmethod

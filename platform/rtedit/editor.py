@@ -11,6 +11,7 @@ the K/V store for an open `Session`, rtedit.session, or computed once for a one-
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter
@@ -28,15 +29,17 @@ from rtedit.errors import ConfigError, EditCancelled, EditError, EngineDead, Inv
 from rtedit.frame_request import FrameRequest, check_request
 from rtedit.images import (
     ImageInput,
-    array_to_pil,
     encode_image,
     fit_like_pipeline,
-    pixels_to_array,
+    postprocess,
+    stage_uint8,
+    to_host,
     to_pixel_tensor,
     to_uint8_array,
+    uint8_to_pixels,
 )
 from rtedit.kv_store import KVStore
-from rtedit.model.causal import SessionCache, causal_denoise
+from rtedit.model.causal import LayerKV, SessionCache, causal_denoise
 from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
 from rtedit.model.packing import PATCH_PIXELS, LatentIdCache, pack, unpack
 from rtedit.model.schedule import TimestepCache, euler_step, initial_noise
@@ -129,6 +132,8 @@ class Editor:
         self.device_failure: str | None = None  # set once the device failed beyond recovery (check_health raises)
         self.attention = self.dbcache = self.compiled = None
         self.step_reuse: StepReuse | None = None  # the session mode's step-2 reuse (dbcache config, session mode)
+        self.fp8: dict | None = None  # what rtedit.accel.fp8 converted, when config.fp8 is on
+        self.graphs = None  # rtedit.accel.cuda_graphs.StageGraphs when config.cuda_graphs (encode, denoise, decode)
         self.warm: dict | None = None  # what warm_up() did, once it ran
         self.warm_steps = sidecar.steps[0] if sidecar.steps else 2
         self.sessions = SessionRegistry()  # the open sessions by id (rtedit.session)
@@ -359,17 +364,22 @@ class Editor:
         return h, w, resized
 
     def _encode_condition(self, arr: np.ndarray, is_input: bool, memo: dict | None = None, key=None) -> torch.Tensor:
-        """The input image rides the main (bucketed, compilable) path; references are encoded on their own (once per
-        session and size when a session's `memo` keeps them)."""
+        """The input image rides the main (bucketed, compilable, graph-captured) path; references are encoded on
+        their own (once per session and size when a session's `memo` keeps them)."""
         if not is_input and memo is not None and key in memo:
             return memo[key]
-        pixels = to_pixel_tensor(arr, self.codec.device, self.codec.dtype)
         if is_input:
-            return self.codec.encode(pixels)
-        latent = self.codec.encode_reference(pixels)
+            staged = stage_uint8(arr[None], self.codec.device)
+            if self.graphs is not None:
+                return self.graphs.run("encode", arr.shape, self._encode_input, [staged])
+            return self._encode_input(staged)
+        latent = self.codec.encode_reference(to_pixel_tensor(arr, self.codec.device, self.codec.dtype))
         if memo is not None:
             memo[key] = latent
         return latent
+
+    def _encode_input(self, staged: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(uint8_to_pixels(staged, self.codec.dtype))
 
     def _attend(self, fn, *args):
         """Runs a stage of transformer passes; a kernel failure retries it on the next attention backend."""
@@ -380,6 +390,31 @@ class Editor:
         return self._attend(self._denoise_steps, plan)
 
     def _denoise_steps(self, plan: FramePlan) -> torch.Tensor:
+        """The steps, through the stage's CUDA graph for this shape when the editor has graphs (cancellation is then
+        checked before the stage, not between its steps: a replay runs them all)."""
+        if self.graphs is None:
+            return self._steps(plan)
+        session = plan.session
+        key = (plan.lat_h, plan.lat_w, plan.condition_shapes, plan.layout.text_tokens, len(plan.timesteps))
+        inputs = [plan.latents, plan.conditions, plan.emb.embeds, plan.emb.text_ids, plan.layout.img_ids,
+                  plan.timesteps, plan.sigmas]
+        held = [t for kv in session.layers for t in (kv.key, kv.value)] if session is not None else []
+
+        def steps(latents, conditions, embeds, text_ids, img_ids, timesteps, sigmas, *kv):
+            # Every tensor a step reads that can change between frames comes from the graph's static inputs.
+            emb = replace(plan.emb, embeds=embeds, text_ids=text_ids)
+            layout = replace(plan.layout, text_ids=text_ids[0], img_ids=img_ids)
+            cache = None if session is None else replace(session, layers=tuple(
+                LayerKV(k, v) for k, v in zip(kv[0::2], kv[1::2])))
+            return self._steps(replace(plan, emb=emb, latents=latents, conditions=conditions, layout=layout,
+                                       timesteps=timesteps, sigmas=sigmas, session=cache, cancel=None))
+
+        on_replay = None
+        if self.step_reuse is not None:
+            on_replay = functools.partial(self.step_reuse.count_replayed_frame, len(plan.timesteps))
+        return self.graphs.run("denoise", key, steps, inputs, held, on_replay=on_replay)
+
+    def _steps(self, plan: FramePlan) -> torch.Tensor:
         """Euler steps of the flow; the velocity is read off the target tokens."""
         if self.mode is not None:  # the mode's cached passes (kv: step 1 extracts I's and R's K/V; session: I once)
             return causal_denoise(self.transformer, self.mode, plan.layout, plan.latents, plan.conditions,
@@ -396,12 +431,21 @@ class Editor:
         return latents
 
     def _decode(self, latents: torch.Tensor, plan: FramePlan, output_format: str | None):
-        """3. decode: unpack, undo the latent batch-norm, unpatchify, VAE decode, quantise and encode."""
-        pixels = self.codec.decode(unpack(latents, plan.lat_h, plan.lat_w))
-        array = pixels_to_array(pixels)
-        pil = array_to_pil(array)
+        """3. decode: unpack, undo the latent batch-norm, unpatchify, VAE decode, quantise (on the device), copy
+        out, and encode."""
+        if self.graphs is not None:
+            image, quantised = self.graphs.run("decode", (plan.lat_h, plan.lat_w),
+                                               functools.partial(self._decode_pixels, plan.lat_h, plan.lat_w),
+                                               [latents])
+        else:
+            image, quantised = self._decode_pixels(plan.lat_h, plan.lat_w, latents)
+        array, pixels = to_host(image, quantised)
+        pil = PIL.Image.fromarray(pixels)
         data = encode_image(pil, output_format) if output_format else None
         return pil, array, data
+
+    def _decode_pixels(self, lat_h: int, lat_w: int, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return postprocess(self.codec.decode(unpack(latents, lat_h, lat_w)))
 
     # ---- the fast path and warm-up (rtedit.fast_path) -----------------------------------------------------------
     def warm_buckets(self) -> list[tuple[int, int, int]]:
@@ -444,6 +488,8 @@ class Editor:
             "dbcache": self.dbcache.stats() if self.dbcache else {"enabled": False},
             "step_reuse": self.step_reuse.stats() if self.step_reuse else {"enabled": False},
             "compile": self.compiled.stats() if self.compiled else {"enabled": False},
+            "cuda_graphs": self.graphs.stats() if self.graphs else {"enabled": False},
+            "fp8": self.fp8 or {"enabled": False},
             "warm_up": self.warm,
             "device_failure": self.device_failure,
             "edits": self._counts["edits"],

@@ -1,6 +1,6 @@
 """The Editor's fast path, built from its EditorConfig in one place and one order, and its warm-up.
 
-Order: a causal mode's attention processors, the attention probe, DBCache (the session mode's own step reuse in its
+Order: a causal mode's attention processors, FP8 layers, the attention probe, DBCache (the session mode's own step reuse in its
 place), selective compile, then the warm-up of every bucket. The probe switches attention processors and the compiled graphs must see the final processors and
 cache hooks, so nothing may be attached in another order (benchmarks build their rows through Editor.from_config).
 """
@@ -38,6 +38,10 @@ def build(editor: "Editor") -> None:
                               "cache-dit replaces the block loop and breaks diffusers' KV cache; the session mode "
                               "has its own step-2 reuse")
         install_causal_processors(editor.transformer, editor.mode)
+    if cfg.fp8.enabled:  # before the probe and the compile: both must see the FP8 layers
+        from rtedit.accel.fp8 import quantize_blocks
+
+        editor.fp8 = quantize_blocks(editor.transformer, cfg.fp8)
     if cfg.select_attention:
         editor.attention = probe_attention(editor)
     if cfg.dbcache.enabled and editor.mode == "session":  # the session X pass's own reuse, not cache-dit
@@ -57,7 +61,12 @@ def build(editor: "Editor") -> None:
         editor.compiled = compile_regions(cfg.compile, transformer=editor.transformer,
                                           vae_encoder=autoencoder.encoder, vae_decoder=autoencoder.decoder)
         editor.codec.reference_context = functools.partial(editor.compiled.eager, "vae_encoder")
-        editor.warm_up()  # compiled regions are compiled now, for every bucket: no request ever compiles
+    if cfg.cuda_graphs:
+        from rtedit.accel.cuda_graphs import StageGraphs
+
+        editor.graphs = StageGraphs(editor.device)
+    if editor.compiled is not None or editor.graphs is not None:
+        editor.warm_up()  # every bucket compiled and captured now: no request ever compiles or captures
 
 
 def probe_attention(editor: "Editor"):
@@ -90,10 +99,9 @@ def warm_up(editor: "Editor", passes: int = 2) -> dict:
     """Runs every bucket `passes` times at the served step count, so no request pays for lazy initialisation
     or compiles; zero prompt embeddings of the right shape where this process has no text encoder. A causal
     model warms whole causal frames (session mode: the T/R pass, I's pass and X's steps, as a session runs)."""
-    def run(bucket: tuple[int, int, int]) -> None:
+    def run(bucket: tuple[int, int, int], steps: int = editor.warm_steps) -> None:
         h, w, refs = bucket
-        editor.edit(gray(h, w), warm_prompt(editor), references=[gray(h, w)] * refs, steps=editor.warm_steps,
-                  height=h, width=w)
+        editor.edit(gray(h, w), warm_prompt(editor), references=[gray(h, w)] * refs, steps=steps, height=h, width=w)
 
     buckets = warm_buckets(editor)
     if editor.compiled is not None:
@@ -103,6 +111,13 @@ def warm_up(editor: "Editor", passes: int = 2) -> dict:
             for bucket in buckets:
                 run(bucket)
         report = {"buckets": len(buckets)}
+    if editor.graphs is not None and not editor.graphs.frozen:  # captured after the compiles, every served step count
+        editor.graphs.arm()
+        for steps in sorted(set(editor.bundle.sidecar.steps or ()) | {editor.warm_steps}):
+            for bucket in buckets:
+                run(bucket, steps)
+        editor.graphs.freeze()
+        report["cuda_graphs"] = editor.graphs.stats()
     editor.warm = {**report, "shapes": buckets, "steps": editor.warm_steps, "causal": editor.mode}
     return editor.warm
 

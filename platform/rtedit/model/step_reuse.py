@@ -61,6 +61,20 @@ class StepReuse:
             mask = (1,) * num_steps
         return FrameReuse(self, mask)
 
+    def count_replayed_frame(self, num_steps: int) -> None:
+        """The counters of a frame replayed from a CUDA graph (rtedit.accel.cuda_graphs), whose Python never runs:
+        the static policy's decisions are fixed, so they are what a run would have counted."""
+        if self.config.policy != "static":
+            raise ConfigError("only the static policy's frames can be replayed from a graph: the dynamic policy "
+                              "decides on the host per step")
+        computed = False
+        for compute in self.frame(num_steps).mask:
+            if not compute and computed:
+                for name in self.groups:
+                    self.allowed[name] += 1
+                    self.reused[name] += 1
+            computed = computed or bool(compute)
+
     def stats(self) -> dict:
         allowed, reused = sum(self.allowed.values()), sum(self.reused.values())
         cfg = self.config

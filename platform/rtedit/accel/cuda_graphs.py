@@ -1,0 +1,130 @@
+"""CUDA graphs over whole stages of a frame: captured per bucket at warm-up, replayed with their inputs copied in.
+
+torch.compile's "reduce-overhead" mode graphs each compiled region on its own, and the idle GPU time of a frame lies
+between regions: the Python glue of the session path's 25 layers, the Euler steps, the autoencoder's pre- and
+post-processing. So a whole stage (encode, denoise, decode) is captured by hand with `torch.cuda.CUDAGraph`: its
+inputs are copied into static buffers the graph reads, its outputs are static tensors the next replay overwrites.
+
+Rules a captured stage keeps (the Editor's stages keep them; rtedit.editor):
+- no host synchronisation and no host-side decision that can change between frames (a dynamic step-reuse check
+  reads a device value: the Editor refuses that combination);
+- every tensor the stage reads that can change between frames is an input (position ids, prompt embeddings,
+  timesteps, cached keys and values): anything else is baked in at capture;
+- its outputs are consumed before the same graph replays again (the Editor runs one frame at a time).
+Each graph has its own memory pool, so no graph's replay can overwrite another graph's outputs or inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rtedit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]  # static buffers, in the order `run` receives its tensors
+    held_sources: list  # weak references to the `held` tensors last copied in (copied again only when they change)
+    outputs: Outputs
+    seconds: float
+    replays: int = 0
+
+
+def _check_tensors(what: str, tensors: Sequence[torch.Tensor], device: torch.device) -> None:
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or t.device != device:
+            raise ConfigError(f"graph stage {what}: input {i} must be a tensor on {device}, got "
+                              f"{type(t).__name__} on {getattr(t, 'device', None)}")
+
+
+@dataclass
+class StageGraphs:
+    """One editor's captured stages, keyed by (stage, shape key); `run` captures on a key's first call when armed.
+
+    Before `arm()` (during the compile warm-up) stages run eagerly; between `arm()` and `freeze()` (the graph
+    warm-up pass) each new key is captured; after `freeze()` nothing is captured any more, and a frame of a shape
+    the warm-up missed runs eagerly, counted in `unwarmed_runs` (benchmarks assert it stays 0)."""
+
+    device: torch.device
+    armed: bool = False
+    frozen: bool = False
+    unwarmed_runs: int = 0  # frames of a shape the warm-up did not capture (run eagerly)
+    graphs: dict[tuple, _Captured] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.device.type != "cuda":
+            raise ConfigError(f"cuda_graphs needs a CUDA device, the editor runs on {self.device}")
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    def run(self, stage: str, key: Hashable, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor],
+            held: Sequence[torch.Tensor] = (), on_replay: Callable[[], None] | None = None) -> Outputs:
+        """fn(*inputs, *held) through the stage's graph for `key`. `held`: tensors that are never written in place
+        (a session's cached keys and values), copied into the graph only when a different tensor comes.
+        `on_replay`: what a run of fn does besides its outputs (counters), done again on each replay.
+
+        A key first seen after `freeze()` runs eagerly and is counted in `unwarmed_runs`: captures happen at
+        warm-up only, so memory held by graphs stays what the warm-up took."""
+        entry = self.graphs.get((stage, key))
+        if entry is None and (not self.armed or self.frozen):
+            if self.frozen:
+                self.unwarmed_runs += 1
+                logger.warning("stage %s for %r was not captured at warm-up: it runs without a CUDA graph", stage, key)
+            return fn(*inputs, *held)
+        if entry is None:  # a capture records kernels without running them: the replay below computes
+            entry = self._capture(stage, key, fn, list(inputs) + list(held), len(held))
+        else:
+            for static, t in zip(entry.inputs, inputs):
+                static.copy_(t, non_blocking=True)
+            base = len(inputs)
+            for i, t in enumerate(held):
+                if entry.held_sources[i]() is not t:
+                    entry.inputs[base + i].copy_(t, non_blocking=True)
+                    entry.held_sources[i] = weakref.ref(t)
+        entry.graph.replay()
+        entry.replays += 1
+        if on_replay is not None:
+            on_replay()
+        return entry.outputs
+
+    def _capture(self, stage: str, key: Hashable, fn: Callable[..., Outputs], tensors: list[torch.Tensor],
+                 held: int) -> _Captured:
+        _check_tensors(stage, tensors, self.device)
+        start = time.perf_counter()
+        static = [t.clone() for t in tensors]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # lazy initialisation (cuBLAS workspaces, autotuning) happens outside capture
+            fn(*static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA work (a prompt encode) must not invalidate this capture
+        with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle(), capture_error_mode="thread_local"):
+            outputs = fn(*static)
+        torch.cuda.synchronize(self.device)
+        entry = _Captured(graph, static, [weakref.ref(t) for t in tensors[len(tensors) - held:]] if held else [],
+                          outputs, time.perf_counter() - start)
+        self.graphs[(stage, key)] = entry
+        return entry
+
+    def stats(self) -> dict:
+        return {"enabled": True, "armed": self.armed, "frozen": self.frozen, "graphs": len(self.graphs),
+                "unwarmed_runs": self.unwarmed_runs,
+                "captured": sorted({stage for stage, _ in self.graphs}),
+                "capture_s": round(sum(e.seconds for e in self.graphs.values()), 3),
+                "replays": sum(e.replays for e in self.graphs.values())}

@@ -1,0 +1,104 @@
+"""CUDA graphs over a frame's stages (rtedit.accel.cuda_graphs): refused where they cannot hold (CPU, host-side
+reuse decisions, no buckets); with the graph path off (CPU) the device-side quantisation equals numpy's; on a GPU a
+replay never sees a stale input: alternating frames, prompts, seeds and sessions equal an editor without graphs."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_image
+from rtedit.accel.dbcache import CachingConfig
+from rtedit.config import EditorConfig, ShapeBuckets
+from rtedit.editor import Editor
+from rtedit.errors import ConfigError
+from rtedit.images import postprocess, to_host
+from rtedit.model.step_reuse import StepReuse
+from rtedit.presets import build_preset
+
+BUCKETS = ShapeBuckets(sizes=((64, 64),), references=(0,))
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+def test_graphs_are_refused_with_a_host_side_reuse_decision_and_without_buckets():
+    with pytest.raises(ConfigError, match="dynamic"):
+        EditorConfig(buckets=BUCKETS, cuda_graphs=True, dbcache=CachingConfig(enabled=True)).validate()
+    with pytest.raises(ConfigError, match="buckets"):
+        EditorConfig(cuda_graphs=True).validate()
+    with pytest.raises(ConfigError, match="true or false"):
+        EditorConfig(buckets=BUCKETS, cuda_graphs="yes").validate()
+    EditorConfig(buckets=BUCKETS, cuda_graphs=True, dbcache=CachingConfig(enabled=True, policy="static")).validate()
+
+
+def test_graphs_on_a_cpu_editor_are_a_config_error():
+    with pytest.raises(ConfigError, match="CUDA device"):
+        Editor.from_config(EditorConfig(model="tiny", device="cpu", buckets=BUCKETS, cuda_graphs=True))
+
+
+def test_device_quantisation_equals_numpy_rounding():
+    pixels = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
+    image, quantised = to_host(*postprocess(pixels))
+    expected_image = (pixels * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(image, expected_image)
+    np.testing.assert_array_equal(quantised, (expected_image * 255).round().astype(np.uint8))
+
+
+def test_a_replayed_static_frame_counts_what_a_run_counts():
+    config = CachingConfig(enabled=True, policy="static", Fn=1, Bn=0)
+    groups = {"transformer_blocks": 3, "single_transformer_blocks": 3}
+    ran, replayed = StepReuse(config, groups), StepReuse(config, groups)
+    frame = ran.frame(2)
+    for _ in range(2):
+        frame.begin_step()
+        for name in groups:
+            frame.run(name, [lambda h: h + 1] * 3, torch.zeros(2))
+    replayed.count_replayed_frame(2)
+    assert replayed.stats() == ran.stats() and ran.stats()["reused"] == {name: 1 for name in groups}
+    with pytest.raises(ConfigError, match="static"):
+        StepReuse(dataclasses.replace(config, policy="dynamic"), groups).count_replayed_frame(2)
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------------------
+def gpu_editor(graphs: bool, causal: str | None = None) -> Editor:
+    """The tiny preset on the GPU in float32, the same seeded weights every time, eager (no compile)."""
+    bundle = build_preset("tiny", torch.device("cuda"), torch.float32, seed=0, text_encoder=True)
+    if causal is not None:
+        bundle.sidecar = dataclasses.replace(bundle.sidecar, causal=causal, condition_timestep=0.0)
+    return Editor(bundle, EditorConfig(buckets=BUCKETS, cuda_graphs=graphs))
+
+
+@needs_gpu
+@pytest.mark.parametrize("causal", [None, "session"])
+def test_replays_see_every_new_input(causal):
+    plain, graphed = gpu_editor(False, causal), gpu_editor(True, causal)
+    assert graphed.stats()["cuda_graphs"]["graphs"] == 3  # encode, denoise, decode of the one bucket
+    frames = [random_image(64, 64, seed=s) for s in (1, 2)]
+    prompts = ["make it blue", "add a red circle"]
+    for i in range(4):  # every input changes from one frame to the next
+        kwargs = dict(seed=i, steps=2)
+        a = plain.edit(frames[i % 2], prompts[i // 2 % 2], **kwargs)
+        b = graphed.edit(frames[i % 2], prompts[i // 2 % 2], **kwargs)
+        np.testing.assert_allclose(b.array, a.array, atol=1e-5, rtol=0)
+    stats = graphed.stats()["cuda_graphs"]
+    assert stats["replays"] >= 12 and stats["unwarmed_runs"] == 0
+
+
+@needs_gpu
+def test_interleaved_sessions_replay_their_own_keys_and_values():
+    plain, graphed = gpu_editor(False, "session"), gpu_editor(True, "session")
+    frame = random_image(64, 64, seed=3)
+    sessions = {e: [e.open_session(p) for p in ("make it blue", "add a red circle")] for e in (plain, graphed)}
+    for i in range(4):  # A, B, A, B: each replay must copy in the other session's T/R keys and values
+        a = sessions[plain][i % 2].edit(frame, seed=1).array
+        b = sessions[graphed][i % 2].edit(frame, seed=1).array
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+
+
+@needs_gpu
+def test_a_step_count_the_warm_up_missed_runs_eagerly_and_is_counted():
+    plain, graphed = gpu_editor(False), gpu_editor(True)
+    frame = random_image(64, 64, seed=4)
+    a, b = plain.edit(frame, "make it blue", steps=3), graphed.edit(frame, "make it blue", steps=3)
+    np.testing.assert_allclose(b.array, a.array, atol=1e-5, rtol=0)
+    assert graphed.stats()["cuda_graphs"]["unwarmed_runs"] == 1
