@@ -64,8 +64,9 @@ def row_configs(serving, size: int, with_reuse: bool = True, graphs: bool = Fals
     if with_reuse:
         reuse = dataclasses.replace(serving.dbcache, enabled=True, policy="static")
         rows[REUSE_ROW] = dataclasses.replace(rows["session, 0 ref"], dbcache=reuse)
-    if graphs:
-        rows.update({name + GRAPHS: dataclasses.replace(cfg, cuda_graphs=True) for name, cfg in list(rows.items())})
+    if graphs:  # each row, then its graphed twin: a run cut short still has its pairs
+        rows = {n: c for name, cfg in rows.items()
+                for n, c in ((name, cfg), (name + GRAPHS, dataclasses.replace(cfg, cuda_graphs=True)))}
     return rows
 
 
