@@ -324,6 +324,10 @@ def run_row(name: str, config: EditorConfig, image, emb, args, rows: list[dict],
     if config.cuda_graphs:
         row["cuda_graphs"] = stats["cuda_graphs"]
         assert stats["cuda_graphs"]["unwarmed_runs"] == 0, f"{name}: a frame ran outside its captured graphs"
+        from session_latency import same_editor_parity
+
+        row["graph_vs_eager_max_abs"] = same_editor_parity(editor, lambda: edit_once(editor, image, emb, args.steps)[0])
+        print(f"{name}: graphs against the same editor without them, max abs {row['graph_vs_eager_max_abs']:.3g}")
     if config.fp8.enabled:
         row["fp8"] = stats["fp8"]
     if config.compile.enabled:

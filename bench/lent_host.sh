@@ -57,7 +57,10 @@ setup)
   done
   shopt -u nullglob
   # -h: a .snap tree (bench/stage_device.sh snap) links models/ and .device in from beside it.
-  rm -rf "$RUN" && mkdir -p "$RUN" && tar -h --exclude=./.raygpu --exclude=./.whl --exclude=./.dswhl --exclude=./.tao -cf - . | tar -C "$RUN" -xf -
+  rm -rf "$RUN" && mkdir -p "$RUN" && tar -h --exclude=./.raygpu --exclude=./.whl --exclude=./.dswhl --exclude=./.tao --exclude=./.toyxz -cf - . |
+    tar -C "$RUN" -xf -
+  # A slimmed call's toy editor travels packed (bench/stage_device.sh toy-pack).
+  if [ -f .toyxz/toy-editor.tar.xz ]; then mkdir -p "$RUN/models" && XZ_DEFAULTS=-T0 tar -C "$RUN/models" -xJf .toyxz/toy-editor.tar.xz; fi
   # rtedit is linked into the site folder: platform/ itself never goes on sys.path (it names a stdlib module).
   ln -sfn "$RUN/platform/rtedit" /tmp/site/rtedit
   cat >"$LANES/env.sh" <<'EOF'

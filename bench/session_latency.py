@@ -70,6 +70,18 @@ def row_configs(serving, size: int, with_reuse: bool = True, graphs: bool = Fals
     return rows
 
 
+def same_editor_parity(editor, frame) -> float:
+    """Max abs difference of one frame through the editor's CUDA graphs and the same frame without them, on the same
+    editor (same compiled kernels and weights): what the graphs change, apart from any build-to-build difference."""
+    graphed = frame()
+    graphs, editor.graphs = editor.graphs, None
+    try:
+        eager = frame()
+    finally:
+        editor.graphs = graphs
+    return float(np.abs(graphed - eager).max())
+
+
 def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
     editor = fl.build(config)
     refs = [fl.frame(args.size)[::-1].copy()] * config.buckets.references[0]
@@ -85,12 +97,14 @@ def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
     stats = editor.stats()
     recompiles = {n: b["recompiles"] for n, b in stats["compile"].get("branches", {}).items()}
     assert not any(recompiles.values()), f"{name}: recompiled after warm-up: {recompiles}"
+    graph_vs_eager = None
     if config.cuda_graphs:
         assert stats["cuda_graphs"]["unwarmed_runs"] == 0, f"{name}: frames outside the captured graphs"
+        graph_vs_eager = same_editor_parity(editor, lambda s=session: s.edit(image, steps=args.steps).array)
     reuse = stats["step_reuse"]
     row = {"row": name, "frames": args.frames, "recompiles": recompiles, "mode": editor.mode,
            "session_pass_ms": first.timings.get("session"), "attention": stats["attention_backend"],
-           "output": first.array, "reuse_hit_rate": reuse.get("hit_rate"), "reuse_label": reuse.get("label"),
+           "output": first.array, "graph_vs_eager_max_abs": graph_vs_eager, "reuse_hit_rate": reuse.get("hit_rate"), "reuse_label": reuse.get("label"),
            **{f"{s}_median": statistics.median(v) for s, v in samples.items()},
            "total_p99": float(np.percentile(samples["total"], 99))}
     print(f"row done: {name}: " + " ".join(f"{s} {row[f'{s}_median']:.2f}" for s in PASS_STAGES), flush=True)
@@ -163,7 +177,8 @@ def main() -> int:
               f"session row without reuse on the same frame and seed: max abs {drift['max_abs']:.4f}, PSNR "
               f"{drift['psnr_db']:.1f} dB (random weights)")
     for name, diff in graph_diffs.items():
-        print(f"{name}: max abs difference from the same row without graphs (first frame): {diff:.3g}")
+        print(f"{name}: max abs difference from the same row without graphs (another editor, first frame): "
+              f"{diff:.3g}; on the same editor without its graphs: {by_name[name]['graph_vs_eager_max_abs']:.3g}")
     for line in failed:
         print("FAILED row", line)
     if args.json:

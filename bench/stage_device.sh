@@ -7,6 +7,7 @@
 #   bash bench/stage_device.sh restore   # models/ back (git sparse-checkout disable)
 #   bash bench/stage_device.sh snap      # HEAD (no models/) into .snap, to run a call from while the tree is edited
 #   bash bench/stage_device.sh carry     # the carry list for the tool call
+#   bash bench/stage_device.sh toy-pack  # models/toy-editor as .toyxz/toy-editor.tar.xz (38 MB: the FP8 fidelity rows)
 # Carry folders (all ignored):
 #   .raygpu  Ray 2.60 with Serve (deployments/ imports ray.serve): ../shared/tools/pack-ray-offline's ray-slim.tar.xz,
 #            its ~40 wheels (pydantic, fastapi, starlette...) installed here and repacked as site.tar.xz
@@ -119,6 +120,13 @@ stage)
   report $((tree - models)) ".raygpu .whl .device" "slimmed"
   echo "== toy-model call (no slim, no Ray bundle):"
   report "$tree" ".whl .device" "not slimmed"
+  ;;
+toy-pack)
+  # models/toy-editor (the trained toy editor, 55 MB, already bfloat16) as one xz tarball of 38 MB, so it travels
+  # beside the bench carry for the FP8 fidelity rows; lent_host.sh setup unpacks it into the run's models/.
+  ignore .toyxz
+  mkdir -p .toyxz && tar -C models --exclude='metrics.*' -cf - toy-editor | xz -T0 -6 >.toyxz/toy-editor.tar.xz
+  echo ".toyxz: $(bytes .toyxz) B"
   ;;
 slim)
   # SLIM: the folder to take out (default all of models/); a toy-model call takes out only the causal student,

@@ -87,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="EditorConfig override, repeatable: causal=kv, training_free=true, dtype=bfloat16, "
                              "dbcache.enabled=true, buckets.sizes=[[128,128]]")
     parser.add_argument("--out", type=Path, default=None, help="also write the result JSON here (for jobs.eval_table)")
+    parser.add_argument("--save-outputs", type=Path, default=None,
+                        help="write every output (float32 .npy, in example order) for a later --compare-outputs")
+    parser.add_argument("--compare-outputs", type=Path, default=None,
+                        help="another run's --save-outputs file on the same examples: PSNR of these outputs against it")
     parser.add_argument("--label", default=None, help="row label in jobs.eval_table; default the --model value")
     parser.add_argument("--copy-paste-db", type=float, default=evaluation.COPY_PASTE_THRESHOLD_DB,
                         help="PSNR against the source at or above which an identity edit counts as a copy")
@@ -109,6 +113,18 @@ def taef2_round_trip(editor: Editor, target: np.ndarray) -> np.ndarray:
     return pixels_to_array(editor.codec.decode(editor.codec.encode(pixels)))
 
 
+def compare_outputs(outputs: list[np.ndarray], path: Path) -> dict:
+    """PSNR of these outputs against a saved run's on the same examples: over all pixels, and per example."""
+    saved = np.load(path)
+    if saved.shape != (len(outputs), *outputs[0].shape):
+        raise SystemExit(f"eval_edit: {path} holds outputs of shape {saved.shape}, this run has {len(outputs)} of "
+                         f"{outputs[0].shape}: not the same examples")
+    ours = np.stack(outputs).astype(np.float64)
+    per_example = [evaluation.psnr(o, r) for o, r in zip(ours, saved.astype(np.float64))]
+    return {"file": str(path), "psnr_all_pixels": evaluation.psnr(ours, saved),
+            "psnr_mean": float(np.mean(per_example)), "psnr_min": float(np.min(per_example)), "n": len(outputs)}
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     folder = args.data / args.split if (args.data / args.split).is_dir() else args.data
@@ -122,7 +138,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     except (ConfigError, ModelLoadError, UnsupportedRequest) as exc:  # e.g. a causal mode the folder was not made for
         raise SystemExit(f"eval_edit: cannot build the editor for {args.model}: {exc}") from exc
     scores, combinations = evaluation.Scores(), evaluation.Scores()
-    source_psnrs, edge_f1s, edit_seconds = [], [], []
+    source_psnrs, edge_f1s, edit_seconds, outputs = [], [], [], []
     grid_rows, per_family = [], {}
     for i, example in enumerate(examples):
         source, target = decode_rgb(example.source), decode_rgb(example.target)
@@ -134,6 +150,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             raise SystemExit(f"eval_edit: example {example.id} ({example.family}) is refused: {exc}") from exc
         edit_seconds.append(time.perf_counter() - edit_start)
         output, own = result.array, target.astype(np.float32) / 255.0
+        if args.save_outputs is not None or args.compare_outputs is not None:
+            outputs.append(output)
         if output.shape != own.shape:
             raise SystemExit(f"eval_edit: the editor returned {output.shape[:2]} for a {own.shape[:2]} target; "
                              f"its buckets resize the frame (use --engine buckets.sizes=[[{own.shape[0]},"
@@ -156,6 +174,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             grid_rows.append([source, reference, target, to_uint8(output)])
     grid = evaluation.save_grid(grid_rows, args.grid)
     summary = scores.summary()
+    if args.save_outputs is not None:
+        args.save_outputs.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.save_outputs, np.stack(outputs).astype(np.float32))
     model_info = editor.model_info
     return {"label": args.label, "model": str(args.model), "data": str(folder), "steps": args.steps,
             "n": len(examples), "bad_rows": report.num_bad, **summary,
@@ -165,6 +186,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             "causal": model_info.get("causal"), "model_info": model_info,
             # Step-2 reuse stats exist only where the editor runs a reuse policy (the session mode's DBCache).
             "step_reuse": editor.stats().get("step_reuse"),
+            "outputs_vs_saved": compare_outputs(outputs, args.compare_outputs) if args.compare_outputs else None,
             "grid": str(grid), "seconds": round(time.perf_counter() - start, 1),
             "seconds_per_edit": round(float(np.mean(edit_seconds)), 4), "device": str(editor.device)}
 

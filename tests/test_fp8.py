@@ -26,9 +26,14 @@ def test_fp8_is_off_by_default_and_validated():
         FP8Config(enabled="on").validate()
 
 
-def test_the_engine_never_imports_torchao_unless_fp8_is_on():
-    code = ("import sys, rtedit.editor, rtedit.fast_path, rtedit.config; "
-            "assert 'torchao' not in sys.modules, 'torchao imported'")
+def test_the_engine_runs_without_torchao_unless_fp8_is_on():
+    # torchao made unimportable (diffusers imports it where it is installed, so absence is what CPU CI relies on)
+    code = ("import sys; sys.modules['torchao'] = None\n"
+            "from rtedit.config import EditorConfig, ShapeBuckets\n"
+            "from rtedit.editor import Editor\n"
+            "import numpy as np\n"
+            "e = Editor.from_config(EditorConfig(model='tiny', device='cpu'))\n"
+            "assert e.edit(np.zeros((64, 64, 3), np.uint8), 'make it blue').array.shape == (64, 64, 3)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

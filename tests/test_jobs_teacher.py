@@ -172,3 +172,19 @@ def test_eval_edit_refuses_bad_engine_overrides(override, message, capsys):
     with pytest.raises(SystemExit) as exc:
         eval_edit.parse_args(["--model", "tiny", "--data", "x", "--engine", override])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_edit_compares_its_outputs_with_a_saved_run(tmp_path, capsys):
+    data = _write_eval_examples(tmp_path / "toy", ("identity", "recolour"))
+    common = ["--model", "tiny", "--data", str(data), "--steps", "1", "--device", "cpu",
+              "--grid", str(tmp_path / "grid.png")]
+    saved = tmp_path / "outputs.npy"
+    first = eval_edit.main(common + ["--save-outputs", str(saved)])
+    assert np.load(saved).shape == (2, 128, 128, 3) and first["outputs_vs_saved"] is None
+    again = eval_edit.main(common + ["--compare-outputs", str(saved)])["outputs_vs_saved"]
+    assert again["psnr_all_pixels"] == 100.0 and again["psnr_min"] == 100.0 and again["n"] == 2  # identical runs
+    other = eval_edit.main(common + ["--seed", "5", "--compare-outputs", str(saved)])["outputs_vs_saved"]
+    assert other["psnr_min"] < 100.0  # other noise: other outputs
+    np.save(saved, np.zeros((3, 128, 128, 3), np.float32))
+    with pytest.raises(SystemExit, match="not the same examples"):
+        eval_edit.main(common + ["--compare-outputs", str(saved)])

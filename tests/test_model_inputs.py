@@ -144,3 +144,17 @@ def test_teacher_text_encoder_rounds_parameters_but_not_buffers():
     for name, buf in encoder.named_buffers():
         assert torch.equal(buf, buffers[name]), name
     assert any(not torch.equal(p, q) for p, q in zip(encoder.parameters(), exact.parameters()))
+
+
+def test_noise_cache_returns_the_seeds_noise_and_keeps_a_bounded_number():
+    from rtedit.model.schedule import NoiseCache, initial_noise
+
+    cache = NoiseCache(entries=2)
+    shape = (1, 128, 4, 4)
+    first = cache.get(7, shape, torch.float32, CPU)
+    torch.testing.assert_close(first, initial_noise(7, shape, torch.float32, CPU), rtol=0, atol=0)
+    assert cache.get(7, shape, torch.float32, CPU) is first  # a stream's frames share it
+    cache.get(8, shape, torch.float32, CPU)
+    cache.get(9, shape, torch.float32, CPU)  # evicts seed 7, the least recently used
+    assert cache.stats() == {"entries": 2, "hits": 1, "misses": 3}
+    assert cache.get(7, shape, torch.float32, CPU) is not first

@@ -42,7 +42,7 @@ from rtedit.kv_store import KVStore
 from rtedit.model.causal import LayerKV, SessionCache, causal_denoise
 from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
 from rtedit.model.packing import PATCH_PIXELS, LatentIdCache, pack, unpack
-from rtedit.model.schedule import TimestepCache, euler_step, initial_noise
+from rtedit.model.schedule import NoiseCache, TimestepCache, euler_step
 from rtedit.model.step_reuse import StepReuse
 from rtedit.presets import KV_CONDITION_TIMESTEP, PRESETS, ModelBundle, Sidecar, build_preset, load_pretrained
 from rtedit.prompts import PromptCache, PromptEmbedding, PromptEncoder, PromptService, model_prompt_settings
@@ -127,6 +127,7 @@ class Editor:
         self.prompts = PromptService(encoder, prompt_config, prompt_settings)
         self.latent_ids = LatentIdCache()
         self.timestep_cache = TimestepCache(self.scheduler)
+        self.noise = NoiseCache()
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self.device_failure: str | None = None  # set once the device failed beyond recovery (check_health raises)
@@ -336,8 +337,8 @@ class Editor:
             layout = token_layout(target_ids, per_image, emb.text_ids)
         else:  # both causal modes: I and R first, modulated at the model's condition timestep
             layout = token_layout(target_ids, per_image, emb.text_ids, "conditions_first", self.condition_timestep)
-        noise = initial_noise(request.seed, (1, self.transformer.config.in_channels, lat_h, lat_w), self.dtype,
-                              self.device)
+        noise = self.noise.get(request.seed, (1, self.transformer.config.in_channels, lat_h, lat_w), self.dtype,
+                               self.device)
         timesteps, sigmas = self.timestep_cache.get(lat_h * lat_w, request.steps, self.device)
         return FramePlan(emb=emb, latents=pack(noise), conditions=torch.cat([pack(lat) for lat in cond_latents], 1),
                          layout=layout, timesteps=timesteps, sigmas=sigmas, lat_h=lat_h, lat_w=lat_w,
@@ -497,6 +498,7 @@ class Editor:
             "prompt_cache": self.prompt_cache.stats(),
             "latent_id_cache_entries": len(self.latent_ids),
             "timestep_cache_entries": len(self.timestep_cache),
+            "noise_cache": self.noise.stats(),
             "causal": self.mode,
             "sessions": len(self.sessions),
             "kv_store": self.kv_store.stats() if self.kv_store is not None else {"enabled": False},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -17,6 +18,37 @@ def initial_noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype, device:
     if device.type == "cuda":  # pinned and non-blocking: a pageable copy would wait for the GPU to drain
         noise = noise.pin_memory()
     return noise.to(device, non_blocking=True)
+
+
+class NoiseCache:
+    """The seeds' noise on the device, for the last `entries` (seed, shape, dtype, device): a stream's frames share
+    one seed (what keeps them stable from frame to frame), so drawing it on the host for every frame is waste."""
+
+    def __init__(self, entries: int = 16) -> None:
+        self.entries = entries
+        self._noise: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, seed: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """`initial_noise(seed, shape, dtype, device)`; callers never write into it (Euler steps make new tensors)."""
+        key = (seed, tuple(shape), dtype, str(device))
+        with self._lock:
+            noise = self._noise.get(key)
+            if noise is not None:
+                self._noise.move_to_end(key)
+                self.hits += 1
+                return noise
+            self.misses += 1
+        noise = initial_noise(seed, shape, dtype, device)
+        with self._lock:
+            self._noise[key] = noise
+            while len(self._noise) > self.entries:
+                self._noise.popitem(last=False)
+        return noise
+
+    def stats(self) -> dict:
+        return {"entries": len(self._noise), "hits": self.hits, "misses": self.misses}
 
 
 class TimestepCache:
