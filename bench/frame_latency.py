@@ -117,7 +117,7 @@ def row_configs(serving: EditorConfig, size: int) -> dict[str, EditorConfig]:
         return dataclasses.replace(config, dbcache=dataclasses.replace(config.dbcache, policy=name))
 
     exact = dataclasses.replace(
-        serving, select_attention=False, autoencoder="vae", buckets=ShapeBuckets(),
+        serving, select_attention=False, autoencoder="vae", buckets=ShapeBuckets(), cuda_graphs=False,
         dbcache=dataclasses.replace(serving.dbcache, enabled=False, policy="dynamic"),
         compile=dataclasses.replace(serving.compile, enabled=False))
     rows = {"exact": exact, "+attention": dataclasses.replace(exact, select_attention=True)}
@@ -336,6 +336,10 @@ def run_row(name: str, config: EditorConfig, image, emb, args, rows: list[dict],
         row["compile_failures"] = {n: b["failure"] for n, b in branches.items() if b["failure"]}
         assert all(v == 0 for v in row["recompiles"].values()), f"{name}: recompiled after warm-up: {row['recompiles']}"
     rows.append(row)
+    for size in args.also_size:  # the same warmed editor at its other buckets (the serving config warms 512 and 1024)
+        if (size, size) in config.buckets.sizes and size != args.size:
+            rows.append(measure(f"{name} @{size}", functools.partial(edit_once, editor, frame(size), emb, args.steps),
+                                frames, warmup, note(name, config)))
 
 
 # ---- reporting -------------------------------------------------------------------------------------------------
@@ -362,7 +366,7 @@ def merge(paths: list[str]) -> int:
     """One table from runs whose rows were split over processes or cards (--only): speedups against the stock
     eager row, wherever it ran; every row keeps the card it ran on."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (ROWS.index(r["row"]), -r["frames"]))
+    rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (ROWS.index(r["row"].split(" @")[0]), -r["frames"]))
     stock = next(r for r in rows if r["row"] == "stock eager")
     for r in rows:
         r["speedup_vs_stock_eager"] = stock["total_median"] / r["total_median"]
@@ -397,6 +401,8 @@ def parser() -> argparse.ArgumentParser:
                    help="measure only these rows (others are not built; exact still runs once, for the drift column)")
     p.add_argument("--parity-frames", type=int, default=0,
                    help="with --only: time the exact row over this many frames as well, to compare cards")
+    p.add_argument("--also-size", type=int, nargs="*", default=[],
+                   help="time each of our rows' editors at these bucket sizes too (rows named 'ROW @SIZE')")
     p.add_argument("--reference", default=None, help="JSON of an earlier --rows stock run on the same card")
     p.add_argument("--taef2-dir", default=None, help="TAEF2 weights folder (default: rtedit.paths.taef2_dir())")
     p.add_argument("--json", default=None)

@@ -92,7 +92,8 @@ def test_serving_row_is_the_replica_config(bench, monkeypatch, cli):
 @pytest.mark.parametrize("size", [512, 1024])
 def test_each_row_adds_one_optimization(bench, size):
     rows = bench.row_configs(bench.serving_config(), size)
-    assert tuple(rows) == bench.OURS
+    assert tuple(rows) == bench.OURS + bench.VARIANTS
+    rows = {name: rows[name] for name in bench.OURS}
     assert set(rows) == {"exact", bench.SERVING, *STEPS}
     exact = rows["exact"]
     assert not (exact.select_attention or exact.dbcache.enabled or exact.compile.enabled)
@@ -101,8 +102,8 @@ def test_each_row_adds_one_optimization(bench, size):
         assert changed(rows[name], rows[before]) == fields, name
     assert rows["+compile"].buckets.sizes == ((size, size),)
     assert rows["+dbcache dynamic"].dbcache.policy == "dynamic" and rows["+dbcache static"].dbcache.policy == "static"
-    # The ablation ends at the serving configuration but for its extra bucket.
-    assert changed(rows[bench.SERVING], rows["+taef2 (dbcache dynamic)"]) == {"buckets.sizes"}
+    # The ablation ends at the serving configuration but for its extra bucket and its CUDA graphs.
+    assert changed(rows[bench.SERVING], rows["+taef2 (dbcache dynamic)"]) == {"buckets.sizes", "cuda_graphs"}
     assert (size, size) in rows[bench.SERVING].buckets.sizes
 
 
@@ -113,3 +114,14 @@ def test_command_line_flags_still_parse(bench):
          "--compile-backend", "eager", "--taef2-dir", "/t"])
     assert args.only == ["exact", bench.SERVING] and bench.frame_counts("exact", args) == (5, 1)
     assert bench.frame_counts("+compile", args) == (0, 0)
+
+
+def test_each_variant_changes_only_reuse_graphs_and_fp8(bench):
+    serving = bench.serving_config()
+    rows = bench.row_configs(serving, 512)
+    for name in bench.VARIANTS:
+        row = rows[name]
+        assert changed(row, serving) <= {"dbcache.enabled", "dbcache.policy", "cuda_graphs", "fp8.enabled"}, name
+        assert row.cuda_graphs == ("graphs" in name) and row.fp8.enabled == ("fp8" in name)
+        assert row.dbcache.enabled == ("static" in name)
+        assert not row.dbcache.enabled or row.dbcache.policy == "static"

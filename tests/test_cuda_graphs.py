@@ -21,14 +21,13 @@ BUCKETS = ShapeBuckets(sizes=((64, 64),), references=(0,))
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
-def test_graphs_are_refused_with_a_host_side_reuse_decision_and_without_buckets():
-    with pytest.raises(ConfigError, match="dynamic"):
-        EditorConfig(buckets=BUCKETS, cuda_graphs=True, dbcache=CachingConfig(enabled=True)).validate()
+def test_graphs_need_buckets_and_a_bool():
     with pytest.raises(ConfigError, match="buckets"):
         EditorConfig(cuda_graphs=True).validate()
     with pytest.raises(ConfigError, match="true or false"):
         EditorConfig(buckets=BUCKETS, cuda_graphs="yes").validate()
-    EditorConfig(buckets=BUCKETS, cuda_graphs=True, dbcache=CachingConfig(enabled=True, policy="static")).validate()
+    for policy in ("static", "dynamic"):  # dynamic: the denoise stage is left uncaptured (tested on a GPU below)
+        EditorConfig(buckets=BUCKETS, cuda_graphs=True, dbcache=CachingConfig(enabled=True, policy=policy)).validate()
 
 
 def test_graphs_on_a_cpu_editor_are_a_config_error():
@@ -60,12 +59,12 @@ def test_a_replayed_static_frame_counts_what_a_run_counts():
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------------------
-def gpu_editor(graphs: bool, causal: str | None = None) -> Editor:
+def gpu_editor(graphs: bool, causal: str | None = None, **config) -> Editor:
     """The tiny preset on the GPU in float32, the same seeded weights every time, eager (no compile)."""
     bundle = build_preset("tiny", torch.device("cuda"), torch.float32, seed=0, text_encoder=True)
     if causal is not None:
         bundle.sidecar = dataclasses.replace(bundle.sidecar, causal=causal, condition_timestep=0.0)
-    return Editor(bundle, EditorConfig(buckets=BUCKETS, cuda_graphs=graphs))
+    return Editor(bundle, EditorConfig(buckets=BUCKETS, cuda_graphs=graphs, **config))
 
 
 @needs_gpu
@@ -102,3 +101,28 @@ def test_a_step_count_the_warm_up_missed_runs_eagerly_and_is_counted():
     a, b = plain.edit(frame, "make it blue", steps=3), graphed.edit(frame, "make it blue", steps=3)
     np.testing.assert_allclose(b.array, a.array, atol=1e-5, rtol=0)
     assert graphed.stats()["cuda_graphs"]["unwarmed_runs"] == 1
+
+
+@needs_gpu
+@pytest.mark.parametrize("policy", ["dynamic", "static"])
+def test_a_host_side_reuse_decision_leaves_only_the_denoise_stage_uncaptured(monkeypatch, policy):
+    import rtedit.presets as presets
+
+    # 3 + 3 blocks: each group has a first, a middle and a last block for the session path's step reuse
+    monkeypatch.setattr(presets, "TINY_TRANSFORMER", {**presets.TINY_TRANSFORMER, "num_layers": 3,
+                                                      "num_single_layers": 3})
+    reuse = CachingConfig(enabled=True, policy=policy)
+    plain, graphed = gpu_editor(False, "session", dbcache=reuse), gpu_editor(True, "session", dbcache=reuse)
+    stats = graphed.stats()["cuda_graphs"]
+    assert ("denoise" in stats["left_out"]) == (policy == "dynamic")
+    assert stats["captured"] == (["decode", "encode"] if policy == "dynamic" else ["decode", "denoise", "encode"])
+    frame = random_image(64, 64, seed=5)
+
+    def reused(editor):
+        return sum(editor.stats()["step_reuse"]["reused"].values())
+
+    before = reused(plain), reused(graphed)  # the warm-up ran frames on the graphed editor only
+    for seed in (1, 2):
+        a, b = plain.edit(frame, "make it blue", seed=seed), graphed.edit(frame, "make it blue", seed=seed)
+        np.testing.assert_allclose(b.array, a.array, atol=1e-5, rtol=0)
+    assert reused(graphed) - before[1] == reused(plain) - before[0]  # a replay counts what a run counts

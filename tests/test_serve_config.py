@@ -133,9 +133,11 @@ def test_gpu_yaml_engine_runs_the_fast_path(taef2_weights):
     config = AppArgs(engine={**engine, "model": "tiny", "dtype": "float32", "device": "cpu",
                              "taef2_dir": str(taef2_weights)}).editor_config()
     assert config.autoencoder == "taef2" and config.select_attention and config.dbcache.enabled
-    assert config.compile.enabled and (512, 512) in config.buckets.sizes
+    assert config.compile.enabled and (512, 512) in config.buckets.sizes and config.cuda_graphs
+    # CUDA graphs have their own GPU tests (tests/test_cuda_graphs.py); a CPU editor refuses them.
     config = dataclasses.replace(config, compile=dataclasses.replace(config.compile, backend="eager"),
-                                 buckets=ShapeBuckets(sizes=((64, 64),), references=config.buckets.references))
+                                 buckets=ShapeBuckets(sizes=((64, 64),), references=config.buckets.references),
+                                 cuda_graphs=False)
     bundle = build_preset("tiny", torch.device("cpu"), torch.float32)
     bundle.transformer = tiny_transformer(num_layers=2, num_single_layers=2)
     editor = Editor(bundle, config)

@@ -122,7 +122,8 @@ class EditorConfig:
     dbcache: CachingConfig = field(default_factory=lambda: CachingConfig(enabled=False))
     compile: CompileConfig = field(default_factory=lambda: CompileConfig(enabled=False))
     # CUDA graphs over each frame's encode, denoise and decode stages, captured per bucket at warm-up
-    # (rtedit.accel.cuda_graphs); a CUDA device and fixed buckets only, and no host-side reuse decision.
+    # (rtedit.accel.cuda_graphs); a CUDA device and fixed buckets only. With dbcache's dynamic policy the denoise
+    # stage stays uncaptured (its residual check is read on the host each step), as stats()["cuda_graphs"] says.
     cuda_graphs: bool = False
     fp8: FP8Config = field(default_factory=FP8Config)  # FP8 linear layers in the transformer's blocks (torchao)
     # Causal models (rtedit.json "causal"): "auto" serves the model in its own attention mode; "off" (full
@@ -181,10 +182,6 @@ class EditorConfig:
             raise ConfigError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if self.cuda_graphs and not self.buckets.sizes:
             raise ConfigError("cuda_graphs captures each bucket at warm-up: list buckets.sizes (e.g. [[512, 512]])")
-        if self.cuda_graphs and self.dbcache.enabled and self.dbcache.policy == "dynamic":
-            raise ConfigError("cuda_graphs does not combine with dbcache.policy 'dynamic': its residual check is read "
-                              "on the host at every reusable step, which a replayed graph cannot do; turn dbcache "
-                              "off, or use the 'static' policy (timing only)")
         return self
 
     @classmethod

@@ -7,7 +7,7 @@ inputs are copied into static buffers the graph reads, its outputs are static te
 
 Rules a captured stage keeps (the Editor's stages keep them; rtedit.editor):
 - no host synchronisation and no host-side decision that can change between frames (a dynamic step-reuse check
-  reads a device value: the Editor refuses that combination);
+  reads a device value: with it the denoise stage is left out, `leave_out`, and runs eagerly, said in stats);
 - every tensor the stage reads that can change between frames is an input (position ids, prompt embeddings,
   timesteps, cached keys and values): anything else is baked in at capture;
 - its outputs are consumed before the same graph replays again (the Editor runs one frame at a time).
@@ -61,6 +61,7 @@ class StageGraphs:
     frozen: bool = False
     unwarmed_runs: int = 0  # frames of a shape the warm-up did not capture (run eagerly)
     graphs: dict[tuple, _Captured] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)  # stages never captured, with the reason
 
     def __post_init__(self) -> None:
         if self.device.type != "cuda":
@@ -68,6 +69,11 @@ class StageGraphs:
 
     def arm(self) -> None:
         self.armed = True
+
+    def leave_out(self, stage: str, reason: str) -> None:
+        """A stage that cannot be captured (a host-side decision inside it) runs eagerly, said in stats and logs."""
+        self.left_out[stage] = reason
+        logger.warning("CUDA graphs: stage %s is not captured: %s", stage, reason)
 
     def freeze(self) -> None:
         self.frozen = True
@@ -80,6 +86,8 @@ class StageGraphs:
 
         A key first seen after `freeze()` runs eagerly and is counted in `unwarmed_runs`: captures happen at
         warm-up only, so memory held by graphs stays what the warm-up took."""
+        if stage in self.left_out:
+            return fn(*inputs, *held)
         entry = self.graphs.get((stage, key))
         if entry is None and (not self.armed or self.frozen):
             if self.frozen:
@@ -124,7 +132,7 @@ class StageGraphs:
 
     def stats(self) -> dict:
         return {"enabled": True, "armed": self.armed, "frozen": self.frozen, "graphs": len(self.graphs),
-                "unwarmed_runs": self.unwarmed_runs,
+                "unwarmed_runs": self.unwarmed_runs, "left_out": dict(self.left_out),
                 "captured": sorted({stage for stage, _ in self.graphs}),
                 "capture_s": round(sum(e.seconds for e in self.graphs.values()), 3),
                 "replays": sum(e.replays for e in self.graphs.values())}
