@@ -86,6 +86,8 @@ def engine_overrides(model: str = "klein-4b-random", size: int = 512, compile_ba
         over = {"model": tiny_model_dir(), "dtype": "float32",
                 "buckets": {"sizes": [[scale(h), scale(w)] for h, w in section["buckets"]["sizes"]]}}
         compile_backend = compile_backend or "eager"  # inductor on a CPU dry run compiles C++ for minutes
+        if not torch.cuda.is_available():
+            over["cuda_graphs"] = False  # the YAML captures CUDA graphs; a CPU dry run has none
     elif model != section["model"]:
         over["model"] = model
     if compile_backend:
