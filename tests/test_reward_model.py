@@ -190,3 +190,39 @@ def test_reward_loss_is_differentiable_in_the_candidates_on_another_models_dtype
             reward_loss(model, a, src, INSTRUCTIONS[:2], src, reduction="max")
     finally:
         pairwise.float().requires_grad_(True)
+
+
+def test_the_head_reads_the_candidates_pixels_and_a_few_steps_learn_a_separable_pair(tokenizer):
+    """Issue 12's chance-level runs: guard the information path (candidate pixels -> logit, gradient -> vision
+    tower and head) and that a handful of Adam steps separate trivially different candidates (bright vs dark)."""
+    torch.manual_seed(0)
+    model = _model(tokenizer, seed=3).train()
+    src, a, b = _images(4, size=32)
+    with torch.no_grad():
+        base = model(src, INSTRUCTIONS[:1] * 4, a, b)
+        moved = model(src, INSTRUCTIONS[:1] * 4, (a + 0.3 * torch.randn_like(a)).clamp(0, 1), b)
+    assert (moved - base).abs().min() > 1e-4, "the logit ignores candidate A's pixels"
+    from rtedit.train.reward.loss import bt_ties_loss
+
+    loss, _ = bt_ties_loss(model(src, INSTRUCTIONS[:1] * 4, a, b), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    for name in ("backbone.visual.patch_embed.proj.weight", "head.0.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.norm() > 1e-6, f"no gradient reaches {name}"
+    model.zero_grad()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    accuracy = []
+    for step in range(30):
+        bright = 0.6 + 0.4 * torch.rand(8, 3, 32, 32, generator=g)
+        dark = 0.4 * torch.rand(8, 3, 32, 32, generator=g)
+        first = torch.rand(8, generator=g) < 0.5  # A is the bright one: label A
+        a = torch.where(first.view(-1, 1, 1, 1), bright, dark)
+        b = torch.where(first.view(-1, 1, 1, 1), dark, bright)
+        labels = torch.where(first, 0, 1)
+        loss, stats = bt_ties_loss(model(bright * 0.5, ["make it bright"] * 8, a, b), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        accuracy.append(stats.accuracy)
+    assert sum(accuracy[-10:]) / 10 > 0.8, accuracy
