@@ -104,25 +104,28 @@ def test_a_step_count_the_warm_up_missed_runs_eagerly_and_is_counted():
 
 
 @needs_gpu
-@pytest.mark.parametrize("policy", ["dynamic", "static"])
-def test_a_host_side_reuse_decision_leaves_only_the_denoise_stage_uncaptured(monkeypatch, policy):
+@pytest.mark.parametrize("causal, policy, threshold", [("session", "dynamic", 1e9), ("session", "dynamic", 1e-9),
+                                                       ("session", "static", 0.5), (None, "dynamic", 0.5)])
+def test_reuse_decisions_inside_and_outside_the_graphs(monkeypatch, causal, policy, threshold):
+    """The session mode's dynamic check is captured as conditional nodes (reusing always or never, as the check
+    says, without the host); cache-dit's (the full path) leaves the denoise stage uncaptured."""
     import rtedit.presets as presets
 
-    # 3 + 3 blocks: each group has a first, a middle and a last block for the session path's step reuse
+    # 3 + 3 blocks: each group has a first, a middle and a last block to reuse
     monkeypatch.setattr(presets, "TINY_TRANSFORMER", {**presets.TINY_TRANSFORMER, "num_layers": 3,
                                                       "num_single_layers": 3})
-    reuse = CachingConfig(enabled=True, policy=policy)
-    plain, graphed = gpu_editor(False, "session", dbcache=reuse), gpu_editor(True, "session", dbcache=reuse)
+    reuse = CachingConfig(enabled=True, policy=policy, residual_diff_threshold=threshold)
+    plain, graphed = gpu_editor(False, causal, dbcache=reuse), gpu_editor(True, causal, dbcache=reuse)
     stats = graphed.stats()["cuda_graphs"]
-    assert ("denoise" in stats["left_out"]) == (policy == "dynamic")
-    assert stats["captured"] == (["decode", "encode"] if policy == "dynamic" else ["decode", "denoise", "encode"])
+    left_out = causal is None and policy == "dynamic"
+    assert ("denoise" in stats["left_out"]) == left_out
+    assert stats["captured"] == (["decode", "encode"] if left_out else ["decode", "denoise", "encode"])
     frame = random_image(64, 64, seed=5)
 
-    def reused(editor):
-        return sum(editor.stats()["step_reuse"]["reused"].values())
-
-    before = reused(plain), reused(graphed)  # the warm-up ran frames on the graphed editor only
     for seed in (1, 2):
         a, b = plain.edit(frame, "make it blue", seed=seed), graphed.edit(frame, "make it blue", seed=seed)
         np.testing.assert_allclose(b.array, a.array, atol=1e-5, rtol=0)
-    assert reused(graphed) - before[1] == reused(plain) - before[0]  # a replay counts what a run counts
+    if causal is not None:  # a replay counts what a run counts (the warm-up ran frames on the graphed editor only)
+        hits = graphed.stats()["step_reuse"]
+        assert (hits["hit_rate"] == 1.0) == (policy == "static" or threshold > 1)
+        assert (hits["hit_rate"] == 0.0) == (policy == "dynamic" and threshold < 1)

@@ -126,3 +126,26 @@ def test_reuse_settings_cache_dit_alone_has_are_refused():
     with pytest.raises(ConfigError, match="X's pass alone"):
         causal_session._run_blocks(editor.transformer, with_text, with_text, None, None, None, None, [],
                                    editor.step_reuse.frame(2))
+
+
+@pytest.mark.parametrize("threshold", [1e-9, 1e9, 1.0])  # never, always, and whatever the check says per group
+def test_the_device_decision_path_equals_the_host_check(threshold):
+    """Inside a CUDA graph the dynamic check becomes conditional nodes writing one output and updating the stored
+    residuals in place (rtedit.model.step_reuse._decide_on_device); run eagerly here, its choice read on the host,
+    it must give the host path's frames, with a 3-step mask whose third step compares against whichever residual
+    step 2 left (step 1's if it reused, its own if it computed), and count the same hits."""
+    def editor(device_path: bool):
+        e = reuse_editor(residual_diff_threshold=threshold, compute_mask=(1, 0, 0))
+        e.step_reuse.device_path_on_host = device_path
+        return e
+
+    host, device = editor(False), editor(True)
+    for seed in (3, 4):
+        a = host.edit(FRAME, "make it blue", references=REFS, seed=seed, steps=3).array
+        b = device.edit(FRAME, "make it blue", references=REFS, seed=seed, steps=3).array
+        np.testing.assert_array_equal(b, a)
+    host_stats, device_stats = host.stats()["step_reuse"], device.stats()["step_reuse"]
+    assert device_stats["reused"] == host_stats["reused"] and device_stats["allowed"] == host_stats["allowed"]
+    assert device_stats["decided_on_device"] == sorted(GROUPS) and host_stats["decided_on_device"] == []
+    if threshold == 1.0:  # residual changes here are 0.99-1.34: the test can fail: a mixed run reuses some group-steps and computes others
+        assert 0 < sum(host_stats["reused"].values()) < sum(host_stats["allowed"].values()), host_stats

@@ -122,8 +122,8 @@ class EditorConfig:
     dbcache: CachingConfig = field(default_factory=lambda: CachingConfig(enabled=False))
     compile: CompileConfig = field(default_factory=lambda: CompileConfig(enabled=False))
     # CUDA graphs over each frame's encode, denoise and decode stages, captured per bucket at warm-up
-    # (rtedit.accel.cuda_graphs); a CUDA device and fixed buckets only. With dbcache's dynamic policy the denoise
-    # stage stays uncaptured (its residual check is read on the host each step), as stats()["cuda_graphs"] says.
+    # (rtedit.accel.cuda_graphs); a CUDA device and fixed buckets only. With cache-dit's dynamic policy (the full
+    # path) the denoise stage stays uncaptured (its check is read on the host), as stats()["cuda_graphs"] says.
     cuda_graphs: bool = False
     fp8: FP8Config = field(default_factory=FP8Config)  # FP8 linear layers in the transformer's blocks (torchao)
     # Causal models (rtedit.json "causal"): "auto" serves the model in its own attention mode; "off" (full

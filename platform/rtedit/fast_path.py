@@ -65,8 +65,9 @@ def build(editor: "Editor") -> None:
         from rtedit.accel.cuda_graphs import StageGraphs
 
         editor.graphs = StageGraphs(editor.device)
-        if cfg.dbcache.enabled and cfg.dbcache.policy == "dynamic":
-            editor.graphs.leave_out("denoise", "dbcache.policy 'dynamic' reads its residual check on the host at "
+        if cfg.dbcache.enabled and cfg.dbcache.policy == "dynamic" and editor.mode != "session":
+            # (the session mode's own step reuse decides on the device inside a graph: rtedit.model.step_reuse)
+            editor.graphs.leave_out("denoise", "cache-dit's dynamic policy reads its residual check on the host at "
                                     "each reusable step, which a replayed graph cannot do")
     if editor.compiled is not None or editor.graphs is not None:
         editor.warm_up()  # every bucket compiled and captured now: no request ever compiles or captures

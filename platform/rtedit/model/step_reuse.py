@@ -8,6 +8,11 @@ single-stream), a step the mask allows to reuse computes the group's first Fn bl
 less than `residual_diff_threshold` (relative L1, as cache-dit measures it) since the last computed step, adds that
 step's residual of the middle blocks instead of running them; the last Bn blocks always run. Policy "dynamic"
 checks (the serving default); "static" reuses without checking, for timing only, and says so in stats and logs.
+
+Where the dynamic check runs: eagerly it is read on the host (one sync per group of a reusable step); inside a CUDA
+graph capture (rtedit.accel.cuda_graphs) it stays on the device: both branches are captured as CUDA conditional
+nodes (`CUDAGraph.begin_capture_to_if_node`), so a replay decides per frame without the host, and the hit count
+is a device counter read only when stats are.
 """
 
 from __future__ import annotations
@@ -34,6 +39,22 @@ class _Residuals:
     middle: torch.Tensor  # of the middle blocks: what a reused step adds instead of running them
 
 
+def if_else(pred: torch.Tensor, when_true: Callable[[], None], when_false: Callable[[], None],
+            on_device: bool) -> None:
+    """Runs one of two bodies by a 0-dim bool tensor. on_device (inside a CUDA graph capture): both captured as
+    conditional nodes, the choice made on the GPU at replay; else the host reads `pred` (one sync)."""
+    if not on_device:
+        (when_true if bool(pred.item()) else when_false)()
+        return
+    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+    for condition, body in ((pred, when_true), (torch.logical_not(pred), when_false)):
+        graph.begin_capture_to_if_node(condition)  # CUDA before 12.8 has IF nodes only: two of them, not IF/ELSE
+        try:
+            body()
+        finally:
+            graph.end_capture_to_conditional_node()
+
+
 class StepReuse:
     """The reuse rule on one editor and its counters; `frame(steps)` holds one frame's residuals."""
 
@@ -49,6 +70,11 @@ class StepReuse:
         self.allowed = {name: 0 for name in groups}  # group-steps the mask let reuse
         self.reused = {name: 0 for name in groups}
         self.last_diffs: dict[str, list[float]] = {}
+        # Decisions made on the device (a captured graph's conditional nodes): hit counts and the latest
+        # residual change per group, device tensors read when stats are asked for.
+        self.device_reused: dict[str, torch.Tensor] = {}
+        self.device_diffs: dict[str, torch.Tensor] = {}
+        self.device_path_on_host = False  # tests: the device-decision path run eagerly, its choice read on the host
         if config.policy == "static":
             logger.warning("session step reuse policy is %s", STATIC_LABEL)
 
@@ -62,27 +88,35 @@ class StepReuse:
         return FrameReuse(self, mask)
 
     def count_replayed_frame(self, num_steps: int) -> None:
-        """The counters of a frame replayed from a CUDA graph (rtedit.accel.cuda_graphs), whose Python never runs:
-        the static policy's decisions are fixed, so they are what a run would have counted."""
-        if self.config.policy != "static":
-            raise ConfigError("only the static policy's frames can be replayed from a graph: the dynamic policy "
-                              "decides on the host per step")
+        """The host counters of a frame replayed from a CUDA graph (rtedit.accel.cuda_graphs), whose Python never
+        runs: which steps may reuse is fixed by the mask; the static policy reuses all of them, the dynamic policy's
+        hits are counted on the device by the graph itself."""
         computed = False
         for compute in self.frame(num_steps).mask:
             if not compute and computed:
                 for name in self.groups:
                     self.allowed[name] += 1
-                    self.reused[name] += 1
+                    if self.config.policy == "static":
+                        self.reused[name] += 1
             computed = computed or bool(compute)
 
+    def _reused(self) -> dict[str, int]:
+        return {name: count + (int(self.device_reused[name].item()) if name in self.device_reused else 0)
+                for name, count in self.reused.items()}
+
     def stats(self) -> dict:
-        allowed, reused = sum(self.allowed.values()), sum(self.reused.values())
+        reused_by_group = self._reused()
+        allowed, reused = sum(self.allowed.values()), sum(reused_by_group.values())
+        diffs = {name: list(values) for name, values in self.last_diffs.items()}
+        for name, diff in self.device_diffs.items():  # the latest replay's check, decided on the device
+            diffs.setdefault(name, []).append(float(diff.item()))
         cfg = self.config
         return {"enabled": True, "policy": cfg.policy, "label": STATIC_LABEL if cfg.policy == "static" else None,
                 "compute_mask": list(cfg.compute_mask), "Fn": cfg.Fn, "Bn": cfg.Bn,
                 "residual_diff_threshold": cfg.residual_diff_threshold, "frames": self.frames,
-                "unmasked_frames": self.unmasked_frames, "allowed": dict(self.allowed), "reused": dict(self.reused),
-                "hit_rate": reused / allowed if allowed else None, "last_residual_diffs": dict(self.last_diffs)}
+                "unmasked_frames": self.unmasked_frames, "allowed": dict(self.allowed), "reused": reused_by_group,
+                "hit_rate": reused / allowed if allowed else None, "last_residual_diffs": diffs,
+                "decided_on_device": sorted(self.device_reused)}
 
 
 class FrameReuse:
@@ -108,19 +142,50 @@ class FrameReuse:
         last = self._residuals.get(group)
         if self.mask[self.step] == 0 and last is not None:
             owner.allowed[group] += 1
+            capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+            if cfg.policy == "dynamic" and (capturing or owner.device_path_on_host):
+                hidden = self._decide_on_device(group, blocks[fn:len(blocks) - bn], hidden, first, last)
+                return self._last(blocks, bn, hidden)
             if cfg.policy == "static" or self._close(group, first, last.first):
                 owner.reused[group] += 1
-                hidden = hidden + last.middle
-                for block in blocks[len(blocks) - bn:]:
-                    hidden = block(hidden)
-                return hidden
+                return self._last(blocks, bn, hidden + last.middle)
         before_middle = hidden
         for block in blocks[fn:len(blocks) - bn]:
             hidden = block(hidden)
         self._residuals[group] = _Residuals(first, hidden - before_middle)
+        return self._last(blocks, bn, hidden)
+
+    @staticmethod
+    def _last(blocks: Sequence[Block], bn: int, hidden: torch.Tensor) -> torch.Tensor:
         for block in blocks[len(blocks) - bn:]:
             hidden = block(hidden)
         return hidden
+
+    def _decide_on_device(self, group: str, middle: Sequence[Block], hidden: torch.Tensor, first: torch.Tensor,
+                          last: _Residuals) -> torch.Tensor:
+        """The dynamic check without a host read: both branches write into one output, and the computing branch
+        replaces the stored residuals in place, as the host path replaces them."""
+        owner = self.owner
+        diff = (first - last.first).abs().mean() / last.first.abs().mean()
+        passes = diff < owner.config.residual_diff_threshold
+        owner.device_diffs[group] = diff
+        counter = owner.device_reused.setdefault(group, torch.zeros((), dtype=torch.int64, device=hidden.device))
+        counter.add_(passes.to(torch.int64))
+        out = torch.empty_like(hidden)
+
+        def reuse() -> None:
+            out.copy_(hidden + last.middle)
+
+        def compute() -> None:
+            computed = hidden
+            for block in middle:
+                computed = block(computed)
+            last.first.copy_(first)
+            last.middle.copy_(computed - hidden)
+            out.copy_(computed)
+
+        if_else(passes, reuse, compute, on_device=not owner.device_path_on_host)
+        return out
 
     def _close(self, group: str, first: torch.Tensor, previous: torch.Tensor) -> bool:
         # One host read per group of a reusable step: the decision picks which kernels run next.
