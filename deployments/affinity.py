@@ -1,51 +1,71 @@
-"""Session affinity for the editor replicas: a session's frames go to one replica while it lives.
+"""Session affinity for the editor replicas: a request that names its replica goes to that replica, or nowhere.
 
-Serve's request router picks replicas; this one ranks them by rendezvous hashing of the session id (carried
-as the request's multiplexed model id) so a session stays where its caches are, with no shared state and only
-~1/n of sessions moving when a replica is added or dies. Requests without a session use every replica.
-Written by hand: Serve's multiplexing routes by where a "model" was loaded, which is only learnt after the
-replica reports it, so a session's first frames could land on different replicas.
+The router admits each session on one replica (deployments/admission.py: an assignment table, not a hash, so adding
+a replica moves no session) and passes that replica's id as the call's `replica=` keyword; this request router
+sends the request to exactly that replica. When the replica is no longer among the running ones (it died, or was
+scaled down) the request fails at once with ReplicaGone instead of waiting in Serve's retry loop or landing on
+another replica. Requests that name no replica (info, one-off calls) may use every replica.
+Written by hand: Serve's multiplexing routes by where a "model" was loaded, learnt only after the replica reports
+it, and it would route a session elsewhere rather than fail when its replica is gone.
 """
 
 from __future__ import annotations
 
-import hashlib
+import collections
 from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+# This process's routing counts, for the router's /api/stats: `retries` are requests Serve asked this router about
+# again because no chosen replica had room (the retry loop the admission's fair queue keeps frames out of).
+ROUTING: collections.Counter = collections.Counter()
+_SEEN_MAX = 4096
 
-def rendezvous_score(session: str, replica: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{session}\x00{replica}".encode(), digest_size=8).digest(), "big")
 
+class ReplicaGone(Exception):
+    """The replica a request named is not running (died, or removed from the deployment)."""
 
-def pick_replica(session: str, replica_ids: list[str]) -> str:
-    """The replica id a session belongs to among `replica_ids` (highest random weight)."""
-    return max(replica_ids, key=lambda r: rendezvous_score(session, r))
+    def __init__(self, replica: str, died: bool):
+        super().__init__(f"editor replica {replica} is {'dead' if died else 'no longer running'}")
+        self.replica, self.died = replica, died
 
 
 class SessionAffinityRouter(RequestRouter):
+    def initialize_state(self, **kwargs) -> None:
+        self._died: set[str] = set()
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+
     async def choose_replicas(
         self,
         candidate_replicas: List[RunningReplica],
         pending_request: Optional[PendingRequest] = None,
     ) -> List[List[RunningReplica]]:
-        session = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
-        if not session or not candidate_replicas:
+        self._count(pending_request)
+        target = pending_request.kwargs.get("replica") if pending_request is not None else None
+        if not target:
             return [candidate_replicas]
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        # One rank only: when the session's replica is busy the request waits for it rather than moving.
-        return [[by_id[pick_replica(session, list(by_id))]]]
+        for r in candidate_replicas:
+            if r.replica_id.unique_id == target:
+                return [[r]]
+        ROUTING["gone"] += 1
+        if not pending_request.future.done():
+            # Fails the caller's await now; Serve stops routing a request whose future is done.
+            pending_request.future.set_exception(ReplicaGone(target, died=target in self._died))
+        return [candidate_replicas]
 
-    def _remove_pending_request_from_indices(self, pending_request: PendingRequest) -> None:
-        """Also drop the request from Ray's per-model-id index, whose only cleanup is in MultiplexMixin (not used
-        here): without this every session frame stays referenced, image and all, for the router's lifetime."""
-        super()._remove_pending_request_from_indices(pending_request)
-        session = pending_request.metadata.multiplexed_model_id
-        queue = self._pending_requests_by_model_id.get(session)
-        if queue is None:
+    def _count(self, pending_request: Optional[PendingRequest]) -> None:
+        if pending_request is None:
             return
-        if pending_request in queue:
-            queue.remove(pending_request)
-        if not queue:
-            del self._pending_requests_by_model_id[session]
+        rid = pending_request.metadata.internal_request_id
+        if rid in self._seen:
+            ROUTING["retries"] += 1
+            return
+        ROUTING["requests"] += 1
+        self._seen[rid] = None
+        while len(self._seen) > _SEEN_MAX:
+            self._seen.popitem(last=False)
+
+    def on_replica_actor_died(self, replica_id) -> None:
+        self._died.add(replica_id.unique_id)
+        ROUTING["replica_deaths"] += 1
+        super().on_replica_actor_died(replica_id)

@@ -50,6 +50,23 @@ class AutoscalingArgs(_Strict):
         return self
 
 
+# ---- admission (deployments/admission.py; issue 15 items 2-4) -------------------------------------------------
+class AdmissionArgs(_Strict):
+    """Sessions per editor replica: beyond every replica's capacity a session is refused at once (websocket close
+    1013, HTTP 503 with Retry-After), never queued behind the admitted ones."""
+
+    max_sessions: Optional[int] = Field(None, ge=1)
+    """Sessions one replica takes; None: max(1, floor(1000 / (engine_ms * target_fps))) with the engine time
+    measured at start-up (at least min_frame_ms). Either is reduced to what the replica's K/V store holds."""
+    target_fps: float = Field(10.0, gt=0, allow_inf_nan=False)
+    """Frames a second each admitted session should get."""
+    control_slots: int = Field(4, ge=1)
+    """Serve's max_ongoing_requests headroom beside the edit slots (max_ongoing_requests), so admit, close and info
+    calls never wait behind frames."""
+    retry_after_s: int = Field(1, ge=1)
+    """Retry-After of a refusal."""
+
+
 class EditorArgs(_Strict):
     """The editor replicas: compute only."""
 
@@ -71,6 +88,8 @@ class EditorArgs(_Strict):
     """Warm every served shape at start-up (Editor.warm_up) so the first client does not pay for lazy
     initialisation; compiled engines are warmed by Editor.from_config already."""
     health_check_period_s: float = Field(5.0, gt=0)
+    admission: AdmissionArgs = Field(default_factory=AdmissionArgs)
+    """Session capacity and refusal (deployments/admission.py)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -204,7 +223,8 @@ class AppArgs(_Strict):
 def replicas_options(args: EditorArgs) -> dict[str, Any]:
     """Serve deployment options for the editor from its arguments."""
     options: dict[str, Any] = {
-        "max_ongoing_requests": args.max_ongoing_requests,
+        # The router dispatches at most max_ongoing_requests frames (admission's FairQueue); control calls get more.
+        "max_ongoing_requests": args.max_ongoing_requests + args.admission.control_slots,
         "health_check_period_s": args.health_check_period_s,
         "ray_actor_options": {"num_cpus": args.num_cpus},
     }

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from deployments.admission import ReplicaBook, measure_engine, replica_capacity
 from deployments.config import EditorArgs, replicas_options
 from rtedit.config import EditorConfig
 from rtedit.errors import EditError
@@ -63,6 +64,18 @@ def replica_editor(engine: EditorConfig, args: EditorArgs) -> "Editor":
     return editor
 
 
+def replica_book(editor: "Editor", args: EditorArgs, replica: str) -> ReplicaBook:
+    """The replica's admission book: its capacity from args.admission and the engine measured now (after warm-up;
+    a frame counts at least min_frame_ms), reduced to the sessions whose K/V the store holds."""
+    measured = measure_engine(editor)
+    store = editor.kv_store.stats()["max_bytes"] if editor.kv_store is not None else None
+    capacity = replica_capacity(max_sessions=args.admission.max_sessions, target_fps=args.admission.target_fps,
+                                frame_ms=max(measured["engine_ms"], args.min_frame_ms),
+                                session_kv_bytes=measured["session_kv_bytes"], kv_max_bytes=store)
+    return ReplicaBook(replica, {**capacity, "engine_ms": measured["engine_ms"], "bucket": measured["bucket"]},
+                       slots=args.max_ongoing_requests, retry_after_s=args.admission.retry_after_s)
+
+
 @serve.deployment(name="Editor", max_ongoing_requests=2, graceful_shutdown_timeout_s=5)
 class EditorDeployment:
     """One Editor per replica; the embeddings the text encoder sends are kept in the Editor's own PromptCache."""
@@ -72,6 +85,7 @@ class EditorDeployment:
         self.editor = replica_editor(engine, args)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
+        self.book = replica_book(self.editor, args, self.replica)
         self.stage_ms = Histogram("rtedit_editor_stage_ms", description="Editor stage latency (ms)",
                                   boundaries=STAGE_BOUNDARIES_MS, tag_keys=("stage",))
         self.embedding_lookups = Counter("rtedit_editor_embedding_lookups", description="Embedding cache lookups",
@@ -82,14 +96,55 @@ class EditorDeployment:
             ("kv_entries", "Entries in the session K/V store"), ("kv_bytes", "Bytes in the session K/V store"),
             ("kv_hits", "Session K/V store hits"), ("kv_evictions", "Session K/V store evictions"),
             ("sessions_open", "Open engine sessions"))}
-        logger.info("editor replica %s ready: %s, warm-up %s (pid %d)", self.replica, self.editor.model_info,
-                    self.editor.warm, os.getpid())
+        logger.info("editor replica %s ready: %s, warm-up %s, admission %s (pid %d)", self.replica,
+                    self.editor.model_info, self.editor.warm, self.book.state(), os.getpid())
 
-    async def edit(self, job: EditJob, embedding: PromptEmbedding | dict | None = None) -> dict[str, Any]:
+    # ---- admission (deployments/admission.py); `replica` names this replica (SessionAffinityRouter routes on it) --
+    def admission_state(self) -> dict[str, Any]:
+        return self.book.state()
+
+    def admit(self, session_id: str, replica: str | None = None) -> dict[str, Any]:
+        """Takes the websocket session `session_id` if this replica has room: {"admitted": bool, reason, state}."""
+        if replica is not None and replica != self.replica:
+            return {"admitted": False, "reason": f"sent to {self.replica}, not {replica}", **self.book.state()}
+        return self.book.admit(session_id)
+
+    def drain(self, reason: str | None, replica: str | None = None) -> dict[str, Any]:
+        """Stops taking sessions (before a scale-down); its sessions are told to reconnect. None: take them again."""
+        return self.book.drain(reason)
+
+    async def edit(self, job: EditJob, embedding: PromptEmbedding | dict | None = None,
+                   replica: str | None = None) -> dict[str, Any]:
         """Edit one frame. Without a cached embedding for job.prompt, answers {"need_embedding": key}.
 
-        `embedding` comes straight from the text encoder (an error payload when the prompt was refused).
+        `embedding` comes straight from the text encoder (an error payload when the prompt was refused). `replica`
+        (the router always sends it) names the replica the router admitted the frame's session on: then a session
+        not admitted here is answered {"need_admission"}, a draining replica answers {"reconnect": reason}, and a
+        sessionless frame takes a one-shot slot or is answered {"full": reason}. Without it (in-process callers,
+        tests) nothing is booked.
         """
+        if replica is None:
+            return await self._edit(job, embedding)
+        if replica != self.replica:
+            return {"need_admission": job.session, "reason": f"sent to {self.replica}, not {replica}",
+                    "replica": self.replica}
+        if not job.session:
+            reason = self.book.begin_one_shot()
+            if reason is not None:
+                return {"full": reason, "retry_after_s": self.book.retry_after_s, "replica": self.replica}
+            try:
+                return await self._edit(job, embedding)
+            finally:
+                self.book.end_one_shot()
+        if self.book.draining is not None:
+            return {"reconnect": f"editor replica {self.replica} is draining: {self.book.draining}",
+                    "replica": self.replica}
+        if job.session not in self.book.sessions:
+            return {"need_admission": job.session, "replica": self.replica}
+        async with self.book.frame_lock(job.session):  # one frame per session in flight here
+            return await self._edit(job, embedding)
+
+    async def _edit(self, job: EditJob, embedding: PromptEmbedding | dict | None) -> dict[str, Any]:
         started = time.perf_counter()
         if isinstance(embedding, dict):
             return {**embedding, "replica": self.replica}
@@ -165,8 +220,10 @@ class EditorDeployment:
         return session, session.edit(job.image, seed=job.seed, steps=job.steps, output_format=job.format,
                                      cancel=cancel)
 
-    def close_session(self, session_id: str) -> dict[str, Any]:
-        """Frees the engine session of a websocket that closed (the router calls this); unknown ids are fine."""
+    def close_session(self, session_id: str, replica: str | None = None) -> dict[str, Any]:
+        """Frees the engine session of a websocket that closed and its admission (the router calls this); unknown
+        ids are fine."""
+        self.book.release(session_id)
         session = self.editor.session(session_id)
         if session is not None:
             session.close()
@@ -192,7 +249,8 @@ class EditorDeployment:
         """The engine's stats (attention backend, caches, warm-up, prompt_cache, kv_store, sessions) with this
         replica's model info."""
         self._update_gauges()
-        return {**self.editor.stats(), "model": self.editor.model_info, "replica": self.replica}
+        return {**self.editor.stats(), "model": self.editor.model_info, "replica": self.replica,
+                "admission": self.book.state()}
 
     def check_health(self) -> None:
         # Raises EngineDead once the device failed beyond recovery: Serve then replaces this replica.

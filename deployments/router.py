@@ -27,6 +27,8 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
 import rtedit.errors
+from deployments.admission import Assignments, NoCapacity, Reconnect
+from deployments.affinity import ROUTING, ReplicaGone
 from deployments.config import RouterArgs
 from deployments.limits import (
     EngineChecks,
@@ -76,6 +78,26 @@ class EditTimeout(EditError):
     code = "timeout"
 
 
+def replica_gone(exc: BaseException) -> ReplicaGone | None:
+    """The ReplicaGone SessionAffinityRouter raised, however Serve wrapped it."""
+    while exc is not None:
+        if isinstance(exc, ReplicaGone):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def close_reason(text: str) -> str:
+    """A websocket close reason: at most 123 bytes of UTF-8."""
+    data = text.encode()
+    return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
+
+
+def retry_after(exc: BaseException) -> dict[str, str]:
+    """The Retry-After header of a refusal (NoCapacity), else none."""
+    return {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, NoCapacity) else {}
+
+
 def classify(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """One place mapping every failure to an HTTP status and an error payload."""
     if isinstance(exc, RemoteError):
@@ -88,7 +110,7 @@ def classify(exc: BaseException) -> tuple[int, dict[str, Any]]:
         status = 400
     elif isinstance(exc, EditTimeout):
         status = 504
-    elif isinstance(exc, EditorFailed):
+    elif isinstance(exc, (EditorFailed, NoCapacity, Reconnect)):
         status = 503
     else:
         status = 500
@@ -180,7 +202,10 @@ class Router:
         self._model_defaults: SessionDefaults | None = None  # with the model's steps, once an editor reported them
         self._info_lock = asyncio.Lock()
         self.api_key = args.api_key or (os.environ.get(args.api_key_env) if args.api_key_env else None) or None
-        self.sessions: dict[str, DeploymentHandle] = {}
+        # Admission (deployments/admission.py): the table session -> editor replica, each replica's fair queue.
+        self.admission = Assignments()
+        self._admission_lock = asyncio.Lock()  # one admission_state broadcast for a burst of new sessions
+        self._ending: dict[str, tuple[int, str]] = {}  # websockets to close (code, reason) after their next frame
         # Per websocket: the references version its replica acknowledged (a reply without error); frames whose
         # references are acked travel with references=None, so the images cross once per change, not per frame.
         self.acked_references: dict[str, int] = {}
@@ -235,17 +260,9 @@ class Router:
                 self.m_stage.observe(float(ms), tags={"stage": stage})
 
     # ---- the edit call ------------------------------------------------------------------------------------------
-    def _handle(self, session: str | None) -> DeploymentHandle:
-        if not session:
-            return self.editor
-        handle = self.sessions.get(session)
-        if handle is None:
-            # The session id rides as the multiplexed model id; SessionAffinityRouter keeps it on one replica.
-            handle = self.sessions[session] = self.editor.options(multiplexed_model_id=session)
-        return handle
-
-    async def _call_editor(self, handle: DeploymentHandle, job: EditJob, embedding: Any = None) -> dict[str, Any]:
-        response = handle.edit.remote(job, embedding) if embedding is not None else handle.edit.remote(job)
+    async def _call_editor(self, replica: str, job: EditJob, embedding: Any = None) -> dict[str, Any]:
+        """One edit on `replica` (SessionAffinityRouter sends it there or fails it with ReplicaGone)."""
+        response = self.editor.edit.remote(job, embedding, replica=replica)
         try:
             return await asyncio.wait_for(response, self.args.edit_timeout_s)
         except asyncio.TimeoutError:
@@ -254,8 +271,14 @@ class Router:
         except (EditError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - actor died, unavailable, back-pressure: the replica failed
-            raise EditorFailed(f"the editor replica failed ({type(exc).__name__}); retry: "
-                               "Serve restarts failed replicas") from None
+            gone = replica_gone(exc)
+            if gone is not None and not gone.died:
+                raise Reconnect(f"editor replica {replica} left the service (scale-down or replacement): "
+                                "reconnect") from None
+            failed = EditorFailed(f"the editor replica failed ({type(exc).__name__}); retry: "
+                                  "Serve restarts failed replicas")
+            failed.replica, failed.never_sent = replica, gone is not None  # gone: the frame reached no replica
+            raise failed from None
 
     def _outgoing(self, job: EditJob) -> EditJob:
         """The job as sent to the replica: references left out when the socket's replica holds them already."""
@@ -263,18 +286,79 @@ class Router:
             return dataclasses.replace(job, references=None)
         return job
 
-    async def process(self, job: EditJob) -> tuple[dict[str, Any], bytes]:
-        """Edit one frame on the session's replica; embeddings cross from the text encoder once per prompt and
-        references once per websocket session and change (resent when the replica lost the session)."""
-        t0 = time.perf_counter()
-        job, resized = self.sizes.fit(job)
-        if resized is not None:
-            self.counts["resized"] += 1
-        self.checks.check(job)
-        handle = self._handle(job.session)
+    # ---- admission: which replica, and a slot on it (deployments/admission.py) -----------------------------------
+    async def _refresh_replicas(self, force: bool = False) -> None:
+        """Every running editor replica's admission_state (broadcast: no queueing behind frames)."""
+        async with self._admission_lock:
+            if not force and not self.admission.stale():
+                return
+            if force and time.monotonic() - self.admission.refreshed < 0.2:  # a burst of refusals shares one look
+                return
+            try:
+                replies = await self.editor.broadcast("admission_state").results_async(
+                    timeout_s=5, return_exceptions=True)
+            except Exception as exc:  # noqa: BLE001 - no replica running: nothing can be admitted
+                logger.info("rtedit router: no editor replica answered admission_state (%s)", type(exc).__name__)
+                replies = []
+            self.admission.update([r for r in replies if isinstance(r, dict)])
+
+    def _no_capacity(self) -> NoCapacity:
+        views = [v for v in self.admission.replicas.values() if not v.failed]
+        retry = self.admission.retry_after_s()
+        if not views:
+            return NoCapacity(f"no editor replica is running; retry in {retry} s", retry)
+        used, capacity = sum(v.sessions for v in views), sum(v.capacity for v in views)
+        draining = sum(1 for v in views if v.draining is not None)
+        return NoCapacity(f"every editor replica is full ({used} of {capacity} sessions on {len(views)} replicas"
+                          f"{f', {draining} draining' if draining else ''}); retry in {retry} s", retry)
+
+    async def _candidates(self, tried: set[str]):
+        """Replicas with room, most free first; the view is looked at again once before giving up."""
+        await self._refresh_replicas()
+        for fresh in (False, True):
+            if fresh:
+                await self._refresh_replicas(force=True)
+            for replica in self.admission.candidates():
+                if replica not in tried:
+                    tried.add(replica)
+                    yield replica
+
+    async def _admit(self, session: str) -> str:
+        """Admits a websocket session on a replica with room (the replica decides) or raises NoCapacity."""
+        async for replica in self._candidates(set()):
+            try:
+                reply = await asyncio.wait_for(self.editor.admit.remote(session, replica=replica),
+                                               self.args.edit_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - that replica is gone or stuck: try another
+                logger.info("rtedit router: admit on %s failed (%s)", replica, type(exc).__name__)
+                self.admission.failed(replica, EditorFailed("the editor replica failed; retry"))
+                continue
+            self.admission.note(reply)
+            if reply["admitted"]:
+                self.admission.assign(session, replica)
+                return replica
+        self.counts["sessions_refused"] += 1
+        raise self._no_capacity()
+
+    async def _on_replica(self, replica: str, key: str, job: EditJob) -> dict[str, Any]:
+        """The frame on `replica` once the replica's fair queue gives this session a slot (one frame per session,
+        sessions round-robin): a frame is sent only into a free slot, never into Serve's retry loop."""
+        queue = self.admission.queue(replica)
+        await queue.acquire(key)
+        try:
+            return await self._edit_on(replica, job)
+        except EditorFailed as exc:
+            if getattr(exc, "replica", None) == replica:  # the replica itself failed, not one reply
+                for session in self.admission.failed(replica, exc):  # its sessions move at their next frame
+                    self.admission.unassign(session)
+            raise
+        finally:
+            queue.release(key)
+
+    async def _edit_on(self, replica: str, job: EditJob) -> dict[str, Any]:
         outgoing, embedding = self._outgoing(job), None
         for _ in range(4):
-            reply = await self._call_editor(handle, outgoing, embedding)
+            reply = await self._call_editor(replica, outgoing, embedding)
             embedding = None
             if "need_embedding" in reply:
                 self.m_prompt.inc()
@@ -285,9 +369,62 @@ class Router:
                 self.counts["session_resends"] += 1
                 outgoing = job  # the full settings: the replica opens the session again
             else:
-                break
-        else:
-            raise EditorFailed("the editor replica kept asking for the prompt or the session; retry")
+                return reply
+        raise EditorFailed("the editor replica kept asking for the prompt or the session; retry")
+
+    async def _session_frame(self, job: EditJob) -> dict[str, Any]:
+        session = job.session
+        for _ in range(3):
+            replica = self.admission.table.get(session)
+            if replica is None:  # its replica failed: admitted again on a live one, with the full settings
+                try:
+                    replica = await self._admit(session)
+                except NoCapacity as exc:
+                    self._ending[session] = (1013, str(exc))
+                    raise
+                if session in self.acked_references:
+                    self.acked_references[session] = -1
+                self.counts["readmissions"] += 1
+            try:
+                reply = await self._on_replica(replica, session, job)
+            except Reconnect as exc:
+                self._ending[session] = (1012, str(exc))
+                raise
+            except EditorFailed as exc:
+                if getattr(exc, "never_sent", False):  # its replica died before this frame: admit it elsewhere
+                    continue
+                raise
+            if "need_admission" in reply:  # that replica does not hold the session (never crosses: ask again)
+                self.admission.unassign(session)
+                continue
+            if "reconnect" in reply:
+                self._ending[session] = (1012, reply["reconnect"])
+                raise Reconnect(reply["reconnect"])
+            return reply
+        raise EditorFailed("no editor replica kept the session's admission; retry")
+
+    async def _one_shot_frame(self, job: EditJob) -> dict[str, Any]:
+        """A sessionless frame takes a slot on a replica with room, or NoCapacity (HTTP 503 with Retry-After)."""
+        key = "one-shot:" + uuid.uuid4().hex
+        async for replica in self._candidates(set()):
+            reply = await self._on_replica(replica, key, job)
+            if "full" not in reply:
+                return reply
+            view = self.admission.replicas.get(replica)
+            if view is not None:
+                view.sessions = view.capacity
+        self.counts["one_shots_refused"] += 1
+        raise self._no_capacity()
+
+    async def process(self, job: EditJob) -> tuple[dict[str, Any], bytes]:
+        """Edit one frame on the session's replica; embeddings cross from the text encoder once per prompt and
+        references once per websocket session and change (resent when the replica lost the session)."""
+        t0 = time.perf_counter()
+        job, resized = self.sizes.fit(job)
+        if resized is not None:
+            self.counts["resized"] += 1
+        self.checks.check(job)
+        reply = await (self._session_frame(job) if job.session else self._one_shot_frame(job))
         if "error" in reply:
             raise RemoteError(reply["error"])
         if job.session and job.session in self.acked_references:
@@ -302,15 +439,17 @@ class Router:
         self.replicas_seen[reply.get("replica", "?")] += 1
         return reply, image
 
-    def _close_session(self, session: str, handle: DeploymentHandle | None) -> None:
-        """Tells the socket's replica to free its engine session (fire and forget; errors are logged)."""
+    def _close_session(self, session: str, replica: str | None) -> None:
+        """Tells the socket's replica to free its engine session and admission (fire and forget; errors logged)."""
         self.acked_references.pop(session, None)
-        if handle is None:
+        self._ending.pop(session, None)
+        if replica is None:
             return
 
         async def close() -> None:
             try:
-                await asyncio.wait_for(handle.close_session.remote(session), self.args.edit_timeout_s)
+                await asyncio.wait_for(self.editor.close_session.remote(session, replica=replica),
+                                       self.args.edit_timeout_s)
             except Exception as exc:  # noqa: BLE001 - the replica may be gone; its sessions went with it
                 logger.info("session %s: close_session failed (%s)", session[:8], type(exc).__name__)
 
@@ -331,6 +470,12 @@ class Router:
             return
         await ws.accept(subprotocol=offered)
         session = uuid.uuid4().hex
+        try:
+            await self._admit(session)  # at once: admitted on a replica with room, or refused with the reason
+        except NoCapacity as exc:
+            self._count_error(exc.code, "ws")
+            await ws.close(code=1013, reason=close_reason(str(exc)))  # 1013: try again later
+            return
         defaults = await self._session_defaults()
         seed = defaults.seed if defaults.seed is not None else secrets.randbelow(2**31)
         self.counts["sessions_open"] += 1
@@ -353,6 +498,9 @@ class Router:
                 await ws.send_bytes(data)
             else:
                 await ws.send_text(data)
+            ending = self._ending.pop(session, None)
+            if ending is not None:  # the frame told why (reconnect, no capacity); the close says it again
+                await ws.close(code=ending[0], reason=close_reason(ending[1]))
 
         def on_frame(event: str) -> None:
             if event.startswith("error:"):
@@ -366,7 +514,7 @@ class Router:
             logger.info("session %s closed: received %d processed %d dropped %d errors %d", session[:8],
                         stats.received, stats.processed, stats.dropped, stats.errors)
         finally:
-            self._close_session(session, self.sessions.pop(session, None))
+            self._close_session(session, self.admission.unassign(session))
             self.counts["sessions_open"] -= 1
             # After the client's disconnect a close is an ASGI error: Serve's proxy logged an ERROR with a traceback
             # at the end of every session.
@@ -436,7 +584,7 @@ class Router:
         except Exception as exc:  # noqa: BLE001 - mapped to a status in classify
             status, error = classify(exc)
             self._count_error(error["code"], "json")
-            return JSONResponse({"error": error}, status_code=status)
+            return JSONResponse({"error": error}, status_code=status, headers=retry_after(exc))
         self._count("processed", "json")
         return JSONResponse({**meta, "image": base64.b64encode(out).decode()})
 
@@ -461,7 +609,7 @@ class Router:
             self._count_error(error["code"], "binary")
             fid = frame_id if frame_id is not None else getattr(exc, "frame_id", None)
             return Response(encode_frame({"id": fid, "error": error}), status_code=status,
-                            media_type="application/octet-stream")
+                            media_type="application/octet-stream", headers=retry_after(exc))
         self._count("processed", "binary")
         return Response(encode_frame({**meta, "id": frame_id, "dropped": 0}, out),
                         media_type="application/octet-stream")
@@ -582,4 +730,7 @@ class Router:
                                    for rid, s in editors.items() if isinstance(s, dict)}
                                   if isinstance(editors, dict) else editors),
             "replicas_seen": dict(self.replicas_seen),
+            "admission": {**self.admission.stats(), "refused": self.counts["sessions_refused"],
+                          "one_shots_refused": self.counts["one_shots_refused"],
+                          "readmissions": self.counts["readmissions"], "routing": dict(ROUTING)},
         })

@@ -9,7 +9,6 @@ from pydantic import ValidationError  # noqa: E402
 
 from test_serve_helpers import REPO  # noqa: E402  (puts the repo root on sys.path)
 
-from deployments.affinity import pick_replica  # noqa: E402
 from deployments.config import AppArgs, replicas_options  # noqa: E402
 from deployments.router import auth_notice, classify  # noqa: E402
 from rtedit.errors import InvalidImage, UnsupportedRequest  # noqa: E402
@@ -70,39 +69,38 @@ def test_bad_arguments_name_the_field(args, field):
     assert field in str(info.value)
 
 
-def test_rendezvous_affinity_is_stable_and_moves_only_the_lost_replicas_sessions():
-    replicas = ["a1", "b2", "c3"]
-    sessions = [f"s{i}" for i in range(300)]
-    before = {s: pick_replica(s, replicas) for s in sessions}
-    assert all(pick_replica(s, list(reversed(replicas))) == before[s] for s in sessions)  # order-free
-    assert set(before.values()) == set(replicas)  # sessions spread over every replica
-    after = {s: pick_replica(s, ["a1", "c3"]) for s in sessions}
-    moved = [s for s in sessions if after[s] != before[s]]
-    assert moved and all(before[s] == "b2" for s in moved)
-
-
-def test_affinity_router_forgets_routed_requests():
-    """Ray indexes pending requests by multiplexed model id (our session id) and cleans that index only in
-    MultiplexMixin; the router must drop them itself or every frame leaks with its image (seen in the load bench)."""
+def test_affinity_router_sends_a_request_to_its_named_replica_or_fails_it():
+    """The router names the replica it admitted a session on (admission's assignment table, not a hash); a replica
+    that is gone fails the request at once with ReplicaGone, never another replica, never Serve's retry loop."""
     import asyncio
+    import types
 
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
     from ray.serve.request_router import PendingRequest
 
-    from deployments.affinity import SessionAffinityRouter
+    from deployments.affinity import ReplicaGone, SessionAffinityRouter
 
-    async def route_three_frames_and_cancel_one() -> dict:
+    def replica(rid):
+        return types.SimpleNamespace(replica_id=types.SimpleNamespace(unique_id=rid))
+
+    async def route() -> tuple:
         router = SessionAffinityRouter(DeploymentID(name="Editor", app_name="rtedit"), DeploymentHandleSource.UNKNOWN)
-        pending = [PendingRequest(args=[b"frame"], kwargs={}, metadata=RequestMetadata(
-            request_id=f"r{i}", internal_request_id=f"i{i}", multiplexed_model_id="session-a")) for i in range(4)]
-        for request in pending:
-            router._add_pending_request_to_indices(request)
-        for request in pending[:3]:
-            router._fulfill_next_pending_request(object(), request.metadata)
-        router._remove_pending_request_from_indices(pending[3])  # what a cancelled request goes through
-        return router._pending_requests_by_model_id
+        router.initialize_state()
+        candidates = [replica("a1"), replica("b2")]
 
-    assert not asyncio.run(route_three_frames_and_cancel_one())
+        def request(i, **kwargs):
+            return PendingRequest(args=[], kwargs=kwargs, metadata=RequestMetadata(request_id=f"r{i}",
+                                                                                   internal_request_id=f"i{i}"))
+        named, unnamed, gone = request(1, replica="b2"), request(2), request(3, replica="c3")
+        chosen = await router.choose_replicas(candidates, named)
+        anyone = await router.choose_replicas(candidates, unnamed)
+        await router.choose_replicas(candidates, gone)
+        return chosen, anyone, gone.future.exception()
+
+    chosen, anyone, failure = asyncio.run(route())
+    assert [[r.replica_id.unique_id for r in rank] for rank in chosen] == [["b2"]]
+    assert len(anyone) == 1 and len(anyone[0]) == 2
+    assert isinstance(failure, ReplicaGone) and failure.replica == "c3" and not failure.died
 
 
 def test_errors_map_to_statuses_and_auth_notice():

@@ -101,7 +101,7 @@ def test_router_sends_references_only_when_they_open_or_change_the_session(monke
     sent, lost = [], {"now": False}
     held: dict[str, tuple] = {}
 
-    def edit(job, embedding=None):
+    def edit(job, embedding=None, replica=None):
         sent.append(job)
         if lost["now"]:
             held.clear()
@@ -113,7 +113,13 @@ def test_router_sends_references_only_when_they_open_or_change_the_session(monke
         return FakeResponse({"image": b"x", "timings": {}, "replica": "fake", "session_version": 0})
 
     method = lambda fn: types.SimpleNamespace(remote=fn)  # noqa: E731
-    editor = types.SimpleNamespace(edit=method(edit), options=lambda **_: editor)
+    book = {"replica": "fake", "capacity": 4, "sessions": 0, "one_shots": 0, "slots": 1, "draining": None}
+
+    async def states(**_):
+        return [book]
+
+    editor = types.SimpleNamespace(edit=method(edit), broadcast=lambda name: types.SimpleNamespace(results_async=states),
+                                   admit=method(lambda session, replica=None: FakeResponse({"admitted": True, **book})))
     router = router_cls(types.SimpleNamespace(), editor, args.router, args.engine)
     state = SessionState.start("ws-1", SessionDefaults(prompt=PROMPT, steps=1), seed=0)
     router.acked_references["ws-1"] = -1  # what ws_predict registers for a socket
