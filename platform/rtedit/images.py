@@ -13,7 +13,7 @@ import torch
 
 from rtedit.config import ImageLimits
 from rtedit.errors import InvalidImage, InvalidRequest
-from rtedit.transport import OUTPUT_FORMATS
+from rtedit.transport import OUTPUT_FORMATS, public_message
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, bytes, bytearray, memoryview]
 
@@ -37,8 +37,13 @@ def decode_image(data: bytes | bytearray | memoryview, limits: ImageLimits) -> n
             img = PIL.Image.open(io.BytesIO(data))
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as exc:
         raise InvalidImage(f"image refused as a decompression bomb: {exc}") from None
+    except PIL.UnidentifiedImageError:
+        # PIL's own text names the BytesIO it read, memory address included.
+        raise InvalidImage(f"image bytes could not be decoded: not an image PIL recognises; send one of "
+                           f"{', '.join(DECODABLE_FORMATS)}") from None
     except Exception as exc:  # PIL raises many types for garbage input
-        raise InvalidImage(f"image bytes could not be decoded ({type(exc).__name__}: {exc})") from None
+        raise InvalidImage(f"image bytes could not be decoded ({type(exc).__name__}: {public_message(str(exc))})"
+                           ) from None
     if img.format not in DECODABLE_FORMATS:
         raise InvalidImage(f"image format {img.format} is not accepted; send one of {', '.join(DECODABLE_FORMATS)}")
     width, height = img.size
@@ -46,7 +51,8 @@ def decode_image(data: bytes | bytearray | memoryview, limits: ImageLimits) -> n
     try:
         img.load()
     except Exception as exc:
-        raise InvalidImage(f"image data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        raise InvalidImage(f"image data is truncated or corrupt ({type(exc).__name__}: {public_message(str(exc))})"
+                           ) from None
     return np.asarray(img.convert("RGB"))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -251,13 +252,30 @@ def decode_reply(data: bytes, limits: FrameLimits | None = None) -> Reply:
     return Reply(meta=raw, image=image)
 
 
+# What a message to a client must not show: an object's repr with its memory address, a bare address, a file path
+# (absolute or home-relative; an API route such as /api/info stays).
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+_PATH = re.compile(r"(?<![\w/.:~-])(?:~|[A-Za-z]:)?[/\\](?!(?:api|ws|static|docs|redoc|healthz|readyz)\b)"
+                   r"(?:[\w.@+-]+[/\\])+[\w.@+-]*")
+
+
+def public_message(text: str) -> str:
+    """`text` without memory addresses or file paths: an error message as a client may see it."""
+    text = _OBJECT_REPR.sub(lambda m: f"<{m.group(1).rsplit('.', 1)[-1]}>", text)
+    text = _ADDRESS.sub("0x…", text)
+    return _PATH.sub("<path>", text)
+
+
 def error_reply(exc: Exception, frame_id: int | None) -> dict[str, Any]:
-    """Response metadata for an error: its type, a code and a message; the id when known."""
+    """Response metadata for an error: its type, a code and a message (public_message: no addresses, no paths);
+    the id when known."""
     if isinstance(exc, FrameError):
         meta = exc.to_meta()
         if meta["id"] is None:
             meta["id"] = frame_id
+        meta["error"]["message"] = public_message(str(meta["error"]["message"]))
         return meta
     code = getattr(exc, "code", None)
     return {"id": frame_id, "error": {"type": type(exc).__name__, "code": code if isinstance(code, str) else "error",
-                                      "message": str(exc)[:500]}}
+                                      "message": public_message(str(exc)[:500])}}
