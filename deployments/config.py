@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.guards import GuardLimits, normalise_origin
 from deployments.limits import (
     OffSize,
     ServedSizes,
@@ -141,6 +142,43 @@ class RouterArgs(_Strict):
     `resized` says from what), "refuse" answers an off_size error (422)."""
     stats_window: int = Field(2048, ge=16)
     """Samples kept per stage for the p50/p99 of /api/stats."""
+    # Connection guards (deployments/guards.py): nothing a client holds can starve another or the health checks.
+    idle_timeout_s: float = Field(300.0, gt=0)
+    """A websocket with no message either way for this long is closed (1001, with the reason); above
+    edit_timeout_s, so a client waiting on a slow edit is never idle."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A request body must arrive within this long of the request reaching the router, else 408."""
+    max_connections_per_client: int = Field(64, ge=1)
+    """Open websockets plus HTTP requests in flight per client address (beyond: HTTP 429, websocket close 1008).
+    Behind a reverse proxy every client has the proxy's address: raise it there."""
+    reserved_for_health: int = Field(8, ge=1)
+    """Slots of max_ongoing_requests kept for /healthz and /readyz: connections beyond the rest are refused (HTTP
+    503, websocket close 1013)."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Browser origins (scheme://host[:port]) allowed besides the page's own; "*" allows every origin. A request
+    or websocket handshake with another Origin is refused with 403."""
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        return [normalise_origin(o) for o in v]
+
+    @model_validator(mode="after")
+    def _guards(self) -> "RouterArgs":
+        if self.idle_timeout_s <= self.edit_timeout_s:
+            raise ValueError(f"router.idle_timeout_s ({self.idle_timeout_s:g}) must be above router.edit_timeout_s "
+                             f"({self.edit_timeout_s:g}): a client waiting on an edit would be closed as idle")
+        if self.reserved_for_health >= self.max_ongoing_requests:
+            raise ValueError(f"router.reserved_for_health ({self.reserved_for_health}) must be below "
+                             f"router.max_ongoing_requests ({self.max_ongoing_requests})")
+        return self
+
+    def guard_limits(self) -> GuardLimits:
+        """What the router's ConnectionGuards enforce."""
+        return GuardLimits(allowed_origins=frozenset(self.allowed_origins),
+                           max_connections_per_client=self.max_connections_per_client,
+                           max_connections=self.max_ongoing_requests - self.reserved_for_health,
+                           body_timeout_s=self.body_timeout_s, idle_timeout_s=self.idle_timeout_s)
 
     @field_validator("limits")
     @classmethod

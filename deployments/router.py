@@ -30,6 +30,7 @@ import rtedit.errors
 from deployments.admission import Assignments, NoCapacity, Reconnect
 from deployments.affinity import ROUTING, ReplicaGone
 from deployments.config import RouterArgs
+from deployments.guards import ConnectionGuards, Guards, Readiness, check_exposure, serve_bind_host
 from deployments.limits import (
     EngineChecks,
     ServedSizes,
@@ -40,6 +41,7 @@ from deployments.limits import (
 )
 from deployments.schemas import (
     HealthReply,
+    ReadyReply,
     InfoReply,
     PredictReply,
     StatsReply,
@@ -163,6 +165,9 @@ app = FastAPIOffline(
 )
 if STATIC_DIR.is_dir():
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+# Origins, per-address caps, body deadlines, idle websockets (deployments/guards.py); each connection finds the
+# replica's Router, whose __init__ built its Guards, as the class-based routes do.
+app.add_middleware(ConnectionGuards, guards=lambda: serve.get_replica_context().servable_object.guards)
 
 
 class _StageStats:
@@ -202,6 +207,9 @@ class Router:
         self._model_defaults: SessionDefaults | None = None  # with the model's steps, once an editor reported them
         self._info_lock = asyncio.Lock()
         self.api_key = args.api_key or (os.environ.get(args.api_key_env) if args.api_key_env else None) or None
+        check_exposure(serve_bind_host(), self.api_key, args.api_key_env)  # no keyless service off loopback
+        self.guards = Guards(args.guard_limits())
+        self.readiness: Readiness | None = None  # built at the first /readyz, inside the replica
         # Admission (deployments/admission.py): the table session -> editor replica, each replica's fair queue.
         self.admission = Assignments()
         self._admission_lock = asyncio.Lock()  # one admission_state broadcast for a burst of new sessions
@@ -620,7 +628,25 @@ class Router:
 
     @app.get("/healthz", responses=json_responses(HealthReply))
     async def healthz(self) -> dict[str, str]:
+        """Liveness: the router answers (never behind held connections or edits; readiness is /readyz)."""
         return {"status": "ok"}
+
+    @app.get("/readyz", responses={**json_responses(ReadyReply), 503: {"model": ReadyReply,
+                                   "description": "not ready: a deployment has no running replica yet"}})
+    async def readyz(self) -> Response:
+        """Readiness: 200 once every deployment behind the router has a running replica (an editor replica runs
+        once it warmed every served shape), 503 before; asked of Serve's controller, never queued behind edits."""
+        if self.readiness is None:
+            context = serve.get_replica_context()
+            self.readiness = Readiness(serve.status, context.app_name, context.deployment)
+        try:
+            ready, running = await self.readiness.check()
+        except Exception as exc:  # noqa: BLE001 - the controller is unreachable: not ready, and say why
+            return JSONResponse({"status": "unknown", "running": {},
+                                 "reason": f"Serve's controller did not answer ({type(exc).__name__})"},
+                                status_code=503)
+        return JSONResponse({"status": "ready" if ready else "starting", "running": running},
+                            status_code=200 if ready else 503)
 
     async def _model_info(self) -> dict[str, Any]:
         """The served model as an editor replica reports it (cached: every replica serves the same model)."""

@@ -137,6 +137,12 @@ class HealthReply(_Reply):
     status: Literal["ok"]
 
 
+class ReadyReply(_Reply):
+    status: Literal["ready", "starting", "unknown"]
+    running: dict[str, int] = Field(description="running replicas of each deployment behind the router")
+    reason: Optional[str] = None
+
+
 ERROR_STATUSES = {
     400: "the request is malformed or out of range (limits in GET /api/info)",
     401: "missing or wrong API key",
