@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("ray.serve")
 
 from conftest import FakeResponse  # noqa: E402
-from test_serve_helpers import BASE, WS_URL, jpeg, recv_frame, start_ray, ws_frame  # noqa: E402
+from test_serve_helpers import BASE, WS_URL, jpeg, recv_frame, running_app, ws_frame  # noqa: E402
 
 from deployments.admission import FairQueue, fps_capacity, replica_capacity  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
@@ -202,19 +202,8 @@ APP_ARGS = {
 
 @pytest.fixture(scope="module")
 def app():
-    from ray import serve
-
-    import ray
-    from deployments.app import build_app
-
-    start_ray(num_cpus=6)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-        serve.run(build_app(AppArgs.model_validate(APP_ARGS)), name="rtedit", route_prefix="/", blocking=False)
+    with running_app(APP_ARGS) as serve:
         yield serve
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _stats():

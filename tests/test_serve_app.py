@@ -23,7 +23,7 @@ from websockets.exceptions import InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 from rtedit.transport import decode_reply, encode_frame  # noqa: E402
-from test_serve_helpers import API_KEY, BASE, WS_URL, image_size, jpeg, recv_frame, start_ray, ws_frame  # noqa: E402
+from test_serve_helpers import API_KEY, BASE, WS_URL, image_size, jpeg, recv_frame, running_app, ws_frame  # noqa: E402
 
 pytestmark = pytest.mark.slow
 HEADERS = {"x-api-key": API_KEY}
@@ -47,8 +47,6 @@ def app():
     from ray import serve
 
     import ray
-    from deployments.app import build_app
-    from deployments.config import AppArgs
 
     if os.environ.get("RTEDIT_SERVE_TEST_ADDRESS"):
         # Development loop: reuse a cluster where this app already runs (see bench/serve_load.py --help).
@@ -56,14 +54,8 @@ def app():
         yield serve
         ray.shutdown()
         return
-    start_ray(num_cpus=6)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-        serve.run(build_app(AppArgs.model_validate(APP_ARGS)), name="rtedit", route_prefix="/", blocking=False)
-        yield serve
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_app(APP_ARGS) as running:
+        yield running
 
 
 def predict_json(client: httpx.Client, image: bytes, **fields) -> httpx.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -53,6 +54,25 @@ def start_ray(num_cpus: int = 6, **kwargs):
         **kwargs,
     )
 
+
+
+@contextlib.contextmanager
+def running_app(app_args: dict, num_cpus: int = 6):
+    """A fresh cluster running the rtedit app from these args on 127.0.0.1:8000; shut down on exit."""
+    from ray import serve
+
+    import ray
+    from deployments.app import build_app
+    from deployments.config import AppArgs
+
+    start_ray(num_cpus=num_cpus)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+        serve.run(build_app(AppArgs.model_validate(app_args)), name="rtedit", route_prefix="/", blocking=False)
+        yield serve
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 def ws_frame(ws, meta: dict, image: bytes, timeout: float = 60) -> Reply:
     ws.send(encode_frame(meta, image))
