@@ -257,6 +257,7 @@ class Assignments:
         self.queues: dict[str, FairQueue] = {}
         self.refreshed = -math.inf
         self.counts: collections.Counter = collections.Counter()
+        self.last_assigned: dict[str, int] = {}  # replica -> admission number: ties go to the longest unused
 
     def stale(self) -> bool:
         return time.monotonic() - self.refreshed > self.refresh_s
@@ -284,9 +285,11 @@ class Assignments:
             view.draining = state["draining"]
 
     def candidates(self) -> list[str]:
-        """Replicas that may take a session, most free first (a new replica, empty, takes new sessions)."""
+        """Replicas that may take a session, most free first (a new replica, empty, takes new sessions); among equally
+        free ones the one that took a session longest ago, so sessions one after another spread."""
         live = [v for v in self.replicas.values() if not v.failed and v.draining is None and v.free() > 0]
-        return [v.replica for v in sorted(live, key=lambda v: (-v.free(), v.replica))]
+        return [v.replica for v in sorted(live, key=lambda v: (-v.free(), self.last_assigned.get(v.replica, -1),
+                                                                 v.replica))]
 
     def retry_after_s(self) -> int:
         return min((v.retry_after_s for v in self.replicas.values()), default=1)
@@ -294,6 +297,7 @@ class Assignments:
     def assign(self, session: str, replica: str) -> None:
         self.table[session] = replica
         self.counts["admitted"] += 1
+        self.last_assigned[replica] = self.counts["admitted"]
 
     def unassign(self, session: str) -> str | None:
         """Drops the session from the table (closed, or moving); its replica's count in the view goes down."""

@@ -1,6 +1,7 @@
 """Shared fixtures: the shared data folder (skips locally when absent, fails in CI) and tiny editors."""
 
 import os
+import types
 
 import pytest
 
@@ -114,3 +115,24 @@ class FakeResponse:
 
     def cancel(self):
         pass
+
+
+class FakeAdmission:
+    """The admission side of an editor handle (deployments/editor.py's admission_state broadcast, admit and
+    close_session) for router tests over fake handles: one replica that always has room."""
+
+    def __init__(self, replica: str = "fake", capacity: int = 64, slots: int = 4):
+        self.book = {"replica": replica, "capacity": capacity, "sessions": 0, "one_shots": 0, "slots": slots,
+                     "draining": None}
+        self.admit = types.SimpleNamespace(
+            remote=lambda session, replica=None: FakeResponse({"admitted": True, **self.book}))
+        self.close_session = types.SimpleNamespace(
+            remote=lambda session, replica=None: FakeResponse({"closed": True, "replica": self.book["replica"]}))
+
+    def broadcast(self, method: str):
+        assert method == "admission_state", method
+
+        async def results(**_):
+            return [dict(self.book)]
+
+        return types.SimpleNamespace(results_async=results)

@@ -16,10 +16,10 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from conftest import FakeResponse  # noqa: E402
+from conftest import FakeAdmission  # noqa: E402
 from test_serve_helpers import BASE, WS_URL, jpeg, recv_frame, running_app, ws_frame  # noqa: E402
 
-from deployments.admission import FairQueue, fps_capacity, replica_capacity  # noqa: E402
+from deployments.admission import Assignments, FairQueue, fps_capacity, replica_capacity  # noqa: E402
 from deployments.config import AppArgs  # noqa: E402
 from rtedit.streaming import EditJob, SessionDefaults, SessionState  # noqa: E402
 from rtedit.transport import encode_frame  # noqa: E402
@@ -131,6 +131,21 @@ def test_fair_queue_is_round_robin_one_frame_per_session():
     assert order[:9].count("flood") <= 3
 
 
+def test_new_sessions_go_to_the_freest_replica_and_ties_to_the_longest_unused():
+    table = Assignments()
+    table.update([{"replica": r, "capacity": 4, "sessions": 0, "slots": 1, "draining": None} for r in ("a", "b")])
+    order = []
+    for k in range(4):  # one session after another, each closed before the next: they alternate
+        replica = table.candidates()[0]
+        table.assign(f"s{k}", replica)
+        table.unassign(f"s{k}")
+        order.append(replica)
+    assert order == ["a", "b", "a", "b"]
+    table.assign("held", "a")
+    table.replicas["a"].sessions += 1
+    assert table.candidates() == ["b", "a"]  # most free first, whoever was used last
+
+
 def test_router_serves_a_quiet_session_every_round_beside_a_flooding_one():
     """Two websocket sessions on one replica with one edit slot: one floods (a new frame whenever it may), the
     other sends one frame at a time; the Router's fair queue serves the quiet one every round."""
@@ -139,25 +154,20 @@ def test_router_serves_a_quiet_session_every_round_beside_a_flooding_one():
     FLOOD, QUIET = jpeg(64, 64, tag=1), jpeg(64, 64, tag=2)
     args = AppArgs(engine={"model": "tiny"}, router={"api_key_env": None})
     router_cls = router_module.Router.func_or_class.__bases__[0]
-    book = {"replica": "r1", "capacity": 2, "sessions": 0, "one_shots": 0, "slots": 1, "draining": None}
+    editor = FakeAdmission(replica="r1", capacity=2, slots=1)
     served, in_flight = [], []
 
     def edit(job, embedding=None, replica=None):
         async def run():
             in_flight.append(job.session)
-            assert in_flight.count(job.session) == 1 and len(in_flight) <= book["slots"]
+            assert in_flight.count(job.session) == 1 and len(in_flight) <= editor.book["slots"]
             await asyncio.sleep(0.001)
             in_flight.remove(job.session)
             served.append(job.session)
             return {"image": job.image, "timings": {}, "replica": replica}
         return run()
 
-    async def states(**_):
-        return [book]
-
-    method = lambda fn: types.SimpleNamespace(remote=fn)  # noqa: E731
-    editor = types.SimpleNamespace(edit=method(edit), broadcast=lambda name: types.SimpleNamespace(results_async=states),
-                                   admit=method(lambda s, replica=None: FakeResponse({"admitted": True, **book})))
+    editor.edit = types.SimpleNamespace(remote=edit)
     router = router_cls(types.SimpleNamespace(), editor, args.router, args.engine)
 
     async def run():

@@ -34,7 +34,7 @@ SLOW_MS = 200
 APP_ARGS = {
     "engine": {"model": "tiny"},
     "editor": {"num_replicas": 2, "num_cpus": 1, "torch_threads": 1, "min_frame_ms": SLOW_MS,
-               "health_check_period_s": 2},
+               "health_check_period_s": 2, "admission": {"max_sessions": 4}},  # 8 concurrent clients on 2 replicas
     "text_encoder": {"num_cpus": 0.5},
     "router": {"num_cpus": 0.5, "api_key": API_KEY, "edit_timeout_s": 60,
                "limits": {"max_frame_bytes": MAX_FRAME, "max_meta_bytes": 4096},

@@ -17,7 +17,7 @@ pytest.importorskip("ray.serve")
 from fastapi.testclient import TestClient  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
-from conftest import FakeResponse  # noqa: E402
+from conftest import FakeAdmission, FakeResponse  # noqa: E402
 from test_serve_helpers import REPO, jpeg  # noqa: E402  (puts the repo root on sys.path)
 
 from deployments.config import AppArgs  # noqa: E402
@@ -26,11 +26,12 @@ from rtedit.transport import decode_reply, encode_frame  # noqa: E402
 GPU_ARGS = yaml.safe_load((REPO / "deployments" / "serve-gpu.yaml").read_text())["applications"][0]["args"]
 
 
-class FakeEditor:
+class FakeEditor(FakeAdmission):
     """An editor handle that records every call; its replies carry the fields EditorDeployment.edit's do, and `info`
     is what a replica of a model with rtedit.json reports."""
 
     def __init__(self, steps=None):
+        super().__init__()
         self.jobs, self.info_calls, self.model_steps = [], 0, steps
         outer = self
 
@@ -38,7 +39,7 @@ class FakeEditor:
             def __init__(self, fn):
                 self.remote = fn
 
-        self.edit = _Method(lambda job, embedding=None: FakeResponse(outer._edit(job)))
+        self.edit = _Method(lambda job, embedding=None, replica=None: FakeResponse(outer._edit(job)))
         self.info = _Method(lambda: FakeResponse(outer._info()))
 
     def options(self, **_):

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from conftest import FakeResponse  # noqa: E402
+from conftest import FakeAdmission, FakeResponse  # noqa: E402
 from test_serve_helpers import jpeg  # noqa: E402  (puts the repo root on sys.path)
 from test_sessions import causal_editor  # noqa: E402
 
@@ -112,14 +112,8 @@ def test_router_sends_references_only_when_they_open_or_change_the_session(monke
             held[job.session] = job.references
         return FakeResponse({"image": b"x", "timings": {}, "replica": "fake", "session_version": 0})
 
-    method = lambda fn: types.SimpleNamespace(remote=fn)  # noqa: E731
-    book = {"replica": "fake", "capacity": 4, "sessions": 0, "one_shots": 0, "slots": 1, "draining": None}
-
-    async def states(**_):
-        return [book]
-
-    editor = types.SimpleNamespace(edit=method(edit), broadcast=lambda name: types.SimpleNamespace(results_async=states),
-                                   admit=method(lambda session, replica=None: FakeResponse({"admitted": True, **book})))
+    editor = FakeAdmission(slots=1)
+    editor.edit = types.SimpleNamespace(remote=edit)
     router = router_cls(types.SimpleNamespace(), editor, args.router, args.engine)
     state = SessionState.start("ws-1", SessionDefaults(prompt=PROMPT, steps=1), seed=0)
     router.acked_references["ws-1"] = -1  # what ws_predict registers for a socket

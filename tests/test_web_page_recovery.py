@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("ray.serve")
 uvicorn = pytest.importorskip("uvicorn")
 
-from conftest import IN_CI, FakeResponse  # noqa: E402
+from conftest import IN_CI, FakeAdmission, FakeResponse  # noqa: E402
 from test_serve_helpers import REPO, jpeg  # noqa: E402  (puts the repo root on sys.path)
 
 from deployments.config import AppArgs  # noqa: E402
@@ -45,18 +45,18 @@ class SlowResponse(FakeResponse):
         return self.value
 
 
-class EchoEditor:
+class EchoEditor(FakeAdmission):
     """An editor handle that returns its input at the job's size (grey, so a reply is visibly an edit); records jobs.
     With delay_s set, every edit takes that long."""
 
     def __init__(self):
+        super().__init__(replica="echo")
         self.jobs = []
         self.delay_s = 0.0
-        self.edit = types.SimpleNamespace(remote=lambda job, embedding=None: SlowResponse(self._edit(job),
-                                                                                         self.delay_s))
+        self.edit = types.SimpleNamespace(remote=lambda job, embedding=None, replica=None: SlowResponse(
+            self._edit(job), self.delay_s))
         self.info = types.SimpleNamespace(remote=lambda: FakeResponse(
             {"name": "echo", "random_weights": False, "device": "cpu", "dtype": "float32", "steps": [2]}))
-        self.close_session = types.SimpleNamespace(remote=lambda session: FakeResponse(True))
 
     def options(self, **_):
         return self
@@ -83,14 +83,23 @@ class PageServer:
 
         self.port, self.app, self.router_module = port, router_module.app, router_module
         self.current: dict = {}
-        monkeypatch.setattr(serve, "get_replica_context",
-                            lambda: types.SimpleNamespace(servable_object=self.current["router"]))
+        monkeypatch.setattr(serve, "get_replica_context", self._replica_context)
         self.server = self.thread = None
+
+    def _replica_context(self):
+        """As Serve's: the serving Router; while a Router is being built, "not in a replica" (as for a router built
+        directly: it serves no proxy, so it asks for no bind address)."""
+        from ray.serve.exceptions import RayServeException
+
+        if "router" not in self.current:
+            raise RayServeException("no router is serving yet")
+        return types.SimpleNamespace(servable_object=self.current["router"])
 
     def start(self) -> EchoEditor:
         args = AppArgs.model_validate(ARGS)
         router_cls = self.router_module.Router.func_or_class.__bases__[0]  # the class under @serve.ingress
         editor = EchoEditor()
+        self.current.pop("router", None)
         self.current["router"] = router_cls(EchoEditor(), editor, args.router, args.engine)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=1)
