@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.guards import GuardLimits, normalise_origin
+from deployments.guards import LOOPBACK_HOSTS, GuardLimits, is_loopback, normalise_host, normalise_origin
 from deployments.limits import (
     OffSize,
     ServedSizes,
@@ -158,10 +158,20 @@ class RouterArgs(_Strict):
     """Browser origins (scheme://host[:port]) allowed besides the page's own; "*" allows every origin. A request
     or websocket handshake with another Origin is refused with 403."""
 
+    allowed_hosts: Optional[list[str]] = None
+    """Host header names (no port) the router answers; "*" any. None: on a loopback bind, the loopback names only
+    (localhost, 127.0.0.1, ::1), so a foreign page whose name resolves to this machine (DNS rebinding) is refused
+    with 403; on any other bind, every name (the API key guards it)."""
+
     @field_validator("allowed_origins")
     @classmethod
     def _origins(cls, v: list[str]) -> list[str]:
         return [normalise_origin(o) for o in v]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        return None if v is None else [normalise_host(h) for h in v]
 
     @model_validator(mode="after")
     def _guards(self) -> "RouterArgs":
@@ -173,9 +183,13 @@ class RouterArgs(_Strict):
                              f"router.max_ongoing_requests ({self.max_ongoing_requests})")
         return self
 
-    def guard_limits(self) -> GuardLimits:
-        """What the router's ConnectionGuards enforce."""
+    def guard_limits(self, bind_host: str | None = None) -> GuardLimits:
+        """What the router's ConnectionGuards enforce; `bind_host` is Serve's HTTP bind address (None: no proxy)."""
+        hosts = self.allowed_hosts
+        if hosts is None and bind_host is not None and is_loopback(bind_host):
+            hosts = list(LOOPBACK_HOSTS)
         return GuardLimits(allowed_origins=frozenset(self.allowed_origins),
+                           allowed_hosts=None if hosts is None or "*" in hosts else frozenset(hosts),
                            max_connections_per_client=self.max_connections_per_client,
                            max_connections=self.max_ongoing_requests - self.reserved_for_health,
                            body_timeout_s=self.body_timeout_s, idle_timeout_s=self.idle_timeout_s)

@@ -95,7 +95,11 @@ class EditorDeployment:
         self.gauges = {name: Gauge(f"rtedit_editor_{name}", description=text) for name, text in (
             ("kv_entries", "Entries in the session K/V store"), ("kv_bytes", "Bytes in the session K/V store"),
             ("kv_hits", "Session K/V store hits"), ("kv_evictions", "Session K/V store evictions"),
-            ("sessions_open", "Open engine sessions"))}
+            ("sessions_open", "Open engine sessions"),
+            ("steps_reuse_allowed", "Denoise steps that may reuse the previous step (session step reuse), all groups"),
+            ("steps_reused", "Denoise steps served from the previous step (session step reuse), all groups"),
+            ("dbcache_steps", "Block-group steps under DBCache (full path)"),
+            ("dbcache_cached_steps", "Block-group steps served from DBCache (full path)"))}
         logger.info("editor replica %s ready: %s, warm-up %s, admission %s (pid %d)", self.replica,
                     self.editor.model_info, self.editor.warm, self.book.state(), os.getpid())
 
@@ -237,6 +241,9 @@ class EditorDeployment:
             for name in ("entries", "bytes", "hits", "evictions"):
                 self.gauges["kv_" + name].set(store[name])
         self.gauges["sessions_open"].set(len(self.editor.sessions))
+        reuse = self.editor.reuse_counts()
+        for name in ("steps_reuse_allowed", "steps_reused", "dbcache_steps", "dbcache_cached_steps"):
+            self.gauges[name].set(reuse.get(name, 0))  # 0 where this model has no such reuse
 
     def info(self) -> dict[str, Any]:
         return {**self.editor.model_info, "replica": self.replica, "pid": os.getpid()}

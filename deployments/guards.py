@@ -7,6 +7,9 @@ concurrency cap, body deadline or origin check (ray.serve.config.HTTPOptions has
 `http_options.request_timeout_s` would also cut live websockets. So the guards run in the router replica, as ASGI
 middleware in front of the FastAPI routes (`ConnectionGuards`), configured by RouterArgs:
 
+- a request whose Host is not one of the service's names is refused with 403: on a loopback bind only loopback
+  names (`allowed_hosts` widens it), so a foreign page whose DNS name is made to resolve to 127.0.0.1 (DNS
+  rebinding: its Origin then matches its Host) never reaches the router;
 - a request or websocket handshake carrying an `Origin` that is neither the page's own (its Host) nor in
   `allowed_origins` is refused with 403 (a websocket: closed before accept, which the proxy answers with 403);
 - open websockets plus HTTP requests in flight are capped per client address (`max_connections_per_client`:
@@ -59,11 +62,43 @@ def normalise_origin(origin: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def normalise_host(host: str) -> str:
+    """An allowed_hosts entry: a host name or address without port, lower case; "*" kept."""
+    value = host.strip().lower()
+    if value == "*":
+        return value
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    if not value or any(c in value for c in "/ @?#") or (":" in value and not _is_address(value)):
+        raise ValueError(f"allowed host {host!r} is not a host name or address without port (e.g. edit.example.com)")
+    return value
+
+
+def _is_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header: port and IPv6 brackets removed, lower case."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
 @dataclass(frozen=True)
 class GuardLimits:
     """What ConnectionGuards enforces (RouterArgs.guard_limits builds it, validated)."""
 
     allowed_origins: frozenset[str]
+    allowed_hosts: frozenset[str] | None  # None: every Host
     max_connections_per_client: int
     max_connections: int
     body_timeout_s: float
@@ -86,11 +121,17 @@ def origin_allowed(origin: str, host: str | None, allowed: Iterable[str]) -> boo
 class Guards:
     """One router replica's guard state: its limits and the connections it holds, by client address."""
 
-    def __init__(self, limits: GuardLimits):
+    def __init__(self, limits: GuardLimits, on_refuse: Callable[[str], None] | None = None):
         self.limits = limits
         self.open_by_client: collections.Counter = collections.Counter()
         self.open = 0
         self.refused: collections.Counter = collections.Counter()  # by reason, for /api/stats
+        self.on_refuse = on_refuse  # the router's Prometheus counter
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] += 1
+        if self.on_refuse is not None:
+            self.on_refuse(reason)
 
     def admit(self, client: str) -> tuple[str, str] | None:
         """None (counted as open) or (code, message) of the refusal."""
@@ -138,6 +179,15 @@ async def _http_error(send: Send, status: int, type_name: str, code: str, messag
     await send({"type": "http.response.body", "body": body})
 
 
+async def _forbidden(scope: Scope, receive: Receive, send: Send, code: str, message: str) -> None:
+    """403 over HTTP; a websocket closed before accept, which the proxy answers with 403."""
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": POLICY_CLOSE, "reason": message[:120]})
+    else:
+        await _http_error(send, 403, "Forbidden", code, message)
+
+
 class ConnectionGuards:
     """ASGI middleware applying a router replica's Guards (see the module docstring)."""
 
@@ -149,25 +199,26 @@ class ConnectionGuards:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         guards = self.guards()
+        host = _header(scope, b"host")
+        if guards.limits.allowed_hosts is not None and (host is None or
+                                                        host_name(host) not in guards.limits.allowed_hosts):
+            guards.refuse("host")
+            message = (f"host {(host or '')[:100]!r} is not a name of this service (router.allowed_hosts; a loopback "
+                       "bind answers localhost, 127.0.0.1 and ::1 only, so no other site's page reaches it)")
+            return await _forbidden(scope, receive, send, "host_refused", message)
         origin = _header(scope, b"origin")
-        if origin is not None and not origin_allowed(origin, _header(scope, b"host"),
-                                                     guards.limits.allowed_origins):
-            guards.refused["origin"] += 1
+        if origin is not None and not origin_allowed(origin, host, guards.limits.allowed_origins):
+            guards.refuse("origin")
             message = (f"origin {origin[:100]!r} is not allowed here: the page's own origin is, and those in "
                        "router.allowed_origins")
-            if scope["type"] == "websocket":
-                await receive()  # websocket.connect
-                await send({"type": "websocket.close", "code": POLICY_CLOSE, "reason": message[:120]})  # -> 403
-            else:
-                await _http_error(send, 403, "Forbidden", "origin_refused", message)
-            return
+            return await _forbidden(scope, receive, send, "origin_refused", message)
         if scope.get("path") in HEALTH_PATHS:
             return await self.app(scope, receive, send)
         client = (scope.get("client") or ("unknown", 0))[0]
         refusal = guards.admit(client)
         if refusal is not None:
             code, message = refusal
-            guards.refused[code] += 1
+            guards.refuse(code)
             if scope["type"] == "websocket":
                 # Accepted, then closed: a refused handshake shows the browser no code or reason, a close does.
                 await receive()  # websocket.connect
@@ -220,7 +271,7 @@ class ConnectionGuards:
                 await app_task
             except asyncio.CancelledError:
                 pass
-            self.guards().refused["body_timeout"] += 1
+            self.guards().refuse("body_timeout")
             await _http_error(send, 408, "BodyTimeout", "body_timeout",
                               f"the request body did not arrive within {timeout_s:g} s (router.body_timeout_s)",
                               [(b"connection", b"close")])
@@ -255,7 +306,7 @@ class ConnectionGuards:
                         return message
                     continue  # a send may have moved `last` meanwhile
                 closed = True
-                self.guards().refused["idle"] += 1
+                self.guards().refuse("idle")
                 await send({"type": "websocket.close", "code": IDLE_CLOSE, "reason": reason})
                 return {"type": "websocket.disconnect", "code": IDLE_CLOSE}
 

@@ -207,8 +207,9 @@ class Router:
         self._model_defaults: SessionDefaults | None = None  # with the model's steps, once an editor reported them
         self._info_lock = asyncio.Lock()
         self.api_key = args.api_key or (os.environ.get(args.api_key_env) if args.api_key_env else None) or None
-        check_exposure(serve_bind_host(), self.api_key, args.api_key_env)  # no keyless service off loopback
-        self.guards = Guards(args.guard_limits())
+        bind_host = serve_bind_host()
+        check_exposure(bind_host, self.api_key, args.api_key_env)  # no keyless service off loopback
+        self.guards = Guards(args.guard_limits(bind_host), on_refuse=self._count_refusal)
         self.readiness: Readiness | None = None  # built at the first /readyz, inside the replica
         # Admission (deployments/admission.py): the table session -> editor replica, each replica's fair queue.
         self.admission = Assignments()
@@ -230,9 +231,14 @@ class Router:
                                  boundaries=STAGE_BOUNDARIES_MS, tag_keys=("stage",))
         self.m_prompt = Counter("rtedit_embedding_transfers", description="Prompt embeddings sent to editors",
                                 tag_keys=())
+        self.m_refusals = Counter("rtedit_refusals", description="Connections, sessions and frames refused, by reason",
+                                  tag_keys=("reason",))
         logger.info("rtedit router: %s", auth_notice(self.api_key))
         if not self.api_key:
             logger.warning("rtedit router: %s", auth_notice(None))
+
+    def _count_refusal(self, reason: str) -> None:
+        self.m_refusals.inc(tags={"reason": reason})
 
     # ---- access -------------------------------------------------------------------------------------------------
     def _key_ok(self, given: str | None) -> bool:
@@ -346,6 +352,7 @@ class Router:
                 self.admission.assign(session, replica)
                 return replica
         self.counts["sessions_refused"] += 1
+        self._count_refusal("session_no_capacity")
         raise self._no_capacity()
 
     async def _on_replica(self, replica: str, key: str, job: EditJob) -> dict[str, Any]:
@@ -422,6 +429,7 @@ class Router:
             if view is not None:
                 view.sessions = view.capacity
         self.counts["one_shots_refused"] += 1
+        self._count_refusal("one_shot_no_capacity")
         raise self._no_capacity()
 
     async def process(self, job: EditJob) -> tuple[dict[str, Any], bytes]:
@@ -756,6 +764,7 @@ class Router:
                                    for rid, s in editors.items() if isinstance(s, dict)}
                                   if isinstance(editors, dict) else editors),
             "replicas_seen": dict(self.replicas_seen),
+            "connections": self.guards.stats(),
             "admission": {**self.admission.stats(), "refused": self.counts["sessions_refused"],
                           "one_shots_refused": self.counts["one_shots_refused"],
                           "readmissions": self.counts["readmissions"], "routing": dict(ROUTING)},

@@ -128,6 +128,9 @@ class StatsReply(_Reply):
     editors: dict[str, Any] | str = Field(description="every editor replica's engine stats keyed by replica id")
     attention_backend: dict[str, Any] | str
     replicas_seen: dict[str, int]
+    connections: dict[str, Any] = Field(description="this router replica's open connections and client addresses, "
+                                                    "and its refusals by reason (origin, too_many_connections, "
+                                                    "server_busy, body_timeout, idle)")
     admission: dict[str, Any] = Field(description="sessions per editor replica (capacity, assigned, in flight, "
                                                   "waiting), refusals, re-admissions and the request router's "
                                                   "routing counts (retries: requests Serve routed again)")

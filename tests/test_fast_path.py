@@ -73,6 +73,9 @@ def test_dbcache_state_never_leaks_between_requests():
     np.testing.assert_array_equal(after_a, fresh)
     stats = cached.stats()["dbcache"]
     assert stats["policy"] == "static"
+    groups = stats["groups"].values()
+    # The replica's Prometheus gauges: the first frame's totals (refreshed at most once a second after a frame).
+    assert cached.reuse_counts() == {"dbcache_steps": 2 * len(groups), "dbcache_cached_steps": len(groups)}
     # Static [1, 0]: the second of two steps is served from the cache in every group.
     exact = Editor(_two_block_bundle(), EditorConfig()).edit(b_img, "turn it to night", seed=2).array
     assert np.abs(exact - fresh).max() > 0

@@ -209,6 +209,9 @@ def test_the_metrics_port_carries_every_rtedit_metric_and_the_dashboard_shows_th
     # b"nonsense" as the image: the editor refuses it, and so the router counts an error
     bad = httpx.post(f"{cluster['http']}/api/predict", json={"image": "bm9uc2Vuc2U="}, timeout=60)
     assert bad.status_code == 400
+    # a foreign origin: the router's guards refuse it, and count the refusal
+    foreign = httpx.get(f"{cluster['http']}/api/info", headers={"Origin": "http://evil.example"}, timeout=60)
+    assert foreign.status_code == 403
     apps = httpx.get(f"{cluster['dashboard']}/api/serve/applications/", timeout=30).json()
     assert {"Router", "Editor", "TextEncoder"} <= set(apps["applications"]["rtedit"]["deployments"])
 

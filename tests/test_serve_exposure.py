@@ -1,5 +1,5 @@
 """Exhaustion and exposure guards (deployments/guards.py) against a real local Serve app on its own loopback port:
-foreign origins refused with 403, a stalled upload cut with 408 and its connection closed, an idle websocket closed
+foreign origins and foreign Host names (DNS rebinding) refused with 403, a stalled upload cut with 408 and its connection closed, an idle websocket closed
 with 1001 and a reason, the per-address and total connection caps with /healthz and /readyz answering while a
 thousand idle websockets are held, the bind-without-key refusal, and error messages without addresses or paths.
 
@@ -89,10 +89,46 @@ def test_foreign_origins_are_refused_with_403_and_the_page_own_and_listed_ones_s
         # The page's own origin, a listed one and no Origin at all (curl, rtedit.client) are served.
         for headers in ({"origin": BASE}, {"origin": ALLOWED}, {}):
             assert client.get("/api/info", headers=headers).status_code == 200, headers
+        # The 3 refusals above are counted in /api/stats (and the rtedit_refusals counter beside it).
+        assert client.get("/api/stats").json()["connections"]["refused"]["origin"] >= 3
     for origin in (BASE, ALLOWED):
         with connect(WS_URL, origin=origin, open_timeout=30) as ws:
             ws.send('{"prompt": "make it blue"}')
             assert '"ok": true' in ws.recv(timeout=30)
+
+
+def test_another_name_of_this_machine_is_refused_with_403_dns_rebinding(app):
+    """A foreign page whose name was made to resolve to 127.0.0.1 sends its own name as Host and as Origin: the
+    origin check alone would call that same-origin."""
+    evil = f"evil.example:{PORT}"
+    with httpx.Client(base_url=BASE, timeout=60) as client:
+        for path in ("/api/info", "/healthz"):
+            r = client.get(path, headers={"host": evil, "origin": f"http://{evil}"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "host_refused", r.text
+            assert "router.allowed_hosts" in r.json()["error"]["message"]
+        for host in (f"localhost:{PORT}", f"127.0.0.1:{PORT}", f"[::1]:{PORT}"):
+            assert client.get("/api/info", headers={"host": host}).status_code == 200, host
+        assert client.get("/api/stats").json()["connections"]["refused"]["host"] >= 2
+    with socket.create_connection(("127.0.0.1", PORT), timeout=30) as sock:  # the ws client always sends the URL's
+        sock.sendall(f"GET /ws/predict HTTP/1.1\r\nHost: {evil}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        assert sock.recv(4096).split(b"\r\n", 1)[0].split()[1] == b"403"
+
+
+def test_allowed_hosts_default_to_the_loopback_names_on_a_loopback_bind_only():
+    from pydantic import ValidationError
+
+    from deployments.config import RouterArgs
+
+    args = RouterArgs()
+    assert args.guard_limits("127.0.0.1").allowed_hosts == {"localhost", "127.0.0.1", "::1"}
+    assert args.guard_limits("0.0.0.0").allowed_hosts is None  # exposed: the API key guards it
+    assert args.guard_limits(None).allowed_hosts is None  # no Serve proxy (a router built in a test)
+    named = RouterArgs(allowed_hosts=["Edit.Example.com", "[::1]"])
+    assert named.guard_limits("0.0.0.0").allowed_hosts == {"edit.example.com", "::1"}
+    assert RouterArgs(allowed_hosts=["*"]).guard_limits("127.0.0.1").allowed_hosts is None
+    with pytest.raises(ValidationError, match="without port"):
+        RouterArgs(allowed_hosts=["edit.example.com:8000"])
 
 
 # ---- body deadline ----------------------------------------------------------------------------------------------

@@ -149,3 +149,21 @@ def test_the_device_decision_path_equals_the_host_check(threshold):
     assert device_stats["decided_on_device"] == sorted(GROUPS) and host_stats["decided_on_device"] == []
     if threshold == 1.0:  # residual changes here are 0.99-1.34: the test can fail: a mixed run reuses some group-steps and computes others
         assert 0 < sum(host_stats["reused"].values()) < sum(host_stats["allowed"].values()), host_stats
+
+
+def test_reuse_counts_for_the_metrics_are_the_stats_totals_and_never_wait_for_a_frame():
+    import threading
+
+    editor = reuse_editor(policy="static", Fn=1, Bn=1)
+    assert editor.reuse_counts() == {}  # nothing edited yet
+    edit(editor)
+    stats = editor.stats()["step_reuse"]
+    assert editor.reuse_counts() == {"steps_reuse_allowed": sum(stats["allowed"].values()),
+                                     "steps_reused": sum(stats["reused"].values())}
+    assert editor.reuse_counts()["steps_reused"] == len(GROUPS)  # step 2 of one frame, in each group
+    held = threading.Event()
+    with editor._lock:  # a frame in progress: the replica's gauges read the last refresh, without waiting
+        reader = threading.Thread(target=lambda: (editor.reuse_counts(), held.set()))
+        reader.start()
+        assert held.wait(5)
+    reader.join()

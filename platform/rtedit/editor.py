@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -129,6 +131,8 @@ class Editor:
         self.timestep_cache = TimestepCache(self.scheduler)
         self.noise = NoiseCache()
         self._lock = threading.Lock()
+        self._reuse_counts: dict[str, int] = {}  # reuse_counts(): refreshed after a frame, at most once a second
+        self._reuse_counts_at = -math.inf
         self._counts: Counter[str] = Counter()
         self.device_failure: str | None = None  # set once the device failed beyond recovery (check_health raises)
         self.attention = self.dbcache = self.compiled = None
@@ -278,6 +282,7 @@ class Editor:
             request = check_request(request, self.config, self.bundle.sidecar.steps)
             with self._lock, torch.inference_mode():
                 result = self._edit(request, cancel, session)
+                self._refresh_reuse_counts()
         except EditError as exc:
             self._counts[f"error:{type(exc).__name__}"] += 1
             raise
@@ -481,6 +486,27 @@ class Editor:
             "condition_timestep": self.condition_timestep,
             "training_free": self.config.training_free,
         }
+
+    def reuse_counts(self) -> dict[str, int]:
+        """Step reuse (session path) and DBCache (full path) totals as of the last refresh (at most one a second,
+        at the end of a frame, under the editor's lock): some are counted on the device, and reading them back
+        per frame would cost a host sync each. Never waits for a frame."""
+        return dict(self._reuse_counts)
+
+    def _refresh_reuse_counts(self) -> None:
+        now = time.monotonic()
+        if now - self._reuse_counts_at < 1.0:
+            return
+        self._reuse_counts_at, counts = now, {}
+        if self.step_reuse is not None:
+            reuse = self.step_reuse.stats()
+            counts.update(steps_reuse_allowed=sum(reuse["allowed"].values()),
+                          steps_reused=sum(reuse["reused"].values()))
+        if self.dbcache is not None:
+            groups = self.dbcache.stats()["groups"].values()
+            counts.update(dbcache_steps=sum(g["steps"] for g in groups),
+                          dbcache_cached_steps=sum(g["cached_steps"] for g in groups))
+        self._reuse_counts = counts
 
     def stats(self) -> dict:
         return {
