@@ -51,6 +51,10 @@ class SessionAffinityRouter(RequestRouter):
         if not pending_request.future.done():
             # Fails the caller's await now; Serve stops routing a request whose future is done.
             pending_request.future.set_exception(ReplicaGone(target, died=target in self._died))
+            # Serve 2.60 matches replicas to pending requests by internal_request_id, which every call made while
+            # one websocket is served shares; a request failed here must leave that index, or the socket's next
+            # call (the re-admission) is never matched and its routing task spins until the caller times out.
+            self._remove_pending_request_from_indices(pending_request)
         return [candidate_replicas]
 
     def _count(self, pending_request: Optional[PendingRequest]) -> None:

@@ -297,9 +297,6 @@ def test_draining_replica_tells_its_sessions_to_reconnect_and_takes_no_new_ones(
         ws_a.close()
 
 
-@pytest.mark.xfail(run=False, reason="open: after ray.kill of the replica a frame was sent to, that frame's retry "
-                   "fails with ReplicaGone as meant, but the re-admission's admit call to the live replica then never "
-                   "reached it (edit_timeout_s, 60 s); not yet found why Serve's router held it")
 def test_replica_death_under_live_sessions_gives_error_frames_then_a_live_replica(app):
     """Kill one editor replica while two sessions stream: the dead replica's session gets an error frame (or, when
     no frame was in flight, its next frame is served elsewhere), then frames from the live replica; every frame a
