@@ -41,6 +41,10 @@ class SessionAffinityRouter(RequestRouter):
         pending_request: Optional[PendingRequest] = None,
     ) -> List[List[RunningReplica]]:
         self._count(pending_request)
+        if pending_request is not None:
+            # Our one choice is the final one: if it cannot take the request now, back off before asking again
+            # (Serve's locality mixins set this on their last tier; without it the routing loop spins).
+            pending_request.routing_context.should_backoff = True
         target = pending_request.kwargs.get("replica") if pending_request is not None else None
         if not target:
             return [candidate_replicas]
