@@ -1,0 +1,260 @@
+"""DMD / DMDR distillation of the toy editor: python -m jobs.dmdr --config jobs/configs/dmdr_toy.yaml [--local].
+
+A frozen full-attention teacher is the real score; the generator (a causal student folder, or the teacher's weights
+in task.mode) and the fake score (a copy of the teacher) are one DeepSpeed engine each. One job step is DMD2's
+two-time-scale update (rtedit.train.dmdr.train_one_step): a fake-score update every step, a generator update on
+every task.fake_updates_per_generator-th, the reward term (task.reward_model) after its cold start. The last step
+exports a served folder whose rtedit.json names the generator's steps and causal mode (rtedit.train.tasks.dmdr).
+
+`--local` runs the same task in this process with single-process DeepSpeed and no Ray: the runtime's step loop,
+metrics columns, checkpoint layout (one DeepSpeed tag per model, the step and task state) and export, written under
+run.output_path(); rerunning it resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs import runtime
+from jobs.runtime import ModelSpec, WorkerContext
+from rtedit.config_parsing import to_dict
+from rtedit.device import PRECISIONS
+from rtedit.errors import ConfigError
+from rtedit.train.config import JobConfig, load_job_config
+from rtedit.train.dmdr import is_generator_turn, reward_active, train_one_step
+from rtedit.train.runtime import (MetricsLog, build_engines, export_models, mean_over_workers, metrics_row,
+                                  model_specs, progress_line, train_step_of)
+from rtedit.train.tasks.distill import cache_config, load_distill_cache
+from rtedit.train.tasks.dmdr import (DMDRTaskConfig, LatentDecoder, PickingBatcher, batch_reward_fn, build_fake_score,
+                                     build_generator, conditions, euler_sample, export_generator, generator_timesteps,
+                                     load_reward_model, load_teacher, reward_win_rate, served_sigmas, VelocityModel)
+from rtedit.train.tasks.teacher import build_cache
+
+logger = logging.getLogger("jobs.dmdr")
+TASK = "jobs.dmdr:build_task"
+LOCAL_CHECKPOINT = "local-checkpoint"
+
+
+def _update(engine):
+    """rtedit.train.dmdr's Update for a DeepSpeed engine: backward, then step (grad_accum_steps is 1)."""
+    def update(loss: torch.Tensor) -> None:
+        engine.backward(loss)
+        engine.step()
+    return update
+
+
+class DMDRTask:
+    """The generator and fake score (trainable), the teacher and optional reward model (frozen), one two-time-scale
+    update per job step."""
+
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+        self.cfg = cfg = ctx.config.task_config(DMDRTaskConfig)
+        if ctx.config.deepspeed.grad_accum_steps != 1:
+            raise ConfigError("deepspeed.grad_accum_steps must be 1 for dmdr: each update of the two time scales is "
+                              f"one batch, got {ctx.config.deepspeed.grad_accum_steps}")
+        data = cache_config(cfg)  # reads the fields it shares with DistillTaskConfig
+        self.cache = load_distill_cache(cfg, data)
+        self.batches = PickingBatcher(self.cache, data, ctx.config.run.batch_size, ctx.config.run.seed, ctx.rank)
+        height, width = self.cache["source"].shape[2:]
+        self.dmdr = cfg.dmdr_config(generator_timesteps(cfg.steps, height * width))
+        teacher = load_teacher(cfg.teacher)
+        self.generator = build_generator(teacher, cfg).place(ctx.device, ctx.dtype)
+        self.fake_score = build_fake_score(teacher).place(ctx.device, ctx.dtype)
+        self.teacher = VelocityModel(teacher).place(ctx.device, ctx.dtype)
+        self.reward = self.decode = None
+        if cfg.reward_model:
+            self.reward = load_reward_model(cfg.reward_model, ctx.device)
+            self.decode = LatentDecoder(cfg.taef2_dir, height, width, ctx.device)
+            self.baseline_sigmas = served_sigmas(cfg.baseline_steps, height * width)
+        self.updates = {"generator": 0, "fake_score": 0}
+        logger.info("rank %d: %d examples, %d-step %s generator at %s, ratio %d, reward %s", ctx.rank,
+                    len(self.cache["families"]), cfg.steps, self.generator.mode, self.dmdr.generator_timesteps,
+                    self.dmdr.fake_updates_per_generator, cfg.reward_model or "off")
+
+    def models(self) -> dict[str, ModelSpec]:
+        specs = {"generator": ModelSpec(self.generator), "fake_score": ModelSpec(self.fake_score),
+                 "teacher": ModelSpec(self.teacher, trainable=False)}
+        if self.reward is not None:
+            specs["reward"] = ModelSpec(self.reward, trainable=False)
+        return specs
+
+    def train_step(self, engines, step: int) -> dict[str, torch.Tensor]:
+        device = self.ctx.device
+        batch = self.batches(step)
+        pick = self.batches.last_pick
+        cond = conditions(batch, device)
+        # Noise and draws are a pure function of (seed, rank, step): a resumed run redoes a step exactly.
+        rng = torch.Generator(device=device).manual_seed(self.ctx.config.run.seed * 1_000_003 + self.ctx.rank * 7919
+                                                         + step + 1)
+        noise = torch.randn(batch["noisy"].shape, generator=rng, device=device)
+        generator_turn = is_generator_turn(self.dmdr, step)
+        reward_fn = baseline = None
+        if self.reward is not None and generator_turn:
+            reward_fn = batch_reward_fn(engines["reward"], self.decode, self.cache, pick)
+            if reward_active(self.dmdr, step):
+                baseline = euler_sample(engines["teacher"], noise, cond, self.baseline_sigmas.to(device))
+        logs = train_one_step(step, engines["generator"], engines["teacher"], engines["fake_score"], noise, cond,
+                              self.dmdr, _update(engines["generator"]), _update(engines["fake_score"]), rng,
+                              reward_fn, baseline)
+        self.updates["fake_score"] += 1
+        if generator_turn:
+            self.updates["generator"] += 1
+        if baseline is not None:
+            with torch.no_grad():
+                candidate = euler_sample(engines["generator"], noise, cond, served_sigmas(
+                    self.cfg.steps, noise.shape[1]).to(device))
+            logs["reward/win_rate"] = reward_win_rate(engines["reward"], self.decode, self.cache, pick, candidate,
+                                                      baseline)
+        # "loss" is the fake score's, the one term every step has; the generator's terms come on its turns.
+        return {"loss": logs["loss/fake"], **logs, "updates/generator": torch.tensor(float(self.updates["generator"])),
+                "updates/fake_score": torch.tensor(float(self.updates["fake_score"]))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": dict(self.updates)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = dict(state["updates"])
+
+    def export(self, models, folder: Path) -> None:
+        generator = models["generator"]
+        export_generator(generator.transformer, self.cfg, generator.mode, generator.condition_timestep, folder,
+                         job_config=to_dict(self.ctx.config))
+
+
+def build_task(ctx: WorkerContext) -> DMDRTask:
+    return DMDRTask(ctx)
+
+
+def prepare(config: JobConfig) -> None:
+    """Driver side, before any worker: absolute paths, the task section validated, the teacher's latent cache."""
+    for key in ("teacher", "data_dir", "cache_dir", "taef2_dir", "generator", "reward_model"):
+        if config.task.get(key) or key in ("teacher", "data_dir"):  # workers run elsewhere: absolute paths
+            default = getattr(DMDRTaskConfig, key, None)
+            config.task[key] = str(Path(config.task.get(key) or default).expanduser().resolve())
+    cfg = config.task_config(DMDRTaskConfig)
+    load_teacher(cfg.teacher)  # a bad teacher folder fails here, not on every worker
+    data = cache_config(cfg)
+    if config.scaling.use_gpu and not torch.cuda.is_available() and cfg.encode_device is None:
+        import ray  # a CPU head node: encode in a one-GPU Ray task, as jobs.distill does
+
+        ray.get(ray.remote(num_gpus=1, num_cpus=1)(build_cache).remote(data, "train"))
+        return
+    build_cache(data, "train")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --local: the runtime's loop on one process
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local(config: JobConfig) -> dict[str, Any]:
+    """run.max_steps steps of the task in this process (single-process DeepSpeed, no Ray), checkpointed every
+    run.checkpoint_every steps under run.output_path(); resumes from that checkpoint when there is one."""
+    import deepspeed
+
+    config.validate()
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())}.items():
+        os.environ.setdefault(key, value)
+    on_gpu = config.scaling.use_gpu
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    precision = config.deepspeed.resolve_precision(on_gpu)
+    ctx = WorkerContext(config, 0, 1, 0, device, precision, PRECISIONS[precision])
+    run = config.run
+    torch.manual_seed(run.seed)
+    task = build_task(ctx)
+    specs = model_specs(task)
+    engines, trainables = build_engines(specs, config, device, ctx.dtype)
+    train_step = train_step_of(task, specs, config.deepspeed.grad_accum_steps)
+    out = run.output_path()
+    checkpoint = out / LOCAL_CHECKPOINT
+    start, log = 0, MetricsLog()
+    if (checkpoint / runtime.STATE_DIR / "rank-0.pt").is_file():
+        for model in trainables:
+            loaded, _ = model.engine.load_checkpoint(checkpoint / runtime.MODELS_DIR, tag=model.name)
+            if loaded is None:
+                raise RuntimeError(f"checkpoint {checkpoint} holds no state of model {model.name!r}")
+        state = torch.load(checkpoint / runtime.STATE_DIR / "rank-0.pt", weights_only=False)
+        start = int(state["step"])
+        task.load_state_dict(state["task"])
+        log = MetricsLog.read_csv(checkpoint / runtime.METRICS_CSV).upto(start)
+        logger.info("resumed from %s at step %d", checkpoint, start)
+    t_start = time.perf_counter()
+    elapsed_before = log.rows[-1]["elapsed_s"] if log.rows else 0.0
+    export = None
+    for step in range(start, run.max_steps):
+        t0 = time.perf_counter()
+        lrs = {m.name: m.set_lr(step, run.max_steps) for m in trainables}
+        updates_before = [m.engine.global_steps for m in trainables]
+        values = mean_over_workers(train_step(engines, step), device)
+        dt = time.perf_counter() - t0
+        norms = {m.name: m.grad_norm() if m.engine.global_steps > before else math.nan
+                 for m, before in zip(trainables, updates_before)}
+        done = step + 1
+        row = metrics_row(done, values, lrs, norms, run.batch_size / dt, dt,
+                          elapsed_before + time.perf_counter() - t_start, start)
+        log.append(row)
+        final = done == run.max_steps
+        if final or done % run.checkpoint_every == 0:
+            for folder in (runtime.MODELS_DIR, runtime.STATE_DIR):
+                (checkpoint / folder).mkdir(parents=True, exist_ok=True)
+            for model in trainables:
+                model.engine.save_checkpoint(checkpoint / runtime.MODELS_DIR, tag=model.name,
+                                             client_state={"step": done}, save_latest=False)
+            torch.save({"step": done, "task": task.state_dict()}, checkpoint / runtime.STATE_DIR / "rank-0.pt")
+            log.write_csv(checkpoint / runtime.METRICS_CSV)
+        if final:
+            export = out / runtime.EXPORT_DIR
+            shutil.rmtree(export, ignore_errors=True)  # an earlier, shorter run's export
+            export_models(task, engines, trainables, 0, export)
+        if final or done % run.log_every == 0 or done == start + 1:
+            logger.info("%s", progress_line(row, run.max_steps))
+    csv_path = log.write_csv(out / runtime.METRICS_CSV)
+    png_path = log.plot(out / "metrics.png", title=f"{run.name}: {len(log.rows)} steps")
+    return {"run": run.name, "start": start, "steps": len(log.rows), "metrics_csv": str(csv_path),
+            "metrics_png": str(png_path), "export": str(export) if export else None}
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--local" not in argv:
+        return runtime.main(TASK, argv, description=__doc__.splitlines()[0], prepare=prepare)
+    parser = argparse.ArgumentParser(description="the dmdr task without Ray: single-process DeepSpeed")
+    parser.add_argument("--local", action="store_true")
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = load_job_config(args.config, args.set)
+    prepare(config)
+    result = local(config)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

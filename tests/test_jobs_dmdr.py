@@ -1,0 +1,130 @@
+"""The DMDR job: config errors, and one tiny end-to-end run in `--local` mode (no Ray) of the two-time-scale update
+on a tiny teacher folder: loss columns, both trained models moved, resume continues the step and update counters,
+and the export serves exactly its steps in its causal mode."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from conftest import random_image  # noqa: E402
+from diffusers import Flux2Transformer2DModel  # noqa: E402
+from jobs import dmdr, make_toy_data, runtime  # noqa: E402
+from rtedit.config import EditorConfig  # noqa: E402
+from rtedit.editor import Editor  # noqa: E402
+from rtedit.errors import ConfigError, UnsupportedRequest  # noqa: E402
+from rtedit.train.config import load_job_config  # noqa: E402
+from rtedit.train.runtime import MetricsLog  # noqa: E402
+from rtedit.train.tasks import dmdr as task  # noqa: E402
+from rtedit.train.tasks import teacher  # noqa: E402
+
+CONFIG = runtime.REPO_ROOT / "jobs" / "configs" / "dmdr_toy.yaml"
+TINY = dict(te_hidden=16, te_layers=2, te_heads=2, te_taps=(1, 2), num_layers=1, num_single_layers=1, num_heads=2,
+            head_dim=16, export_dtype="float32")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation (and competes with other work on the CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    make_toy_data.main(["--out", str(out), "--n", "12", "--seed", "0", "--eval-n", "2"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, toy_data):
+    """A tiny full-attention teacher folder, as jobs.train_teacher exports one (training_config.json included)."""
+    cfg = teacher.TeacherTaskConfig(data_dir=str(toy_data), **TINY)
+    torch.manual_seed(0)
+    model = teacher.build_transformer(cfg)
+    return teacher.export_model(model, cfg, tmp_path_factory.mktemp("teacher") / "tiny-teacher",
+                                job_config={"task": teacher.task_dict(cfg)}, native_size=128)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("task.steps=3", "task.steps must be 1 or 2"),
+    ("task.mode=full", "task.mode"),
+    ("task.fake_updates_per_generator=0", "task.fake_updates_per_generator"),
+    ("task.dmd_t_min=0", "task.dmd_t_min"),
+    ("task.condition_timestep=1.5", "task.condition_timestep"),
+    ("task.reward_weight=0.1", "task.reward_model is not set"),
+    ("task.reward_model=/some/folder", "task.reward_weight is 0.0"),
+    ("task.reward_cold_start=-1", "task.reward_cold_start"),
+    ("task.baseline_steps=0", "task.baseline_steps"),
+])
+def test_config_errors_name_the_field(override, match):
+    config = load_job_config(CONFIG, [override])
+    with pytest.raises(ConfigError, match=match):
+        config.task_config(task.DMDRTaskConfig)
+
+
+def test_a_generator_folder_must_be_in_the_configured_mode(tiny_teacher):
+    cfg = task.DMDRTaskConfig(teacher=str(tiny_teacher), generator=str(tiny_teacher), mode="session")
+    with pytest.raises(ConfigError, match="task.generator: .* attention 'off' .* task.mode is 'session'"):
+        task.build_generator(task.load_teacher(tiny_teacher), cfg)
+
+
+def _weights(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+
+
+def test_local_run_trains_both_models_resumes_and_exports_a_served_folder(tmp_path, one_thread, tiny_teacher,
+                                                                          toy_data, taef2_weights):
+    def config(max_steps: int):
+        return load_job_config(CONFIG, [
+            f"run.output_dir={tmp_path / 'run'}", f"run.max_steps={max_steps}", "run.batch_size=2",
+            "run.checkpoint_every=3", "run.log_every=1", "optimizer.lr=0.001", "optimizer.warmup_steps=1",
+            "scaling.use_gpu=false", f"task.teacher={tiny_teacher}", f"task.data_dir={toy_data}",
+            f"task.taef2_dir={taef2_weights}", "task.encode_device=cpu", "task.mode=session", "task.steps=1",
+            "task.fake_updates_per_generator=5"])
+
+    first = config(3)
+    dmdr.prepare(first)
+    assert dmdr.local(first)["start"] == 0
+    result = dmdr.local(config(6))  # resumes at step 3 from the checkpoint the first run left
+    assert result["start"] == 3 and result["steps"] == 6
+    rows = MetricsLog.read_csv(result["metrics_csv"]).rows
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["attempt_start"]) for r in rows] == [0, 0, 0, 3, 3, 3]
+    for key in ("loss", "loss/fake", "samples_per_s", "lr/generator", "lr/fake_score", "grad_norm/fake_score"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    # Generator turns at job steps 0 and 5 (ratio 5): rows 1 and 6 have its terms, the others none.
+    for key in ("loss/dmd", "loss/generator", "dmd/grad_abs", "grad_norm/generator"):
+        assert [np.isfinite(r[key]) for r in rows] == [True, False, False, False, False, True], key
+    assert [r["updates/generator"] for r in rows] == [1, 1, 1, 1, 1, 2]  # the counters came through the resume
+    assert [r["updates/fake_score"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] == r["loss/fake"] for r in rows)
+
+    original = _weights(task.load_teacher(tiny_teacher).state_dict())
+    models = tmp_path / "run" / dmdr.LOCAL_CHECKPOINT / runtime.MODELS_DIR
+    fake = _weights(torch.load(models / "fake_score" / "mp_rank_00_model_states.pt", weights_only=False)["module"],
+                    "transformer.")
+    assert fake.keys() == original.keys() and any(not torch.equal(fake[k], v) for k, v in original.items())
+
+    folder = tmp_path / "run" / runtime.EXPORT_DIR
+    generator = Flux2Transformer2DModel.from_pretrained(folder / "transformer")
+    exported = _weights(generator.state_dict())
+    assert any(not torch.equal(exported[k], v) for k, v in original.items())
+    assert not all(torch.equal(exported[k], fake[k]) for k in original)  # the generator's weights, not the fake's
+    sidecar = json.loads((folder / "rtedit.json").read_text())
+    assert sidecar["steps"] == [1] and sidecar["causal"] == "session" and sidecar["condition_timestep"] == 0.0
+    editor = Editor.from_config(EditorConfig(model=str(folder), device="cpu", taef2_dir=str(taef2_weights)))
+    assert editor.mode == "session"
+    served = editor.transformer.state_dict()
+    assert all(torch.equal(served[k].float(), v) for k, v in exported.items())
+    out = editor.edit(random_image(128, 128), "invert it", steps=1, seed=0)
+    assert out.array.shape == (128, 128, 3) and np.isfinite(out.array).all()
+    with pytest.raises(UnsupportedRequest, match=r"trained for steps \[1\]"):
+        editor.edit(random_image(128, 128), "invert it", steps=2, seed=0)
