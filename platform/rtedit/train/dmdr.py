@@ -34,6 +34,7 @@ Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 """velocity(x_t [B, ...], t [B] in [0, 1], cond) -> v [B, ...]."""
 RewardFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 """reward_fn(candidate [B, ...], baseline or None) -> a scalar loss (lower is better), differentiable in candidate."""
+RENOISE = ("fresh", "euler")
 Update = Callable[[torch.Tensor], None]
 """Backpropagates a loss and steps one model's optimizer (a DeepSpeed engine's backward + step, or `torch_update`)."""
 
@@ -58,6 +59,9 @@ class DMDRConfig:
     """Weight of the reward loss in the generator loss (0: plain DMD; DMDR's 0.1)."""
     reward_cold_start: int = 2000
     """Generator updates before which the reward is off (DMDR's 2,000), counted in job steps."""
+    renoise: str = "fresh"
+    """How a multi-step generator's x0 becomes the next step's input: "fresh" noise (DMD2's), or "euler", the
+    model's own noise estimate x0 + v, which is what the served Euler sampler feeds its next step."""
 
     def validate(self) -> DMDRConfig:
         def need(ok: bool, name: str, value: Any, what: str) -> None:
@@ -84,6 +88,7 @@ class DMDRConfig:
              "a finite number >= 0")
         need(isinstance(self.reward_cold_start, int) and self.reward_cold_start >= 0, "reward_cold_start",
              self.reward_cold_start, "an integer >= 0")
+        need(self.renoise in RENOISE, "renoise", self.renoise, f"one of {list(RENOISE)}")
         self.generator_timesteps = tuple(float(t) for t in steps)
         return self
 
@@ -149,10 +154,17 @@ def backward_simulation(generator_model: Velocity, noise: torch.Tensor, cond: An
     with torch.no_grad():
         for k in range(step_index):
             t = torch.full((noise.shape[0],), timesteps[k], device=noise.device)
-            x0 = predict_x0(generator_model, x_t, t, cond)
-            t_next = torch.full_like(t, timesteps[k + 1])
-            x_t = add_noise(x0, _randn_like(x0, rng), t_next)
+            x0, next_noise = _x0_and_next_noise(generator_model, x_t, t, cond, cfg.renoise, rng)
+            x_t = add_noise(x0, next_noise, torch.full_like(t, timesteps[k + 1]))
     return x_t.detach()
+
+
+def _x0_and_next_noise(velocity: Velocity, x_t: torch.Tensor, t: torch.Tensor, cond: Any, renoise: str,
+                       rng: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The x0 prediction and the noise its renoising to the next timestep uses (fresh, or the model's x0 + v)."""
+    v = velocity(x_t, t, cond)
+    x0 = x_t - _per_sample(t, x_t) * v
+    return x0, (x0 + v if renoise == "euler" else _randn_like(x0, rng))
 
 
 def generate(generator_model: Velocity, noise: torch.Tensor, cond: Any, cfg: DMDRConfig, step_index: int | None = None,
@@ -169,14 +181,18 @@ def generate(generator_model: Velocity, noise: torch.Tensor, cond: Any, cfg: DMD
 
 
 @torch.no_grad()
-def sample(generator_model: Velocity, noise: torch.Tensor, cond: Any, timesteps: Sequence[float]) -> torch.Tensor:
-    """The generator's output after all its steps (inference: each x0 renoised to the next timestep)."""
+def sample(generator_model: Velocity, noise: torch.Tensor, cond: Any, timesteps: Sequence[float],
+           renoise: str = "fresh") -> torch.Tensor:
+    """The generator's output after all its steps (inference: each x0 renoised to the next timestep; "euler" is the
+    served Euler sampler's result at these timesteps)."""
     x_t = noise
     for k, t_value in enumerate(timesteps):
         t = torch.full((noise.shape[0],), float(t_value), device=noise.device)
-        x0 = predict_x0(generator_model, x_t, t, cond)
         if k + 1 < len(timesteps):
-            x_t = add_noise(x0, torch.randn_like(x0), torch.full_like(t, float(timesteps[k + 1])))
+            x0, next_noise = _x0_and_next_noise(generator_model, x_t, t, cond, renoise, None)
+            x_t = add_noise(x0, next_noise, torch.full_like(t, float(timesteps[k + 1])))
+        else:
+            x0 = predict_x0(generator_model, x_t, t, cond)
     return x0
 
 
