@@ -63,6 +63,7 @@ def tiny_teacher(tmp_path_factory, toy_data):
     ("task.reward_model=/some/folder", "task.reward_weight is 0.0"),
     ("task.reward_cold_start=-1", "task.reward_cold_start"),
     ("task.baseline_steps=0", "task.baseline_steps"),
+    ("task.renoise=gaussian", "task.renoise"),
 ])
 def test_config_errors_name_the_field(override, match):
     config = load_job_config(CONFIG, [override])
@@ -74,6 +75,23 @@ def test_a_generator_folder_must_be_in_the_configured_mode(tiny_teacher):
     cfg = task.DMDRTaskConfig(teacher=str(tiny_teacher), generator=str(tiny_teacher), mode="session")
     with pytest.raises(ConfigError, match="task.generator: .* attention 'off' .* task.mode is 'session'"):
         task.build_generator(task.load_teacher(tiny_teacher), cfg)
+
+
+def test_euler_renoising_trains_the_two_step_generator_on_what_the_served_sampler_feeds_it():
+    """The served sampler is Euler over the schedule's sigmas; with renoise "euler" the losses' 2-step sample (and so
+    the backward simulation's second input) is that sampler's result."""
+    from rtedit.train.dmdr import sample
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    velocity = lambda x, t, cond: layer(x) * (1 + t[:, None, None])  # noqa: E731
+    timesteps = task.generator_timesteps(2, 64)
+    assert timesteps[0] == 1.0 and 0 < timesteps[1] < 1
+    noise = torch.randn(3, 5, 8)
+    served = task.euler_sample(velocity, noise, None, task.served_sigmas(2, 64))
+    torch.testing.assert_close(sample(velocity, noise, None, timesteps, renoise="euler"), served)
+    assert not torch.allclose(sample(velocity, noise, None, timesteps), served)
+    assert load_job_config(CONFIG).task_config(task.DMDRTaskConfig).dmdr_config(timesteps).renoise == "euler"
 
 
 def _weights(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:

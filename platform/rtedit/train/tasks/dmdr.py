@@ -50,6 +50,9 @@ class DMDRTaskConfig:
     steps: int = 1
     """The generator's step count (1 or 2): the exported folder serves exactly this."""
     fake_updates_per_generator: int = 5
+    renoise: typing.Literal["fresh", "euler"] = "euler"
+    """A 2-step generator's second input in training: "euler" is what the served Euler sampler feeds it (the first
+    step's x0 + v), "fresh" DMD2's fresh noise."""
     dmd_t_min: float = 0.02
     dmd_t_max: float = 0.98
     fake_t_min: float = 0.0
@@ -105,7 +108,7 @@ class DMDRTaskConfig:
             return DMDRConfig(generator_timesteps=timesteps, fake_updates_per_generator=self.fake_updates_per_generator,
                               dmd_t_min=self.dmd_t_min, dmd_t_max=self.dmd_t_max, fake_t_min=self.fake_t_min,
                               fake_t_max=self.fake_t_max, reward_weight=self.reward_weight,
-                              reward_cold_start=self.reward_cold_start).validate()
+                              reward_cold_start=self.reward_cold_start, renoise=self.renoise).validate()
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("dmdr.", "task.", 1)) from None
 
