@@ -119,15 +119,20 @@ class FakeResponse:
 
 class FakeAdmission:
     """The admission side of an editor handle (deployments/editor.py's admission_state broadcast, admit and
-    close_session) for router tests over fake handles: one replica that always has room."""
+    close_session) for router tests over fake handles: one replica that has room unless `full` is set."""
 
     def __init__(self, replica: str = "fake", capacity: int = 64, slots: int = 4):
-        self.book = {"replica": replica, "capacity": capacity, "sessions": 0, "one_shots": 0, "slots": slots,
-                     "draining": None}
+        self.full = False
+        self._book = {"replica": replica, "capacity": capacity, "sessions": 0, "one_shots": 0, "slots": slots,
+                      "draining": None}
         self.admit = types.SimpleNamespace(
-            remote=lambda session, replica=None: FakeResponse({"admitted": True, **self.book}))
+            remote=lambda session, replica=None: FakeResponse({"admitted": not self.full, **self.book}))
         self.close_session = types.SimpleNamespace(
             remote=lambda session, replica=None: FakeResponse({"closed": True, "replica": self.book["replica"]}))
+
+    @property
+    def book(self) -> dict:
+        return {**self._book, "sessions": self._book["capacity"] if self.full else 0}
 
     def broadcast(self, method: str):
         assert method == "admission_state", method

@@ -1,7 +1,8 @@
 """rtedit.client against the real Router app under uvicorn in this process (the echo editor of
 test_web_page_recovery, no Ray cluster): a session's edits come back with their metadata, newest-frame semantics
 drop stale frames on the client and on the server (counted), a refused key raises Unauthorized, a server restart is
-survived (settings and the frame in flight sent again), and a service that stays away raises ServiceUnreachable.
+survived (settings and the frame in flight sent again), a service with no room is waited for as its refusal asks
+and then raises ServiceBusy with its reason, and a service that stays away raises ServiceUnreachable.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rtedit.client import (  # noqa: E402
     Backoff,
     Client,
     EditFailed,
+    ServiceBusy,
     ServiceUnreachable,
     SettingsRefused,
     Unauthorized,
@@ -174,3 +176,25 @@ def test_session_survives_a_server_restart(server):
         with pytest.raises(ServiceUnreachable, match="within 1 s"):
             client.session(prompt)
     assert time.monotonic() - started < 5
+
+
+def test_a_full_service_is_retried_as_it_asks_then_served_or_refused_with_its_reason(server):
+    import threading
+
+    server.editor.full = True  # every replica full: the router closes each new session with 1013 and a reason
+    with Client(url(server), api_key=KEY, backoff=Backoff(first_s=0.05, max_s=0.4, give_up_after_s=2)) as client:
+        started = time.monotonic()
+        with pytest.raises(ServiceBusy) as busy:
+            client.session("make it black and white").__enter__()
+        assert "every editor replica is full" in busy.value.reason and busy.value.retry_after_s == 1
+        assert 2 <= time.monotonic() - started < 10 and "no room" in str(busy.value)
+
+    room = threading.Timer(1.5, lambda: setattr(server.editor, "full", False))  # a session ends elsewhere
+    room.start()
+    with Client(url(server), api_key=KEY, backoff=QUICK) as client:
+        with client.session("make it black and white") as session:
+            session.send(jpeg(128, 128, tag=5))
+            edit = session.receive(timeout=20)
+            stats = session.stats
+    room.join()
+    assert edit.meta["replica"] == "echo" and stats.refusals >= 1 and stats.edits == 1

@@ -58,6 +58,8 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _IMAGE_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"))
 # Close codes after which redialling cannot help: 1008 is the server's policy refusal of this client.
 TERMINAL_CLOSE_CODES = frozenset({1008})
+BUSY_CLOSE = 1013  # "try again later": no editor replica had room (admission) or the router was full
+_RETRY_IN = re.compile(r"retry in (\d+(?:\.\d+)?) s")
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------
@@ -90,6 +92,22 @@ class SessionRefused(ClientError):
     def __init__(self, code: int, reason: str):
         super().__init__(f"the server closed the session with code {code}: {reason or 'no reason given'}")
         self.code, self.reason = code, reason
+
+
+class ServiceBusy(ClientError):
+    """The server had no room for this session (websocket close 1013) for the backoff's whole give-up time;
+    `reason` is the server's (it says what is full), `retry_after_s` what it last asked for."""
+
+    def __init__(self, reason: str, retry_after_s: float | None, waited_s: float):
+        super().__init__(f"the service had no room for this session for {waited_s:.1f} s: "
+                         f"{reason or 'no reason given'}")
+        self.reason, self.retry_after_s, self.waited_s = reason, retry_after_s, waited_s
+
+
+def _retry_after(reason: str) -> float | None:
+    """The wait a 1013 close reason asks for ("... retry in 3 s"), if it names one."""
+    match = _RETRY_IN.search(reason or "")
+    return float(match.group(1)) if match else None
 
 
 class ProtocolError(ClientError):
@@ -275,6 +293,8 @@ class SessionStats:
     unread_discarded: int = 0
     """Replies discarded unread: more than `max_unread` waited for receive()."""
     reconnects: int = 0
+    refusals: int = 0
+    """Connections the server refused for want of room (close 1013) and this client retried."""
     in_flight: int = 0
     pending: int = 0
 
@@ -470,6 +490,8 @@ class AsyncSession:
         self._conn: Any = None
         self._ready = False  # the connection is open and has the session's settings
         self._failure: ClientError | None = None
+        self._busy_since: float | None = None  # first 1013 refusal of the current run of them
+        self._busy_attempts = 0
         self._opened = False
         self._closed_event: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None  # the pump: a frame waits, a slot freed, a connection is ready
@@ -496,12 +518,16 @@ class AsyncSession:
         self._opened = True
         self._closed_event, self._wake, self._changed = asyncio.Event(), asyncio.Event(), asyncio.Event()
         try:
-            conn = await self.client._dial(self._closed_event)
-            await self._adopt(conn)
-        except _Disconnected:
-            await self.close()
-            raise ServiceUnreachable(f"{self.client.ws_url} closed the connection before acknowledging the "
-                                     "session's settings") from None
+            while True:
+                conn = await self.client._dial(self._closed_event)
+                try:
+                    await self._adopt(conn)
+                    break
+                except _Disconnected:
+                    if conn.close_code != BUSY_CLOSE:
+                        raise ServiceUnreachable(f"{self.client.ws_url} closed the connection before acknowledging "
+                                                 "the session's settings") from None
+                await self._wait_while_busy(conn.close_reason or "")
         except BaseException:
             await self.close()
             raise
@@ -704,6 +730,7 @@ class AsyncSession:
         else:
             item = Edit(id=frame_id, data=reply.image, meta=reply.meta, sent_at=sent_at)
             self._stats.edits += 1
+            self._busy_since = None  # served again: a later refusal starts a new wait
         if frame_id is not None:
             self._stats.server_dropped += sum(1 for i in answered if i != frame_id)
         self._replies.append(item)
@@ -748,6 +775,12 @@ class AsyncSession:
             if code in TERMINAL_CLOSE_CODES:
                 self._fail(SessionRefused(code, reason))
                 return
+            if code == BUSY_CLOSE:  # refused for room: wait as the server asks (and the backoff), then redial
+                try:
+                    await self._wait_while_busy(reason)
+                except ClientError as exc:
+                    self._fail(exc)
+                    return
             logger.info("rtedit client: connection lost (close code %s %s); redialling", code, reason)
             try:
                 await self._adopt(await self.client._dial(self._closed_event))
@@ -759,6 +792,28 @@ class AsyncSession:
                 self._fail(exc)
                 return
             self._stats.reconnects += 1
+
+    async def _wait_while_busy(self, reason: str) -> None:
+        """After a 1013 refusal: waits the server's Retry-After (at least the backoff's next delay) before the next
+        dial; ServiceBusy once refusals have gone on for the backoff's give-up time, SessionClosed if closed."""
+        now = time.monotonic()
+        if self._busy_since is None:
+            self._busy_since, self._busy_attempts = now, 0
+        waited, give_up = now - self._busy_since, self.client.backoff.give_up_after_s
+        asked = _retry_after(reason)
+        if give_up is not None and waited >= give_up:
+            raise ServiceBusy(reason, asked, waited)
+        wait = max(self.client.backoff.delay(self._busy_attempts), asked or 0.0)
+        if give_up is not None:
+            wait = min(wait, max(0.0, give_up - waited))
+        self._busy_attempts += 1
+        self._stats.refusals += 1
+        logger.info("rtedit client: the service is busy (%s); retrying in %.2f s", reason, wait)
+        try:
+            await asyncio.wait_for(self._closed_event.wait(), wait)
+            raise SessionClosed("the session was closed while the service was busy")
+        except asyncio.TimeoutError:
+            pass
 
     def _requeue(self) -> None:
         """After a lost connection the newest unanswered frame goes again with its id (unless a newer one waits);
@@ -931,5 +986,6 @@ class Session:
 
 
 __all__ = ["AsyncClient", "AsyncSession", "Backoff", "Client", "ClientError", "Edit", "EditFailed",
-           "HandshakeRefused", "ProtocolError", "RequestFailed", "ServiceUnreachable", "Session", "SessionClosed",
-           "SessionRefused", "SessionSettings", "SessionStats", "SettingsRefused", "Unauthorized", "encode_image"]
+           "HandshakeRefused", "ProtocolError", "RequestFailed", "ServiceBusy", "ServiceUnreachable", "Session",
+           "SessionClosed", "SessionRefused", "SessionSettings", "SessionStats", "SettingsRefused", "Unauthorized",
+           "encode_image"]
