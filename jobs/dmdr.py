@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -29,7 +28,6 @@ import torch
 from jobs import runtime
 from jobs.runtime import ModelSpec, WorkerContext
 from rtedit.config_parsing import to_dict
-from rtedit.device import PRECISIONS
 from rtedit.errors import ConfigError
 from rtedit.train.config import JobConfig, load_job_config
 from rtedit.train.dmdr import is_generator_turn, reward_active, train_one_step
@@ -158,34 +156,12 @@ def prepare(config: JobConfig) -> None:
 # --local: the runtime's loop on one process
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def local(config: JobConfig) -> dict[str, Any]:
     """run.max_steps steps of the task in this process (single-process DeepSpeed, no Ray), checkpointed every
     run.checkpoint_every steps under run.output_path(); resumes from that checkpoint when there is one."""
-    import deepspeed
-
     config.validate()
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())}.items():
-        os.environ.setdefault(key, value)
-    on_gpu = config.scaling.use_gpu
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
-    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    precision = config.deepspeed.resolve_precision(on_gpu)
-    ctx = WorkerContext(config, 0, 1, 0, device, precision, PRECISIONS[precision])
-    run = config.run
-    torch.manual_seed(run.seed)
+    ctx = runtime.local_worker_context(config)
+    device, run = ctx.device, config.run
     task = build_task(ctx)
     specs = model_specs(task)
     engines, trainables = build_engines(specs, config, device, ctx.dtype)

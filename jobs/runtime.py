@@ -223,6 +223,34 @@ def _worker_context(config: JobConfig) -> WorkerContext:
                          precision, PRECISIONS[precision])
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_worker_context(config: JobConfig) -> WorkerContext:
+    """Rank 0 of 1 in this process, without Ray (a job's --local run): the process group single-process DeepSpeed
+    needs (gloo on the CPU, nccl on a GPU), the device, the precision; torch seeded with run.seed."""
+    import deepspeed
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())}.items():
+        os.environ.setdefault(key, value)
+    on_gpu = config.scaling.use_gpu
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    precision = config.deepspeed.resolve_precision(on_gpu)
+    torch.manual_seed(config.run.seed)
+    return WorkerContext(config, 0, 1, 0, device, precision, PRECISIONS[precision])
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build the task and its engines, resume, train, checkpoint."""
     import ray.train

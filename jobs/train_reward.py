@@ -21,11 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 
 from jobs import runtime
 from jobs.runtime import WorkerContext
-from rtedit.device import PRECISIONS
 from rtedit.errors import ConfigError
 from rtedit.train.config import JobConfig, load_job_config
 from rtedit.train.reward.task import RewardTask, RewardTaskConfig, export_reward, time_steps
@@ -64,30 +62,12 @@ def prepare(config: JobConfig) -> None:
                           f"python -m jobs.make_reward_data --out {cfg.data_dir} --n 2000")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def local(config: JobConfig, export: Path | None = None) -> dict:
     """The task on one process, single-process DeepSpeed (no Ray): time run.max_steps steps; optionally export."""
     import deepspeed
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())}.items():
-        os.environ.setdefault(key, value)
-    on_gpu = config.scaling.use_gpu
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
-    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    precision = config.deepspeed.resolve_precision(on_gpu)
-    ctx = WorkerContext(config, 0, 1, 0, device, precision, PRECISIONS[precision])
-    torch.manual_seed(config.run.seed)
+    ctx = runtime.local_worker_context(config)
+    device, on_gpu, precision = ctx.device, config.scaling.use_gpu, ctx.precision
     cfg = config.task_config(RewardTaskConfig)
     stage = config.zero_stage_for(MODEL)
     ds = deepspeed_config(config, on_gpu, stage)
