@@ -342,6 +342,7 @@ def markdown(res: dict) -> str:
         ("Serve RSS before -> after (MiB)", f"{sum(res.get('rss_before_mib', {}).values()):.0f} -> "
                                             f"{sum(res.get('rss_after_mib', {}).values()):.0f}"),
         ("Serve RSS 10 s into the run -> end of sending (MiB)", rss_growth(load, 10, load.get("duration_s", 0))),
+        ("Serve RSS 60 s into the run -> end of sending (MiB)", rss_growth(load, 60, load.get("duration_s", 0))),
         ("CPU s during load + drain", ", ".join(f"{name.removeprefix('ray::ServeReplica:rtedit:')} {s:.0f}"
                                                    for name, s in res.get("load_cpu_s", {}).items())),
     ]
