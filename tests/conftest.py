@@ -141,3 +141,15 @@ class FakeAdmission:
             return [dict(self.book)]
 
         return types.SimpleNamespace(results_async=results)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny models and 2-D toys: a second only adds synchronisation (and competes with other
+    work on a 2-core machine: a DMDR toy run took 180 s on two contended threads, 11 s on one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -166,14 +166,6 @@ def test_reward_term_is_zero_before_the_cold_start():
 # Known answer
 
 
-@pytest.fixture
-def one_thread():
-    """Small 2-D batches: a second thread only adds synchronisation (and competes with other work on the CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_teacher_is_the_mixtures_flow(one_thread):
     torch.manual_seed(0)

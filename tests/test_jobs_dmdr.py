@@ -27,14 +27,6 @@ TINY = dict(te_hidden=16, te_layers=2, te_heads=2, te_taps=(1, 2), num_layers=1,
             head_dim=16, export_dtype="float32")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation (and competes with other work on the CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
