@@ -1,6 +1,6 @@
 """The DMDR job: config errors, and one tiny end-to-end run in `--local` mode (no Ray) of the two-time-scale update
 on a tiny teacher folder: loss columns, both trained models moved, resume continues the step and update counters,
-and the export serves exactly its steps in its causal mode."""
+and the export serves exactly its steps in its causal mode; the same job once through Ray Train."""
 
 import json
 import os
@@ -175,3 +175,31 @@ def test_reward_term_and_win_rate_reach_the_metrics(tmp_path, one_thread, tiny_t
     assert rows[0]["loss/generator"] == pytest.approx(rows[0]["loss/dmd"] + 0.1 * rows[0]["loss/reward"], rel=1e-5)
     sidecar = json.loads((tmp_path / "run" / runtime.EXPORT_DIR / "rtedit.json").read_text())
     assert sidecar["steps"] == [2] and "causal" not in sidecar and "DMDR" in sidecar["name"]
+
+
+@pytest.mark.slow
+def test_the_job_runs_through_ray_train_and_exports_a_served_folder(tmp_path, tiny_teacher, toy_data,
+                                                                           taef2_weights):
+    """`python -m jobs.dmdr` without --local: the shared runtime's TorchTrainer + DeepSpeed on one CPU worker."""
+    ray = pytest.importorskip("ray")
+    config = load_job_config(CONFIG, [
+        f"run.storage_path={tmp_path / 'runs'}", "run.max_steps=2", "run.batch_size=2", "run.checkpoint_every=2",
+        "run.log_every=1", "run.timeout_s=300", "optimizer.warmup_steps=1", "scaling.use_gpu=false",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=1", f"task.teacher={tiny_teacher}",
+        f"task.data_dir={toy_data}", f"task.taef2_dir={taef2_weights}", "task.encode_device=cpu",
+        "task.mode=session", "task.steps=1", "task.fake_updates_per_generator=2"])
+    dmdr.prepare(config)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
+             log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        result = runtime.run(config, dmdr.TASK)
+    finally:
+        ray.shutdown()
+    rows = MetricsLog.read_csv(result.metrics_csv).rows
+    assert [int(r["step"]) for r in rows] == [1, 2] and result.metrics_png.is_file()
+    assert [r["updates/generator"] for r in rows] == [1, 1] and [r["updates/fake_score"] for r in rows] == [1, 2]
+    assert np.isfinite(rows[0]["loss/dmd"]) and all(np.isfinite(r["loss/fake"]) for r in rows)
+    sidecar = json.loads((result.export_dir / "rtedit.json").read_text())
+    assert sidecar["steps"] == [1] and sidecar["causal"] == "session"
+    editor = Editor.from_config(EditorConfig(model=str(result.export_dir), device="cpu", taef2_dir=str(taef2_weights)))
+    assert editor.edit(random_image(128, 128), "invert it", steps=1, seed=0).array.shape == (128, 128, 3)
