@@ -226,7 +226,7 @@ def test_bad_frames_get_errors_while_another_client_is_served(app):
 
 def test_http_body_refused_on_content_length_before_reading(app):
     with socket.create_connection(("127.0.0.1", 8000), timeout=30) as sock:
-        sock.sendall(b"POST /api/predict_binary HTTP/1.1\r\nHost: x\r\nx-api-key: " + API_KEY.encode() +
+        sock.sendall(b"POST /api/predict_binary HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nx-api-key: " + API_KEY.encode() +
                      b"\r\nContent-Length: 100000000\r\nContent-Type: application/octet-stream\r\n\r\n")
         # No body is sent: an answer proves the server did not wait to read 100 MB.
         head = sock.recv(4096)
