@@ -1,6 +1,6 @@
 """The session mode's step-2 reuse of X's block residuals (rtedit.model.step_reuse), against a reference built from
 forward hooks on the plain session path: at a reused step each group's middle blocks are replaced by the last
-computed step's residual, bit for bit (CPU, float32); the dynamic policy reuses exactly when the residual check
+computed step's residual, to float32 rounding (CPU); the dynamic policy reuses exactly when the residual check
 passes, and stats count it."""
 
 import numpy as np
@@ -89,9 +89,12 @@ def hooked_reference(monkeypatch, fn: int, bn: int) -> np.ndarray:
 def test_static_reuse_replaces_the_middle_blocks_by_step_1s_residual(monkeypatch):
     reused = reuse_editor(policy="static", Fn=1, Bn=1)
     out = edit(reused)
-    np.testing.assert_allclose(out, hooked_reference(monkeypatch, fn=1, bn=1), rtol=0, atol=1e-6)
+    # Float32 reassociation only (the hook adds the residual where the block would have): up to ~20 ulp on some
+    # CPUs' kernels (seen: 1.2e-6 on an AVX-512 Xeon), far below what the reuse itself changes.
+    atol = 5e-6
+    np.testing.assert_allclose(out, hooked_reference(monkeypatch, fn=1, bn=1), rtol=0, atol=atol)
     plain = edit(causal_editor("session", EditorConfig(buckets=BUCKETS)))
-    assert np.abs(out.astype(np.float64) - plain).max() > 0  # the reuse changed the frame: the test can fail
+    assert np.abs(out.astype(np.float64) - plain).max() > 100 * atol  # the reuse changed the frame: it can fail
     stats = reused.stats()["step_reuse"]
     assert stats["policy"] == "static" and "timing only" in stats["label"]
     assert stats["reused"] == {g: 1 for g in GROUPS} and stats["hit_rate"] == 1.0

@@ -33,10 +33,11 @@ def test_every_committed_job_config_validates():
     from jobs.train_tiny import TinyTaskConfig
     from rtedit.train.reward.task import RewardTaskConfig
     from rtedit.train.tasks.distill import DistillTaskConfig
+    from rtedit.train.tasks.dmdr import DMDRTaskConfig
 
     tasks = {"tiny.yaml": TinyTaskConfig, "tiny_pair.yaml": TinyTaskConfig, "toy_teacher.yaml": TeacherTaskConfig,
              "distill_toy.yaml": DistillTaskConfig, "reward_toy.yaml": RewardTaskConfig,
-             "reward_9b_lora.yaml": RewardTaskConfig}
+             "reward_9b_lora.yaml": RewardTaskConfig, "dmdr_toy.yaml": DMDRTaskConfig}
     assert sorted(tasks) == sorted(p.name for p in configs)  # a new job config needs its task check here
     for name, cls in tasks.items():
         load_job_config(REPO / "jobs" / "configs" / name).task_config(cls)
