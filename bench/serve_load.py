@@ -346,6 +346,12 @@ def markdown(res: dict) -> str:
         ("CPU s during load + drain", ", ".join(f"{name.removeprefix('ray::ServeReplica:rtedit:')} {s:.0f}"
                                                    for name, s in res.get("load_cpu_s", {}).items())),
     ]
+    router = "ray::ServeReplica:rtedit:Router"
+    if router in res.get("load_cpu_s", {}) and router in res.get("idle_cpu_per_s", {}) and load.get("processed"):
+        busy = res["load_cpu_s"][router] - res["idle_cpu_per_s"][router] * res["load_wall_s"]
+        rows.append(("router CPU per processed frame, less its idle rate (ms)",
+                     f"{1000 * busy / load['processed']:.2f} (idle {1000 * res['idle_cpu_per_s'][router]:.0f} "
+                     f"ms/s)"))
     if fl:
         rows.append(("flicker: output / input change", f"{fl['output_change']:.4f} / {fl['input_change']:.4f} "
                                                        f"(ratio {fl['ratio']:.2f})"))
@@ -378,6 +384,8 @@ def main(argv=None) -> int:
                     help="seconds a client waits after the run for its unanswered frames (slow ones still count)")
     ap.add_argument("--size", type=int, default=128, help="load-phase frame side in pixels")
     ap.add_argument("--procs", type=int, default=1, help="client processes for the load phase")
+    ap.add_argument("--idle-s", type=float, default=30,
+                    help="seconds of an idle service first, to measure the CPU its processes use doing nothing")
     ap.add_argument("--flicker-frames", type=int, default=12)
     ap.add_argument("--overhead-frames", type=int, default=8)
     ap.add_argument("--direct-model", help="model of the direct Editor.edit baseline (default: the --config app's "
@@ -408,8 +416,15 @@ def main(argv=None) -> int:
                                          threads=args.direct_threads or None)
     if args.flicker_frames:
         res["flicker"] = flicker_phase(url, args.api_key, prompt, args.flicker_frames)
+    if local and args.idle_s:
+        # Serve's replicas spend CPU while idle (long polls, metrics, health checks): the rate to take off the load's.
+        quiet = serve_usage()
+        time.sleep(args.idle_s)
+        res["idle_cpu_per_s"] = {name: (u["cpu_s"] - quiet[name]["cpu_s"]) / args.idle_s
+                                 for name, u in serve_usage().items() if name in quiet}
     if local:
         before = serve_usage()
+        load_started = time.monotonic()
     res["load"] = load_phase(url, args.api_key, args.clients, args.fps, args.duration, args.max_in_flight,
                              args.drain, args.size, args.procs, prompt, sample_rss=local)
     if local:
@@ -419,6 +434,7 @@ def main(argv=None) -> int:
         res["rss_after_mib"] = {name: u["rss_mib"] for name, u in after.items() if name.startswith("ray::")}
         # CPU seconds over the load phase (and its drain), per process: who takes the machine's cores.
         res["load_cpu_s"] = {name: after[name]["cpu_s"] - before[name]["cpu_s"] for name in after if name in before}
+        res["load_wall_s"] = time.monotonic() - load_started
     print(json.dumps(res, indent=1))
     print(markdown(res))
     if args.json:
