@@ -18,7 +18,8 @@ A session behaves like the web page (deployments/static/app.js), on the protocol
 - **reconnect with backoff**: a lost connection is redialled (`Backoff`: 0.25 s doubling to 8 s, giving up after
   60 s with `ServiceUnreachable`); the new connection gets the session's settings again and the newest unanswered
   frame is sent again with its id; older unanswered frames count as `stats.lost`. A refused API key raises
-  `Unauthorized` and is never retried.
+  `Unauthorized` and is never retried. A service with no room (close 1013, "retry in N s") is redialled after the
+  wait it asks for (`stats.refusals`), and after the backoff's give-up time raises `ServiceBusy` with its reason.
 Every frame given to `send()` ends up in exactly one of: an Edit or an error reply (`EditFailed` from `receive()`),
 `client_dropped`, `server_dropped`, `lost`, or still `in_flight`/`pending` (`flush()` waits for those).
 """
@@ -511,8 +512,8 @@ class AsyncSession:
         await self.close()
 
     async def open(self) -> "AsyncSession":
-        """Connects (retrying with the backoff) and sends the settings; raises Unauthorized, SettingsRefused,
-        HandshakeRefused or ServiceUnreachable."""
+        """Connects (retrying with the backoff, and while the service has no room as its refusal asks) and sends the
+        settings; raises Unauthorized, SettingsRefused, HandshakeRefused, ServiceBusy or ServiceUnreachable."""
         if self._opened:
             return self
         self._opened = True
@@ -778,6 +779,8 @@ class AsyncSession:
             if code == BUSY_CLOSE:  # refused for room: wait as the server asks (and the backoff), then redial
                 try:
                     await self._wait_while_busy(reason)
+                except SessionClosed:
+                    return
                 except ClientError as exc:
                     self._fail(exc)
                     return
