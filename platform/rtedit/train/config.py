@@ -27,6 +27,13 @@ def _check(condition: bool, name: str, value: Any, requirement: str) -> None:
         raise ConfigError(f"{name} must be {requirement}, got {value!r}")
 
 
+def section_check(section: str) -> typing.Callable[[bool, str, Any, str], None]:
+    """_check for the fields of one config section: need(ok, "lr", value, "> 0") names "<section>.lr"."""
+    def need(condition: bool, name: str, value: Any, requirement: str) -> None:
+        _check(condition, f"{section}.{name}", value, requirement)
+    return need
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shared sections
 

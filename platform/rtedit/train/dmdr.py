@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rtedit.errors import ConfigError
+from rtedit.train.config import section_check
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 """velocity(x_t [B, ...], t [B] in [0, 1], cond) -> v [B, ...]."""
@@ -64,9 +64,7 @@ class DMDRConfig:
     model's own noise estimate x0 + v, which is what the served Euler sampler feeds its next step."""
 
     def validate(self) -> DMDRConfig:
-        def need(ok: bool, name: str, value: Any, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"dmdr.{name} must be {what}, got {value!r}")
+        need = section_check("dmdr")
 
         steps = tuple(self.generator_timesteps)
         need(len(steps) in (1, 2), "generator_timesteps", steps, "a list of 1 or 2 timesteps")

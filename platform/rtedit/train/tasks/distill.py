@@ -36,6 +36,7 @@ import torch
 from rtedit.device import DTYPES
 from rtedit.errors import ConfigError
 from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
+from rtedit.train.config import section_check
 
 TRAINING_CONFIG = "training_config.json"
 # What a served folder holds beside the transformer that describes the teacher only: not copied into the student's.
@@ -78,9 +79,7 @@ class DistillTaskConfig:
     """The exported model's name; None: the teacher's with the mode."""
 
     def validate(self) -> None:
-        def need(ok: bool, field: str, value: Any, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"task.{field} must be {what}, got {value!r}")
+        need = section_check("task")
 
         need(bool(self.teacher), "teacher", self.teacher, "a model folder")
         need(bool(self.data_dir), "data_dir", self.data_dir, "a folder")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from rtedit.errors import ConfigError
+from rtedit.train.config import section_check
 from rtedit.train.dmdr import DMDRConfig, RewardFn, edit_reward_fn
 from rtedit.train.tasks.distill import export_student, load_teacher, student_layout, velocity_pass
 from rtedit.train.tasks.teacher import FlowBatcher, sampler_sigmas
@@ -79,9 +80,7 @@ class DMDRTaskConfig:
     name: str | None = None
 
     def validate(self) -> None:
-        def need(ok: bool, field: str, value: Any, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"task.{field} must be {what}, got {value!r}")
+        need = section_check("task")
 
         need(bool(self.teacher), "teacher", self.teacher, "a model folder")
         need(bool(self.data_dir), "data_dir", self.data_dir, "a folder")

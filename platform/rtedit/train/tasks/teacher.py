@@ -29,6 +29,7 @@ import torch
 
 from rtedit.device import DTYPES
 from rtedit.errors import ConfigError, ModelLoadError
+from rtedit.train.config import section_check
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +78,7 @@ class TeacherTaskConfig:
     name: str = "rtedit-toy-teacher"
 
     def validate(self) -> None:
-        def need(ok: bool, field: str, value: Any, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"task.{field} must be {what}, got {value!r}")
+        need = section_check("task")
 
         need(bool(self.data_dir), "data_dir", self.data_dir, "a folder")
         need(8 <= self.prompt_length <= 512, "prompt_length", self.prompt_length, "in 8..512")
