@@ -71,13 +71,17 @@ def build_task(ctx: WorkerContext) -> DistillTask:
     return DistillTask(ctx)
 
 
-def prepare(config: JobConfig) -> None:
-    """Driver side, before any worker: validate the task section, build the teacher's latent cache of the data."""
-    for key in ("teacher", "data_dir", "cache_dir", "taef2_dir"):  # workers run elsewhere: absolute paths
+PATH_KEYS = ("teacher", "data_dir", "cache_dir", "taef2_dir")
+
+
+def prepare(config: JobConfig, task_config: type = DistillTaskConfig, path_keys: tuple[str, ...] = PATH_KEYS) -> None:
+    """Driver side, before any worker: validate the task section, build the teacher's latent cache of the data.
+    Any task over a teacher and its cache (jobs.dmdr too) passes its config class and its path fields."""
+    for key in path_keys:  # workers run elsewhere: absolute paths
         if config.task.get(key) or key in ("teacher", "data_dir"):
-            default = getattr(DistillTaskConfig, key, None)
+            default = getattr(task_config, key, None)
             config.task[key] = str(Path(config.task.get(key) or default).expanduser().resolve())
-    cfg = config.task_config(DistillTaskConfig)
+    cfg = config.task_config(task_config)
     data = cache_config(cfg)
     load_teacher(cfg.teacher)  # a bad teacher folder fails here, not on every worker
     if config.scaling.use_gpu and not torch.cuda.is_available() and cfg.encode_device is None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from jobs import runtime
+from jobs import distill, runtime
 from jobs.runtime import ModelSpec, WorkerContext
 from rtedit.config_parsing import to_dict
 from rtedit.errors import ConfigError
@@ -37,7 +37,6 @@ from rtedit.train.tasks.distill import cache_config, load_distill_cache
 from rtedit.train.tasks.dmdr import (DMDRTaskConfig, LatentDecoder, PickingBatcher, batch_reward_fn, build_fake_score,
                                      build_generator, conditions, euler_sample, export_generator, generator_timesteps,
                                      load_reward_model, load_teacher, reward_win_rate, served_sigmas, VelocityModel)
-from rtedit.train.tasks.teacher import build_cache
 
 logger = logging.getLogger("jobs.dmdr")
 TASK = "jobs.dmdr:build_task"
@@ -137,19 +136,7 @@ def build_task(ctx: WorkerContext) -> DMDRTask:
 
 def prepare(config: JobConfig) -> None:
     """Driver side, before any worker: absolute paths, the task section validated, the teacher's latent cache."""
-    for key in ("teacher", "data_dir", "cache_dir", "taef2_dir", "generator", "reward_model"):
-        if config.task.get(key) or key in ("teacher", "data_dir"):  # workers run elsewhere: absolute paths
-            default = getattr(DMDRTaskConfig, key, None)
-            config.task[key] = str(Path(config.task.get(key) or default).expanduser().resolve())
-    cfg = config.task_config(DMDRTaskConfig)
-    load_teacher(cfg.teacher)  # a bad teacher folder fails here, not on every worker
-    data = cache_config(cfg)
-    if config.scaling.use_gpu and not torch.cuda.is_available() and cfg.encode_device is None:
-        import ray  # a CPU head node: encode in a one-GPU Ray task, as jobs.distill does
-
-        ray.get(ray.remote(num_gpus=1, num_cpus=1)(build_cache).remote(data, "train"))
-        return
-    build_cache(data, "train")
+    distill.prepare(config, DMDRTaskConfig, (*distill.PATH_KEYS, "generator", "reward_model"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
