@@ -48,11 +48,13 @@ SERVE_GPU = REPO / "deployments" / "serve-gpu.yaml"
 PROMPT = "make it winter"
 STAGES = ("prepare", "denoise", "decode", "total")
 SERVING = "serving configuration"
+GRAPHS = " + graphs"
 OURS = ("exact", "+attention", "+compile", "+dbcache dynamic", "+dbcache static", "+taef2 (dbcache dynamic)",
         "+taef2 (dbcache static)", SERVING)
 # The serving configuration's variants (issue: engine speed): reuse off or static, CUDA graphs, FP8 linear layers.
 VARIANTS = ("serving, no reuse", "serving, no reuse + graphs", "serving, static reuse", "serving, static reuse + graphs",
-            "serving fp8, no reuse", "serving fp8, no reuse + graphs", "serving fp8, static reuse + graphs")
+            "serving fp8, no reuse", "serving fp8, no reuse + graphs", "serving fp8, static reuse",
+            "serving fp8, static reuse + graphs")
 ROWS = ("stock eager", "stock compile", *OURS, *VARIANTS)
 
 
@@ -147,6 +149,7 @@ def variant_configs(serving: EditorConfig) -> dict[str, EditorConfig]:
     rows = {"serving, no reuse": variant("off", False), "serving, no reuse + graphs": variant("off", True),
             "serving, static reuse": variant("static", False), "serving, static reuse + graphs": variant("static", True),
             "serving fp8, no reuse": variant("off", False, True), "serving fp8, no reuse + graphs": variant("off", True, True),
+            "serving fp8, static reuse": variant("static", False, True),
             "serving fp8, static reuse + graphs": variant("static", True, True)}
     assert tuple(rows) == VARIANTS
     return rows
@@ -272,7 +275,7 @@ def run_stock(editor, image, emb, args, backend: str, rows: list[dict]) -> None:
     pipe = Flux2KleinPipeline(scheduler=editor.scheduler, vae=editor.vae, text_encoder=editor.text_encoder,
                               tokenizer=editor.tokenizer, transformer=editor.transformer, is_distilled=True)
     pipe.set_progress_bar_config(disable=True)
-    pil, timer = PIL.Image.fromarray(image), StockStageTimer(pipe.transformer)
+    pil, timer = PIL.Image.fromarray(image), StockStageTimer(pipe.transformer)  # `once` reads `pil` when called
 
     def once():
         timer.start()
@@ -280,14 +283,23 @@ def run_stock(editor, image, emb, args, backend: str, rows: list[dict]) -> None:
                    generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
         return out, timer.stop()
 
-    rows.append(measure("stock eager", once, *frame_counts("stock eager", args)))
+    sizes = [args.size, *(s for s in args.also_size if s != args.size)]
+    for size in sizes:
+        pil = PIL.Image.fromarray(frame(size))
+        rows.append(measure(sized("stock eager", size, args), once, *frame_counts("stock eager", args)))
     frames, warmup = frame_counts("stock compile", args)
     if frames:
         pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
         pipe.vae.encoder.compile(backend=backend)
         pipe.vae.decoder.compile(backend=backend)
-        rows.append(measure("stock compile", once, frames, warmup,
-                            f"compile_repeated_blocks(fullgraph) + VAE encoder/decoder, {backend}"))
+        for size in sizes:  # a new size recompiles during its warm-up frames
+            pil = PIL.Image.fromarray(frame(size))
+            rows.append(measure(sized("stock compile", size, args), once, frames, warmup,
+                                f"compile_repeated_blocks(fullgraph) + VAE encoder/decoder, {backend}"))
+
+
+def sized(name: str, size: int, args) -> str:
+    return name if size == args.size else f"{name} @{size}"
 
 
 def edit_once(editor, image, emb, steps: int) -> tuple[np.ndarray, dict]:
@@ -299,7 +311,10 @@ def run_ours(configs: dict[str, EditorConfig], image, emb, args, rows: list[dict
     """Each row measured on an editor of its own; the exact row always runs (once at least): it anchors drift."""
     if args.only and not set(args.only) & (set(OURS) | set(VARIANTS)) and not args.parity_frames:
         return  # --only names stock rows alone
-    for name, config in configs.items():
+    # --only's order is the run's order (the exact row first): a run cut by its time limit has the rows named first.
+    order = ["exact", *(n for n in args.only if n in configs and n != "exact")] if args.only else list(configs)
+    for name in order:
+        config = configs[name]
         frames, warmup = frame_counts(name, args)
         if not frames and name != "exact":
             continue
@@ -338,10 +353,26 @@ def run_row(name: str, config: EditorConfig, image, emb, args, rows: list[dict],
         row["compile_failures"] = {n: b["failure"] for n, b in branches.items() if b["failure"]}
         assert all(v == 0 for v in row["recompiles"].values()), f"{name}: recompiled after warm-up: {row['recompiles']}"
     rows.append(row)
+    twin = name.removesuffix(GRAPHS) if config.cuda_graphs and args.graph_twins else None
+    if twin:
+        rows.append(graphs_off(editor, twin, functools.partial(edit_once, editor, image, emb, args.steps), frames,
+                               warmup, name))
     for size in args.also_size:  # the same warmed editor at its other buckets (the serving config warms 512 and 1024)
         if (size, size) in config.buckets.sizes and size != args.size:
-            rows.append(measure(f"{name} @{size}", functools.partial(edit_once, editor, frame(size), emb, args.steps),
-                                frames, warmup, note(name, config)))
+            once = functools.partial(edit_once, editor, frame(size), emb, args.steps)
+            rows.append(measure(f"{name} @{size}", once, frames, warmup, note(name, config)))
+            if twin:
+                rows.append(graphs_off(editor, f"{twin} @{size}", once, frames, warmup, name))
+
+
+def graphs_off(editor, name: str, once, frames: int, warmup: int, graphed: str) -> dict:
+    """A graphed row's twin timed on the same editor with its graphs set aside (same compiled kernels and weights):
+    one build and one compile give both rows, which is what fits the rows of both sizes into one device call."""
+    graphs, editor.graphs = editor.graphs, None
+    try:
+        return measure(name, once, frames, warmup, f"the editor of '{graphed}', its CUDA graphs set aside")
+    finally:
+        editor.graphs = graphs
 
 
 # ---- reporting -------------------------------------------------------------------------------------------------
@@ -405,6 +436,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --only: time the exact row over this many frames as well, to compare cards")
     p.add_argument("--also-size", type=int, nargs="*", default=[],
                    help="time each of our rows' editors at these bucket sizes too (rows named 'ROW @SIZE')")
+    p.add_argument("--graph-twins", action="store_true",
+                   help="each '+ graphs' row also times its editor with the graphs set aside, as the row without them")
     p.add_argument("--reference", default=None, help="JSON of an earlier --rows stock run on the same card")
     p.add_argument("--taef2-dir", default=None, help="TAEF2 weights folder (default: rtedit.paths.taef2_dir())")
     p.add_argument("--json", default=None)
@@ -451,9 +484,11 @@ def main() -> int:
     failed = [r for r in rows if r.get("failure")]
     rows = [r for r in rows if not r.get("_skipped")]
     name, uuid = card()
+    stock_at = {r["row"].partition(" @")[2]: r for r in rows if r["row"].partition(" @")[0] == "stock eager"}
     for r in rows:
-        if stock and not stock.get("_skipped"):
-            r["speedup_vs_stock_eager"] = stock["total_median"] / r["total_median"]
+        base = stock_at.get(r["row"].partition(" @")[2]) or (stock if " @" not in r["row"] else None)
+        if base and not base.get("_skipped"):  # against stock eager at the row's own size
+            r["speedup_vs_stock_eager"] = base["total_median"] / r["total_median"]
         if exact is not None:
             r["psnr_vs_exact_db"] = psnr(r["_output"], exact["_output"])
         r["card_uuid"] = uuid

@@ -54,7 +54,7 @@ def row_configs(serving, size: int, with_reuse: bool = True, graphs: bool = Fals
     the serving config's dbcache settings driving the session path's own step-2 reuse, static policy (on random
     weights the dynamic check never passes, so only the static policy times what a reused step costs). `graphs`:
     every row again with CUDA graphs over its stages (rtedit.accel.cuda_graphs), named with GRAPHS appended."""
-    base = dataclasses.replace(serving, dbcache=dataclasses.replace(serving.dbcache, enabled=False))
+    base = dataclasses.replace(serving, dbcache=dataclasses.replace(serving.dbcache, enabled=False), cuda_graphs=False)
     rows = {}
     for refs in (0, 1):
         bucket = dataclasses.replace(base.buckets, sizes=((size, size),), references=(refs,))
@@ -102,7 +102,7 @@ def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
         assert stats["cuda_graphs"]["unwarmed_runs"] == 0, f"{name}: frames outside the captured graphs"
         graph_vs_eager = same_editor_parity(editor, lambda s=session: s.edit(image, steps=args.steps).array)
     reuse = stats["step_reuse"]
-    row = {"row": name, "frames": args.frames, "recompiles": recompiles, "mode": editor.mode,
+    row = {"row": name, "frames": args.frames, "steps": args.steps, "recompiles": recompiles, "mode": editor.mode,
            "session_pass_ms": first.timings.get("session"), "attention": stats["attention_backend"],
            "output": first.array, "graph_vs_eager_max_abs": graph_vs_eager, "reuse_hit_rate": reuse.get("hit_rate"), "reuse_label": reuse.get("label"),
            **{f"{s}_median": statistics.median(v) for s, v in samples.items()},
@@ -114,6 +114,20 @@ def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
     return row
 
 
+ONE_STEP = "session, 0 ref, 1 step"
+ONE_STEP_FP8 = "session fp8, 0 ref, 1 step"
+TWO_STEP_FULL = "full, 0 ref, 2 steps"
+
+
+def one_step_configs(serving, size: int) -> dict[str, tuple[object, int]]:
+    """The 1-step causal student's frame (the DMDR issue's served student: random weights, timing only) in bf16 and
+    with FP8 linear layers, beside the full 2-step path, all with CUDA graphs: (config, steps) by row name."""
+    rows = row_configs(serving, size, with_reuse=False, graphs=False)
+    session, full = (dataclasses.replace(rows[n], cuda_graphs=True) for n in ("session, 0 ref", "full, 0 ref"))
+    fp8 = dataclasses.replace(session, fp8=dataclasses.replace(session.fp8, enabled=True))
+    return {TWO_STEP_FULL + GRAPHS: (full, 2), ONE_STEP + GRAPHS: (session, 1), ONE_STEP_FP8 + GRAPHS: (fp8, 1)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=512)
@@ -123,14 +137,21 @@ def main() -> int:
     p.add_argument("--model", default="klein-4b-random", choices=["klein-4b-random", "tiny"])
     p.add_argument("--json", default=None)
     p.add_argument("--graphs", action="store_true", help="every row again with CUDA graphs (a GPU only)")
+    p.add_argument("--one-step", action="store_true",
+                   help="only the 1-step session rows (bf16, FP8) beside the full 2-step row, with CUDA graphs")
     args = p.parse_args()
     if args.model == "tiny":  # the tiny preset's one double block leaves no middle block to reuse: no reuse row
         serving = fl.serving_config({"model": "tiny", "dtype": "float32", "compile": {"backend": "eager"}})
     else:
         serving = fl.serving_config()
-    configs = row_configs(serving, args.size, with_reuse=args.model != "tiny", graphs=args.graphs)
+    if args.one_step:
+        configs = one_step_configs(serving, args.size)
+    else:
+        configs = {n: (c, args.steps) for n, c in row_configs(serving, args.size, with_reuse=args.model != "tiny",
+                                                             graphs=args.graphs).items()}
     # The prompt's embedding, from an editor with the text encoder and no fast path (replicas have none).
     encoder = fl.build(dataclasses.replace(serving, text_encoder=True, select_attention=False, buckets=ShapeBuckets(),
+                                           cuda_graphs=False,
                                            compile=dataclasses.replace(serving.compile, enabled=False),
                                            dbcache=dataclasses.replace(serving.dbcache, enabled=False)))
     emb = encoder.encode_prompt(fl.PROMPT)
@@ -138,9 +159,9 @@ def main() -> int:
     fl.release()
     image = fl.frame(args.size)
     rows, failed = [], []
-    for name, cfg in configs.items():
+    for name, (cfg, steps) in configs.items():
         try:
-            rows.append(run_row(name, cfg, image, emb, args))
+            rows.append(run_row(name, cfg, image, emb, argparse.Namespace(**{**vars(args), "steps": steps})))
         except Exception as exc:  # reported; the other rows of the one GPU call still run
             failed.append(f"{name}: {type(exc).__name__}: {' '.join(str(exc).split())[:800]}")
             print("row failed:", failed[-1], flush=True)
@@ -163,7 +184,7 @@ def main() -> int:
         r.pop("output")
         refs = int(r["row"].split(", ")[1][0])
         graphs = GRAPHS if r["row"].endswith(GRAPHS) else ""
-        full = by_name.get(f"full, {refs} ref{graphs}")
+        full = by_name.get(f"full, {refs} ref{graphs}") or by_name.get(TWO_STEP_FULL + graphs)
         ratio = f"{full['denoise_median'] / r['denoise_median']:.2f}" if r["mode"] == "session" and full else "-"
         ideal = f"{flop_ratio(args.size, refs, args.steps):.2f}" if r["row"].removesuffix(graphs) in (
             "session, 0 ref", "session, 1 ref") else "-"
