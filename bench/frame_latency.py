@@ -408,7 +408,7 @@ def merge(paths: list[str]) -> int:
     return 0
 
 
-class Stopped(Exception):
+class Stopped(BaseException):  # not an Exception: a row's failure handler must not swallow the time limit
     """SIGTERM arrived (a time limit)."""
 
 
