@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same bytes")
     parser.add_argument("--eval-n", type=int, default=None, help="number of eval examples (default n // 8, >= 1)")
     parser.add_argument("--families", default=",".join(toy.FAMILIES), help="comma-separated families to draw")
+    parser.add_argument("--world", type=int, default=1, choices=toy.WORLDS,
+                        help="toy world: 1 (models/toy-editor's first training data, byte for byte) or 2 (more "
+                             "wordings, drawn shape styles and backgrounds; rtedit.train.toy says which)")
     parser.add_argument("--rows-per-file", type=int, default=2048, help="rows per Parquet file")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes writing files in parallel (the bytes do not depend on it); 0: one per core")
@@ -50,13 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_part(folder: Path, seed: int, split: str, families: tuple[str, ...], part: int, start: int,
-               stop: int) -> tuple[str, Counter]:
+               stop: int, world: int = 1) -> tuple[str, Counter]:
     """Examples start..stop-1 of a split as part-<part>.parquet (an example depends only on seed, split, index)."""
     counts: Counter = Counter()
 
     def rows():
         for index in range(start, stop):
-            example = toy.make_example(seed, split, index, families)
+            example = toy.make_example(seed, split, index, families, world)
             counts[example.family] += 1
             yield example.to_edit_example()
 
@@ -68,12 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     start = time.perf_counter()
-    manifest = {"seed": args.seed, "size": toy.SIZE, "families": list(args.families),
+    manifest = {"seed": args.seed, "size": toy.SIZE, "world": args.world, "families": list(args.families),
                 "train_photos": list(toy.TRAIN_PHOTOS), "eval_photos": list(toy.EVAL_PHOTOS),
                 "held_out_combos": [[f, c] for f, c in toy.HELD_OUT_COMBOS], "splits": {}}
     for split, n in (("train", args.n), ("eval", args.eval_n)):
-        parts = [(args.out / split, args.seed, split, args.families, k, lo, min(lo + args.rows_per_file, n))
-                 for k, lo in enumerate(range(0, n, args.rows_per_file))]
+        parts = [(args.out / split, args.seed, split, args.families, k, lo, min(lo + args.rows_per_file, n),
+                  args.world) for k, lo in enumerate(range(0, n, args.rows_per_file))]
         if args.workers > 1 and len(parts) > 1:
             with ProcessPoolExecutor(min(args.workers, len(parts))) as pool:
                 written = list(pool.map(write_part, *zip(*parts)))
