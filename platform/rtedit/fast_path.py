@@ -62,13 +62,16 @@ def build(editor: "Editor") -> None:
                                           vae_encoder=autoencoder.encoder, vae_decoder=autoencoder.decoder)
         editor.codec.reference_context = functools.partial(editor.compiled.eager, "vae_encoder")
     if cfg.cuda_graphs:
-        from rtedit.accel.cuda_graphs import StageGraphs
+        from rtedit.accel.cuda_graphs import StageGraphs, conditional_nodes_unavailable
 
         editor.graphs = StageGraphs(editor.device)
         if cfg.dbcache.enabled and cfg.dbcache.policy == "dynamic" and editor.mode != "session":
             # (the session mode's own step reuse decides on the device inside a graph: rtedit.model.step_reuse)
             editor.graphs.leave_out("denoise", "cache-dit's dynamic policy reads its residual check on the host at "
                                     "each reusable step, which a replayed graph cannot do")
+        elif cfg.dbcache.enabled and cfg.dbcache.policy == "dynamic" and (why := conditional_nodes_unavailable()):
+            editor.graphs.leave_out("denoise", f"the session's dynamic step-reuse check needs CUDA graph conditional "
+                                    f"nodes to decide on the device, and {why}")
     if editor.compiled is not None or editor.graphs is not None:
         editor.warm_up()  # every bucket compiled and captured now: no request ever compiles or captures
 

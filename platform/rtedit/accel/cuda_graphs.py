@@ -17,6 +17,7 @@ Each graph has its own memory pool, so no graph's replay can overwrite another g
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -29,6 +30,25 @@ from rtedit.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+_capture_state = threading.local()  # the graph this thread's StageGraphs is capturing, for conditional nodes
+
+
+def capturing_graph() -> torch.cuda.CUDAGraph:
+    """The CUDAGraph a StageGraphs capture on this thread is recording (torch 2.11, the GPU image's, has no
+    `CUDAGraph.get_currently_capturing_graph`; later versions do)."""
+    graph = getattr(_capture_state, "graph", None)
+    if graph is None:
+        raise RuntimeError("no StageGraphs capture is in progress on this thread")
+    return graph
+
+
+def conditional_nodes_unavailable() -> str | None:
+    """Why this torch build cannot capture CUDA conditional (IF) nodes, or None when it can."""
+    missing = [m for m in ("begin_capture_to_if_node", "end_capture_to_conditional_node")
+               if not hasattr(torch.cuda.CUDAGraph, m)]
+    return f"torch {torch.__version__}'s CUDAGraph has no {' or '.join(missing)}" if missing else None
 
 
 @dataclass
@@ -122,8 +142,12 @@ class StageGraphs:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's CUDA work (a prompt encode) must not invalidate this capture
-        with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle(), capture_error_mode="thread_local"):
-            outputs = fn(*static)
+        _capture_state.graph = graph
+        try:
+            with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle(), capture_error_mode="thread_local"):
+                outputs = fn(*static)
+        finally:
+            _capture_state.graph = None
         torch.cuda.synchronize(self.device)
         entry = _Captured(graph, static, [weakref.ref(t) for t in tensors[len(tensors) - held:]] if held else [],
                           outputs, time.perf_counter() - start)

@@ -12,7 +12,8 @@ checks (the serving default); "static" reuses without checking, for timing only,
 Where the dynamic check runs: eagerly it is read on the host (one sync per group of a reusable step); inside a CUDA
 graph capture (rtedit.accel.cuda_graphs) it stays on the device: both branches are captured as CUDA conditional
 nodes (`CUDAGraph.begin_capture_to_if_node`), so a replay decides per frame without the host, and the hit count
-is a device counter read only when stats are.
+is a device counter read only when stats are. A torch build without conditional nodes leaves the denoise stage
+uncaptured instead (rtedit.fast_path, said in stats and logs).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def if_else(pred: torch.Tensor, when_true: Callable[[], None], when_false: Calla
     if not on_device:
         (when_true if bool(pred.item()) else when_false)()
         return
-    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+    from rtedit.accel.cuda_graphs import capturing_graph
+
+    graph = capturing_graph()
     for condition, body in ((pred, when_true), (torch.logical_not(pred), when_false)):
         graph.begin_capture_to_if_node(condition)  # CUDA before 12.8 has IF nodes only: two of them, not IF/ELSE
         try:
