@@ -83,7 +83,8 @@ def same_editor_parity(editor, frame) -> float:
 
 
 def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
-    editor = fl.build(config)
+    # A 1-step row's model serves 1 step, as the DMDR student's rtedit.json says: warmed and captured at it.
+    editor = served_steps_editor(config, 1) if args.one_step and args.steps == 1 else fl.build(config)
     refs = [fl.frame(args.size)[::-1].copy()] * config.buckets.references[0]
     session = editor.open_session(emb, refs, bucket=(args.size, args.size))
     first = session.edit(image, steps=args.steps)  # the session's T/R pass happens here, once
@@ -112,6 +113,14 @@ def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
     del editor, session
     fl.release()
     return row
+
+
+def served_steps_editor(config, steps: int):
+    """The config's editor (Editor.from_config's checks) on a preset whose sidecar serves `steps` steps only."""
+    from rtedit.editor import Editor
+
+    config.validate()
+    return Editor.from_preset(config.model, config.device, config.dtype, config, steps=(steps,))
 
 
 ONE_STEP = "session, 0 ref, 1 step"

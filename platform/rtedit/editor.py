@@ -172,15 +172,17 @@ class Editor:
 
     @classmethod
     def from_preset(
-        cls, name: str, device=None, dtype=None, config: EditorConfig | None = None, seed: int = 0
+        cls, name: str, device=None, dtype=None, config: EditorConfig | None = None, seed: int = 0,
+        steps: tuple[int, ...] | None = None,
     ) -> "Editor":
-        """`tiny` (CPU by default) or `klein-4b-random` (GPU), with seeded random weights."""
+        """`tiny` (CPU by default) or `klein-4b-random` (GPU), with seeded random weights; `steps`: the step counts
+        it serves, as a distilled student's rtedit.json names them (a 1-step student's frame, timed on its shapes)."""
         if name not in PRESETS:
             raise ModelLoadError(f"unknown preset {name!r}; presets are {PRESETS}")
         dev = resolve_device(device, prefer_gpu=name != "tiny")
         config = config or EditorConfig()
         bundle = build_preset(name, dev, resolve_dtype(dtype, dev), seed=seed, text_encoder=config.text_encoder,
-                              causal=config.causal)
+                              causal=config.causal, steps=steps)
         return cls(bundle, replace(config, model=name))
 
     @classmethod

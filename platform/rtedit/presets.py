@@ -317,12 +317,12 @@ def _preset_configs(name: str, device: torch.device) -> tuple[dict, dict, dict]:
     raise ModelLoadError(f"unknown preset {name!r}; presets are {PRESETS}, or pass a model folder / hub id")
 
 
-def _preset_sidecar(name: str, causal: str = "auto") -> "Sidecar":
+def _preset_sidecar(name: str, causal: str = "auto", steps: tuple[int, ...] | None = None) -> "Sidecar":
     """Random weights were trained for no attention mode: a preset runs in the one the config asks for (timing and
-    tests), its conditions at timestep 0."""
+    tests), its conditions at timestep 0; `steps` as a distilled student's rtedit.json names them."""
     mode = causal if causal in CAUSAL_MODES else None
     return Sidecar(prompt_length=512, text_encoder_layers=(9, 18, 27), random_weights=True, name=name, causal=mode,
-                   condition_timestep=0.0 if mode else None)
+                   condition_timestep=0.0 if mode else None, steps=steps)
 
 
 def _random_text_encoder(qwen_cfg: dict, device: torch.device, dtype: torch.dtype, seed: int):
@@ -382,12 +382,13 @@ def init_random_weights(module: torch.nn.Module, seed: int, std: float = 0.02) -
 
 def build_preset(
     name: str, device: torch.device, dtype: torch.dtype, seed: int = 0, text_encoder: bool = True,
-    causal: str = "auto",
+    causal: str = "auto", steps: tuple[int, ...] | None = None,
 ) -> ModelBundle:
     """Builds a preset's components with seeded random weights on `device` (the `meta` device builds shapes only).
 
     text_encoder=False leaves Qwen3 out: an editor replica fed precomputed embeddings does not need it. `causal`
     (EditorConfig.causal) "kv" or "session" runs the random weights in that mode; "auto" and "off": full attention.
+    `steps`: the step counts it serves (others refused), as a distilled student's rtedit.json says; None: any.
     """
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
@@ -404,7 +405,7 @@ def build_preset(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         text_encoder=_random_text_encoder(qwen_cfg, device, dtype, seed) if text_encoder else None,
         tokenizer=load_qwen3_tokenizer() if text_encoder else None,
-        sidecar=_preset_sidecar(name, causal),
+        sidecar=_preset_sidecar(name, causal, steps),
         name=name,
         random_weights=True,
     )
