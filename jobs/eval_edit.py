@@ -10,6 +10,14 @@ reference family. `--engine section.key=value` overrides the EditorConfig (e.g. 
 step-2 reuse stats go in the JSON, and `python -m jobs.eval_table` turns several such JSONs into one table. Writes a
 PNG grid (source, reference, target, output) for a person to look at. The model runs through rtedit.Editor, the
 same path `serve` uses; no Ray needed.
+
+Beside the data's families: instruction accuracy per wording template ("by_template", family -> template), and
+"instructions", a check of single instructions (default: the model's rtedit.json examples, the page's one-click
+ones, then toy.NEWCOMER_INSTRUCTIONS) each on --cases toy-world-2 scenes and on whole skimage photos (--photos; a
+local edit's shape drawn on the photo), and "drawn": hand-drawn red circles (toy.drawn_probes) with the instructions
+a newcomer typed on them. A check is right when the output is nearer its exact target than the source, every global
+edit and every local edit it could be mistaken for (the shape in another colour, or removed); "instruction_checks"
+sums them up (its "all_right": every instruction and probe right on every case).
 """
 
 from __future__ import annotations
@@ -94,9 +102,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label", default=None, help="row label in jobs.eval_table; default the --model value")
     parser.add_argument("--copy-paste-db", type=float, default=evaluation.COPY_PASTE_THRESHOLD_DB,
                         help="PSNR against the source at or above which an identity edit counts as a copy")
+    parser.add_argument("--instruction", action="append", default=None, dest="instructions", metavar="TEXT",
+                        help="an instruction to check (repeatable); default the model's rtedit.json examples and "
+                             "the newcomer's wordings (rtedit.train.toy.NEWCOMER_INSTRUCTIONS)")
+    parser.add_argument("--cases", type=int, default=8, help="toy scenes per checked instruction (0: none)")
+    parser.add_argument("--photos", nargs="*", default=list(toy.CHECK_PHOTOS),
+                        help="skimage.data photos each checked instruction edits whole (none: skip)")
+    parser.add_argument("--no-checks", action="store_true", help="skip the instruction, photo and drawn checks")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.cases < 0:
+        parser.error(f"--cases must be >= 0, got {args.cases}")
+    unknown = [p for p in args.photos if p not in toy.TRAIN_PHOTOS + toy.EVAL_PHOTOS]
+    if unknown:
+        parser.error(f"--photos must name toy photos ({toy.TRAIN_PHOTOS + toy.EVAL_PHOTOS}), got {unknown}")
     try:
         args.engine_overrides = parse_engine_overrides(args.engine)
         args.engine_config = engine_config(args.model, args.device, args.taef2_dir, args.engine_overrides)
@@ -125,6 +145,95 @@ def compare_outputs(outputs: list[np.ndarray], path: Path) -> dict:
             "psnr_mean": float(np.mean(per_example)), "psnr_min": float(np.min(per_example)), "n": len(outputs)}
 
 
+def checked_instructions(args: argparse.Namespace, editor: Editor) -> list[str]:
+    """--instruction's, else the model's rtedit.json examples and then the newcomer's wordings, each once."""
+    if args.instructions:
+        return list(dict.fromkeys(args.instructions))
+    examples = list(editor.bundle.sidecar.examples or ())
+    return list(dict.fromkeys(examples + list(toy.NEWCOMER_INSTRUCTIONS)))
+
+
+def _rate(rows: list[dict]) -> dict:
+    if not rows:
+        return {"n": 0, "accuracy": None, "psnr": None}
+    return {"n": len(rows), "accuracy": float(np.mean([r["right"] for r in rows])),
+            "psnr": float(np.mean([r["psnr"] for r in rows]))}
+
+
+def instruction_checks(editor: Editor, args: argparse.Namespace, grid_rows: list) -> dict:
+    """The single-instruction checks (module docstring): per instruction on toy scenes and whole photos, and the
+    drawn probes; every output scored against its exact target and the edits it could be mistaken for."""
+    def check(source: np.ndarray, target: np.ndarray, instruction: str, local: list[np.ndarray], seed: int) -> dict:
+        output = editor.edit(source, instruction, steps=args.steps, seed=seed).array
+        own = target.astype(np.float32) / 255.0
+        alternatives = evaluation.alternative_targets(source, target) + [a.astype(np.float32) / 255.0 for a in local]
+        if len(grid_rows) < 64 and seed % 5 == 0:
+            grid_rows.append([source, np.full_like(source, 255), target, to_uint8(output)])
+        return {"right": bool(evaluation.closest_to_own(output, own, alternatives)),
+                "psnr": evaluation.psnr(output, own)}
+
+    results, wrong, seed = {}, [], args.seed
+    photos = {name: toy.whole_photo(name) for name in args.photos}
+    for text in checked_instructions(args, editor):
+        parsed = toy.parse_instruction(text)
+        if parsed is None or parsed[0] in toy.REFERENCE_FAMILIES:
+            results[text] = {"family": parsed[0] if parsed else None, "template": parsed[1] if parsed else None,
+                             "skipped": "not a reference-free toy-world wording"}
+            continue
+        family, template, attributes = parsed
+        toy_rows, photo_rows = [], {}
+        for index in range(args.cases):
+            case = toy.instruction_case(family, attributes, index, instruction=text)
+            row = check(case.source, case.target, text, toy.case_alternatives(family, attributes, index), seed)
+            seed += 1
+            toy_rows.append(row)
+            if not row["right"]:
+                wrong.append(f"{text!r} on toy case {index}")
+        for name, photo in photos.items():
+            case = toy.instruction_case(family, attributes, 0, backdrop=photo, instruction=text)
+            row = check(case.source, case.target, text,
+                        toy.case_alternatives(family, attributes, 0, backdrop=photo), seed)
+            seed += 1
+            photo_rows[name] = row
+            if not row["right"]:
+                wrong.append(f"{text!r} on photo {name}")
+        every = toy_rows + list(photo_rows.values())
+        results[text] = {"family": family, "template": template, "accuracy": _rate(every)["accuracy"],
+                         "toy": _rate(toy_rows), "photos": {**_rate(list(photo_rows.values())),
+                                                            "right": {k: v["right"] for k, v in photo_rows.items()}}}
+    drawn: dict[str, dict] = {}
+    for name, probe in toy.drawn_probes().items():
+        drawn[name] = {}
+        for text in toy.PROBE_INSTRUCTIONS:
+            family, _, attributes = toy.parse_instruction(text)
+            row = check(probe, toy.probe_target(probe, family, attributes), text,
+                        toy.probe_alternatives(probe, family, attributes), seed)
+            seed += 1
+            drawn[name][text] = row
+            if not row["right"]:
+                wrong.append(f"{text!r} on the {name}")
+    rows = [v for v in results.values() if v.get("accuracy") is not None]
+    n_checks = sum(v["toy"]["n"] + v["photos"]["n"] for v in rows) + sum(len(d) for d in drawn.values())
+    return {"instructions": results, "drawn": drawn,
+            "instruction_checks": {"n": n_checks, "wrong": wrong, "all_right": not wrong and n_checks > 0,
+                                   "accuracy": (1.0 - len(wrong) / n_checks) if n_checks else None,
+                                   "min_instruction_accuracy": min((v["accuracy"] for v in rows), default=None),
+                                   "cases": args.cases, "photos": list(args.photos)}}
+
+
+def by_template(rows: list[tuple[str, str | None, dict]]) -> dict:
+    """Instruction accuracy and PSNR per family and wording template of the scored data examples."""
+    out: dict[str, dict[str, dict]] = {}
+    for family, template, values in rows:
+        entry = out.setdefault(family, {}).setdefault(template or "(unknown wording)", {"n": 0, "acc": [], "psnr": []})
+        entry["n"] += 1
+        entry["acc"].append(values["instruction_accuracy"])
+        entry["psnr"].append(values["psnr"])
+    return {family: {t: {"n": e["n"], "instruction_accuracy": float(np.mean(e["acc"])),
+                         "psnr": float(np.mean(e["psnr"]))} for t, e in sorted(templates.items())}
+            for family, templates in sorted(out.items())}
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     folder = args.data / args.split if (args.data / args.split).is_dir() else args.data
@@ -139,7 +248,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise SystemExit(f"eval_edit: cannot build the editor for {args.model}: {exc}") from exc
     scores, combinations = evaluation.Scores(), evaluation.Scores()
     source_psnrs, edge_f1s, edit_seconds, outputs = [], [], [], []
-    grid_rows, per_family = [], {}
+    grid_rows, per_family, template_rows = [], {}, []
     for i, example in enumerate(examples):
         source, target = decode_rgb(example.source), decode_rgb(example.target)
         edit_start = time.perf_counter()
@@ -165,6 +274,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                   "taef2_psnr": evaluation.psnr(taef2_round_trip(editor, target), own),
                   "instruction_accuracy": float(evaluation.closest_to_own(output, own, alternatives))}
         scores.add(example.family, **values)
+        template_rows.append((example.family, toy.template_of(example.family, example.instruction,
+                                                              example.attributes), values))
         if example.family in toy.LOCAL_FAMILIES:  # generalisation: (family, attribute) combinations never trained on
             held_out = toy.is_held_out(example.family, example.attributes)
             combinations.add(f"{example.family}, {'held-out' if held_out else 'seen'} combination", **values)
@@ -172,6 +283,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             per_family[example.family] = per_family.get(example.family, 0) + 1
             reference = decode_rgb(example.references[0]) if example.references else np.full_like(source, 255)
             grid_rows.append([source, reference, target, to_uint8(output)])
+    checks = {} if args.no_checks else instruction_checks(editor, args, grid_rows)
     grid = evaluation.save_grid(grid_rows, args.grid)
     summary = scores.summary()
     if args.save_outputs is not None:
@@ -181,6 +293,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     return {"label": args.label, "model": str(args.model), "data": str(folder), "steps": args.steps,
             "n": len(examples), "bad_rows": report.num_bad, **summary,
             "local_combinations": combinations.summary()["families"],
+            "by_template": by_template(template_rows), **checks,
             "behaviour": evaluation.behaviour(summary, source_psnrs, edge_f1s, args.copy_paste_db),
             "engine_overrides": args.engine_overrides, "engine": args.engine_config.to_dict(),
             "causal": model_info.get("causal"), "model_info": model_info,

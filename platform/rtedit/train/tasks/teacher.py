@@ -76,6 +76,11 @@ class TeacherTaskConfig:
     uniform draw under-trains, e.g. {add: 3} for the one that has to draw new content."""
     export_dtype: typing.Literal["float32", "bfloat16", "float16"] = "bfloat16"
     name: str = "rtedit-toy-teacher"
+    init_from: str | None = None
+    """A served teacher folder (this job's export, e.g. models/toy-editor) whose transformer weights the run starts
+    from instead of a random init: a fine-tune. Its transformer, text encoder and prompt settings must be this
+    section's (check_init_from says what differs); its rtedit.json name, description, examples and sizes carry
+    over to the export."""
 
     def validate(self) -> None:
         need = section_check("task")
@@ -100,6 +105,9 @@ class TeacherTaskConfig:
             need(weight > 0, f"family_weights.{family}", weight, "> 0")
         need(self.min_instruction_separation >= 0, "min_instruction_separation", self.min_instruction_separation,
              ">= 0")
+        # The folder itself is checked where it is read (check_init_from): a config may name one made later.
+        need(self.init_from is None or bool(str(self.init_from).strip()), "init_from", self.init_from,
+             "null or a teacher folder")
 
     @property
     def joint_attention_dim(self) -> int:
@@ -147,6 +155,74 @@ def build_transformer(cfg: TeacherTaskConfig):
         attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
         joint_attention_dim=cfg.joint_attention_dim, timestep_guidance_channels=256,
         axes_dims_rope=(rope, rope, rope, rope), guidance_embeds=False)
+
+
+# The transformer's config keys that build_transformer sets from the task section (the rest are diffusers' defaults).
+_ARCHITECTURE_KEYS = ("patch_size", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                      "num_attention_heads", "joint_attention_dim", "timestep_guidance_channels", "axes_dims_rope",
+                      "guidance_embeds")
+
+
+def _init_folder(cfg: TeacherTaskConfig) -> Path:
+    if cfg.init_from is None:
+        raise ConfigError("task.init_from is not set")
+    return Path(cfg.init_from).expanduser()
+
+
+def check_init_from(cfg: TeacherTaskConfig) -> None:
+    """Raise ConfigError, naming every difference, unless task.init_from's folder was made with this section's
+    transformer, text encoder and prompt settings: a fine-tune on other embeddings would start from weights that
+    read them wrong. Compares the folder's configs and its text encoder's weights with the ones this section builds."""
+    from safetensors.torch import load_file
+
+    from rtedit.presets import SIDECAR_NAME
+
+    folder = _init_folder(cfg)
+    if not ((folder / "transformer" / "config.json").is_file() and (folder / SIDECAR_NAME).is_file()):
+        raise ConfigError(f"task.init_from={cfg.init_from}: {folder.resolve()} is not a teacher folder (no "
+                          f"transformer/config.json or {SIDECAR_NAME}); name a jobs.train_teacher export such as "
+                          "models/toy-editor")
+    problems = []
+    saved = json.loads((folder / "transformer" / "config.json").read_text())
+    built = dict(build_transformer(cfg).config)
+    for key in _ARCHITECTURE_KEYS:
+        mine, theirs = built.get(key), saved.get(key)
+        if (list(mine) if isinstance(mine, (list, tuple)) else mine) != (
+                list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+            problems.append(f"transformer {key} {theirs!r} (this config builds {mine!r})")
+    sidecar = json.loads((folder / SIDECAR_NAME).read_text())
+    if sidecar.get("prompt_length") != cfg.prompt_length:
+        problems.append(f"prompt_length {sidecar.get('prompt_length')!r} (task.prompt_length={cfg.prompt_length})")
+    if list(sidecar.get("text_encoder_layers") or []) != list(cfg.te_taps):
+        problems.append(f"text_encoder_layers {sidecar.get('text_encoder_layers')!r} (task.te_taps={list(cfg.te_taps)})")
+    te_file = folder / "text_encoder" / "model.safetensors"
+    if not te_file.is_file():
+        problems.append("no text_encoder/model.safetensors")
+    elif not problems:
+        encoder, _ = build_text_encoder(cfg)
+        theirs = load_file(str(te_file))
+        ours = {k: v for k, v in encoder.state_dict().items() if k in theirs or k != "lm_head.weight"}
+        differ = sorted(k for k in set(ours) | set(theirs) if k not in theirs or k not in ours
+                        or ours[k].shape != theirs[k].shape
+                        or not torch.equal(ours[k].to(theirs[k].dtype), theirs[k]))
+        if differ:
+            problems.append(f"a frozen text encoder other than task.te_* (te_hidden, te_layers, te_heads, te_seed, "
+                            f"export_dtype) build: {len(differ)} tensors differ, e.g. {differ[0]}")
+    if problems:
+        raise ConfigError(f"task.init_from={cfg.init_from}: the folder differs from this task section: "
+                          + "; ".join(problems))
+
+
+def load_init_transformer(model: torch.nn.Module, cfg: TeacherTaskConfig) -> torch.nn.Module:
+    """Copy task.init_from's transformer weights into `model` (built by build_transformer(cfg)), every tensor."""
+    from diffusers import Flux2Transformer2DModel
+
+    saved = Flux2Transformer2DModel.from_pretrained(str(_init_folder(cfg) / "transformer"), torch_dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"task.init_from={cfg.init_from}: the transformer's tensors differ from this config's "
+                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return model
 
 
 def build_placeholder_vae():
@@ -449,10 +525,16 @@ def export_model(transformer: torch.nn.Module, cfg: TeacherTaskConfig, folder: s
         "tokenizer": PACKAGE_TOKENIZER,
         "native_size": native_size,
     }
+    if cfg.init_from is not None:  # a fine-tune keeps what the page shows of the model it started from
+        base = json.loads((_init_folder(cfg) / SIDECAR_NAME).read_text())
+        sidecar.update({k: base[k] for k in INHERITED_SIDECAR_KEYS if k in base})
     (folder / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
     if job_config is not None:
         (folder / "training_config.json").write_text(json.dumps(job_config, indent=2, default=list) + "\n")
     return folder
+
+
+INHERITED_SIDECAR_KEYS = ("name", "description", "examples", "sizes")
 
 
 def task_dict(cfg: TeacherTaskConfig) -> dict[str, Any]:
