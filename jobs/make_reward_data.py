@@ -3,8 +3,10 @@
 DIR/train and DIR/eval hold part-*.parquet files with rtedit.train.reward.pairs.REWARD_PAIR_SCHEMA (the preference
 schema of rtedit.train.data plus family, kind, detail, target and PSNR columns); DIR/manifest.json says how they
 were made and how many pairs of each kind and label each split holds. `--teacher models/toy-editor` adds pairs with
-the toy teacher's own 2-step output for the first --teacher-n examples of each split (CPU: about 0.5 s an edit).
-No Ray: the logic lives in rtedit.train.reward.pairs and rtedit.train.toy.
+the toy teacher's own 2-step output for the first --teacher-n examples of each split (CPU: about 0.5 s an edit;
+--device cuda on a GPU). `--workers N` builds the pairs in N processes (the same rows in the same order: each
+example's pairs are a pure function of the example). No Ray: the logic lives in rtedit.train.reward.pairs and
+rtedit.train.toy.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import argparse
 import json
 import logging
 import sys
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,9 +39,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher", type=Path, default=None, help="a toy editor folder whose outputs join the pairs")
     parser.add_argument("--teacher-n", type=int, default=None, help="examples per split edited by the teacher")
     parser.add_argument("--taef2-dir", default=None, help="TAEF2 weights for the teacher (default the shared folder)")
+    parser.add_argument("--device", default="cpu", help="the teacher's device (cpu, cuda)")
+    parser.add_argument("--workers", type=int, default=1, help="processes that build the pairs (0: one per CPU)")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    args.workers = args.workers or os.cpu_count() or 1
     args.eval_n = max(1, args.n // 4) if args.eval_n is None else args.eval_n
     try:
         args.mix = PairMix(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.mix).items()})
@@ -47,12 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def teacher_outputs(folder: Path, examples: list[toy.ToyExample], taef2_dir: str | None) -> list[np.ndarray]:
+def teacher_outputs(folder: Path, examples: list[toy.ToyExample], taef2_dir: str | None,
+                    device: str = "cpu") -> list[np.ndarray]:
     """The toy editor's 2-step output of each example, uint8, as `rtedit edit` gives it (seed 0)."""
     from rtedit.config import EditorConfig
     from rtedit.editor import Editor
 
-    editor = Editor.from_config(EditorConfig(model=str(folder), device="cpu", **({"taef2_dir": taef2_dir}
+    editor = Editor.from_config(EditorConfig(model=str(folder), device=device, **({"taef2_dir": taef2_dir}
                                                                                   if taef2_dir else {})))
     outs = []
     for example in examples:
@@ -60,6 +70,23 @@ def teacher_outputs(folder: Path, examples: list[toy.ToyExample], taef2_dir: str
                              seed=0)
         outs.append(np.clip(np.rint(result.array * 255), 0, 255).astype(np.uint8))
     return outs
+
+
+def _pairs_of(job: tuple) -> list[dict]:
+    """The pairs of examples [lo, hi) of a split (a worker process's share; teacher outputs passed in)."""
+    seed, split, lo, hi, mix, teacher = job
+    examples = [toy.make_example(seed, split, i) for i in range(lo, hi)]
+    return [row for example, out in zip(examples, teacher) for row in example_pairs(example, mix, seed, out)]
+
+
+def split_pairs(n: int, seed: int, split: str, mix: PairMix, teacher: list, workers: int) -> list[dict]:
+    """Every pair of a split's first n examples, in example order, built in `workers` processes."""
+    chunk = max(1, -(-n // (workers * 4)))
+    jobs = [(seed, split, lo, min(n, lo + chunk), mix, teacher[lo:lo + chunk]) for lo in range(0, n, chunk)]
+    if workers <= 1 or len(jobs) == 1:
+        return [row for job in jobs for row in _pairs_of(job)]
+    with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+        return [row for part in pool.map(_pairs_of, jobs) for row in part]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,15 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
             "eval_photos": list(toy.EVAL_PHOTOS), "held_out_combos": [[f, c] for f, c in toy.HELD_OUT_COMBOS],
             "splits": {}}
     for split, n in (("train", args.n), ("eval", args.eval_n)):
-        examples = list(toy.generate(n, args.seed, split))
         teacher = [None] * n
         if args.teacher is not None:
             k = n if args.teacher_n is None else min(n, args.teacher_n)
             t0 = time.perf_counter()
-            teacher[:k] = teacher_outputs(args.teacher, examples[:k], args.taef2_dir)
+            teacher[:k] = teacher_outputs(args.teacher, list(toy.generate(k, args.seed, split)), args.taef2_dir,
+                                          args.device)
             logger.info("%s: teacher edited %d examples in %.1fs", split, k, time.perf_counter() - t0)
-        rows = [row for example, out in zip(examples, teacher)
-                for row in example_pairs(example, args.mix, args.seed, out)]
+        rows = split_pairs(n, args.seed, split, args.mix, teacher, args.workers)
         files = write_reward_pairs(args.out / split, rows)
         info["splits"][split] = {"examples": n, "files": [f.name for f in files], **manifest(rows)}
         logger.info("wrote %d %s pairs from %d examples", len(rows), split, n)

@@ -8,7 +8,8 @@ candidate. The last step exports a folder EditReward.from_pretrained loads.
 
 `--local` runs the same task and model builder in this process with single-process DeepSpeed and no Ray (the
 Ray bundle and a 9B model's code need not share one carry), times `run.max_steps` steps and prints peak GPU and
-host memory and samples per second as JSON; `task.offload_optimizer` (optimizer state in host memory) is honoured
+host memory and samples per second as JSON (`--max-seconds S` sizes the run to S seconds of steps, `--export DIR`
+saves the model); `task.offload_optimizer` (optimizer state in host memory) is honoured
 there, since the shared runtime's engines take no per-model DeepSpeed settings beyond the ZeRO stage.
 """
 
@@ -62,7 +63,7 @@ def prepare(config: JobConfig) -> None:
                           f"python -m jobs.make_reward_data --out {cfg.data_dir} --n 2000")
 
 
-def local(config: JobConfig, export: Path | None = None) -> dict:
+def local(config: JobConfig, export: Path | None = None, max_seconds: float = 0.0) -> dict:
     """The task on one process, single-process DeepSpeed (no Ray): time run.max_steps steps; optionally export."""
     import deepspeed
 
@@ -82,11 +83,12 @@ def local(config: JobConfig, export: Path | None = None) -> dict:
     original = task.train_step
 
     def step_with_lr(engines, step):
-        trainable.set_lr(step, config.run.max_steps)
+        trainable.set_lr(step, config.run.max_steps)  # a budget may lower max_steps after the first steps
         return original(engines, step)
 
     task.train_step = step_with_lr
-    result = time_steps(task, engine, config.run.max_steps, device)
+    result = time_steps(task, engine, config.run.max_steps, device, budget_s=max_seconds,
+                        log_every=config.run.log_every)
     result.update({"parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                      for p in task.model.parameters()),
                    "trainable_parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -115,11 +117,14 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--export", type=Path, default=None, help="save the trained model here")
     parser.add_argument("--json", type=Path, default=None, help="also write the timing JSON here")
+    parser.add_argument("--max-seconds", type=float, default=0.0,
+                        help="cut run.max_steps to what fits this many seconds of steps, measured on the first "
+                             "few (the lr schedule follows the cut)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_job_config(args.config, args.set)
     prepare(config)
-    result = local(config, args.export)
+    result = local(config, args.export, args.max_seconds)
     text = json.dumps(result, indent=1)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

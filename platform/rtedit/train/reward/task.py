@@ -244,25 +244,49 @@ def evaluate_pairs(model, pairs: PairTensors, tie_margin: float, batch_size: int
     return accuracy_table(pair_logits(model, pairs, batch_size, device), pairs, tie_margin)
 
 
-def time_steps(task: RewardTask, engine, steps: int, device: torch.device) -> dict[str, Any]:
-    """`steps` train steps of a task through its engine: seconds per step (after the first), memory peaks."""
+def time_steps(task: RewardTask, engine, steps: int, device: torch.device, budget_s: float = 0.0,
+               log_every: int = 0) -> dict[str, Any]:
+    """`steps` train steps of a task through its engine: seconds per step (after the first), memory peaks.
+
+    budget_s > 0: after the first `SIZING_STEPS` steps the run is cut to the steps that fit the budget at their
+    mean step time (run.max_steps lowered to that, so the lr schedule and the last step's eval follow it); the
+    held-out evals inside the budget are not counted, so leave them room. log_every > 0: a progress line every
+    that many steps (loss, accuracy, held-out accuracy when measured)."""
     import resource
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, values = [], []
-    for step in range(steps):
+    start = time.perf_counter()
+    step = 0
+    while step < steps:
         t0 = time.perf_counter()
         values.append({k: float(v) for k, v in task.train_step({"reward": engine}, step).items()})
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+        step += 1
+        if budget_s > 0 and step == SIZING_STEPS and steps > step:
+            per = sum(times[1:]) / max(1, len(times) - 1)
+            fit = max(step + 1, int((budget_s - (time.perf_counter() - start)) / per) + step)
+            if fit < steps:
+                logger.info("budget %.0fs at %.3fs a step: %d steps instead of %d", budget_s, per, fit, steps)
+                steps = fit
+                task.ctx.config.run.max_steps = fit
+        if log_every and (step % log_every == 0 or step == steps):
+            row = values[-1]
+            logger.info("step %d/%d loss %.4f accuracy %.3f%s (%.1fs)", step, steps, row["loss"],
+                        row.get("accuracy", math.nan),
+                        "".join(f" {k} {v:.3f}" for k, v in row.items() if k.startswith("eval/accuracy")),
+                        time.perf_counter() - start)
     steady = times[1:] or times
     batch = task.ctx.config.run.batch_size * task.accum
     out = {"steps": steps, "step_s": times, "mean_step_s_after_first": sum(steady) / len(steady),
            "samples_per_s": batch / (sum(steady) / len(steady)), "pairs_per_step": batch,
+           "train_s": time.perf_counter() - start,
            "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-           "losses": [v["loss"] for v in values], "gated_delta_net_path": linear_attention_path(),
+           "losses": [v["loss"] for v in values], "accuracies": [v.get("accuracy", math.nan) for v in values],
+           "gated_delta_net_path": linear_attention_path(),
            "eval": [{"step": i + 1, **{k: v for k, v in row.items() if k.startswith("eval/")}}
                     for i, row in enumerate(values) if any(k.startswith("eval/") for k in row)]}
     if device.type == "cuda":
@@ -270,6 +294,10 @@ def time_steps(task: RewardTask, engine, steps: int, device: torch.device) -> di
         out["gpu_peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         out["gpu"] = torch.cuda.get_device_name(device)
     return out
+
+
+SIZING_STEPS = 12
+"""Steps time_steps times before it sizes a run to its budget."""
 
 
 __all__ = ["RewardTask", "RewardTaskConfig", "build_model", "evaluate_pairs", "export_reward", "time_steps"]
