@@ -148,13 +148,14 @@ def main() -> int:
     p.add_argument("--graphs", action="store_true", help="every row again with CUDA graphs (a GPU only)")
     p.add_argument("--one-step", action="store_true",
                    help="only the 1-step session rows (bf16, FP8) beside the full 2-step row, with CUDA graphs")
+    p.add_argument("--only", nargs="+", default=None, metavar="ROW", help="with --one-step: these of its rows")
     args = p.parse_args()
     if args.model == "tiny":  # the tiny preset's one double block leaves no middle block to reuse: no reuse row
         serving = fl.serving_config({"model": "tiny", "dtype": "float32", "compile": {"backend": "eager"}})
     else:
         serving = fl.serving_config()
     if args.one_step:
-        configs = one_step_configs(serving, args.size)
+        configs = {n: c for n, c in one_step_configs(serving, args.size).items() if not args.only or n in args.only}
     else:
         configs = {n: (c, args.steps) for n, c in row_configs(serving, args.size, with_reuse=args.model != "tiny",
                                                              graphs=args.graphs).items()}
