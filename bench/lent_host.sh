@@ -30,7 +30,8 @@
 # (deepspeed imports it; Ray's bundle brought it): .dswhl = deepspeed-0.19.8.tar.gz, hjson, pydantic 2.14.4,
 # pydantic-core 2.50.5 (cp312), annotated-types, typing-inspection, typing-extensions (4.9 MB; pip download).
 # retrain's knobs (the GPU-only ones overridable for a CPU dry run): RETRAIN_STEPS (2800: ~240 s at ~12 steps/s),
-# RETRAIN_N (120000 world-2 examples, ~40 s on 12 workers), RETRAIN_EVAL_N (2200), RETRAIN_WORKERS (12),
+# RETRAIN_TRAIN_S (270: the steps' time budget; a slower GPU gets fewer steps, fitted at the end of the warmup),
+# RETRAIN_N (80000 world-2 examples, ~45 s on 12 workers), RETRAIN_EVAL_N (2200), RETRAIN_WORKERS (12),
 # RETRAIN_DEVICE (cuda), RETRAIN_GPU (true: scaling.use_gpu), RETRAIN_LIMIT (330 held-out examples scored),
 # RETRAIN_CASES (8 toy scenes per checked instruction), RETRAIN_PHOTOS (eval_edit's default photos), RETRAIN_SET
 # (extra --set overrides), RETRAIN_DIR (/tmp/retrain), RUN (/tmp/repo: the snapshot setup makes).
@@ -237,7 +238,7 @@ retrain)
   echo "== retrain $(date -u +%T): $steps steps from models/toy-editor on $device" | tee -a "$log"
   t0=$SECONDS
   timeout "${RETRAIN_DATA_TIMEOUT:-150}" python3 -m jobs.make_toy_data --out "$R/toy" --world 2 --seed 0 \
-    --n "${RETRAIN_N:-120000}" --eval-n "${RETRAIN_EVAL_N:-2200}" --workers "${RETRAIN_WORKERS:-12}" \
+    --n "${RETRAIN_N:-80000}" --eval-n "${RETRAIN_EVAL_N:-2200}" --workers "${RETRAIN_WORKERS:-12}" \
     >"$LANES/retrain/data.log" 2>&1
   echo "data ($((SECONDS - t0)) s): $(tail -1 "$LANES/retrain/data.log")" | tee -a "$log"
   # The committed model's scores, on the GPU beside the training (a 22M model leaves most of it idle).
@@ -250,10 +251,11 @@ retrain)
   timeout "${RETRAIN_TRAIN_TIMEOUT:-480}" python3 -m jobs.train_teacher --config jobs/configs/toy_teacher_finetune.yaml \
     --local --set task.data_dir="$R/toy" --set task.init_from=models/toy-editor --set run.storage_path="$R/runs" \
     --set run.output_dir="$R/teacher" --set run.max_steps="$steps" --set scaling.use_gpu="${RETRAIN_GPU:-true}" \
-    "${extra[@]}" >"$LANES/retrain/train.log" 2>&1
+    --max-train-s "${RETRAIN_TRAIN_S:-270}" "${extra[@]}" >"$LANES/retrain/train.log" 2>&1
   rc=$?
   set -e
-  grep -E "latent cache .*(100%|exists)|step [0-9]+/|Error|error" "$LANES/retrain/train.log" | tail -n 8 >>"$log" || true
+  grep -E "latent cache .*(100%|exists)|run.max_steps|step [0-9]+/|Error|error" "$LANES/retrain/train.log" |
+    tail -n 10 >>"$log" || true
   echo "train (rc $rc, $((SECONDS - t0)) s): $(tail -1 "$LANES/retrain/train.log" | cut -c1-400)" | tee -a "$log"
   wait "$old" && echo "eval old: done" | tee -a "$log" || echo "eval old: failed, $(tail -3 "$LANES/retrain/eval-old.log")" | tee -a "$log"
   [ "$rc" = 0 ] || exit "$rc"

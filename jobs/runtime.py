@@ -254,11 +254,21 @@ def local_worker_context(config: JobConfig) -> WorkerContext:
 LOCAL_CHECKPOINT = "local-checkpoint"
 
 
-def run_local(config: JobConfig, task: str) -> dict[str, Any]:
+def fit_steps(max_steps: int, done: int, elapsed_s: float, step_s: float, budget_s: float) -> int:
+    """The step count that ends a run near `budget_s` seconds of training, `done` steps in after `elapsed_s`, at
+    `step_s` a step: never more than max_steps, never fewer than done + 1."""
+    return max(done + 1, min(max_steps, done + int((budget_s - elapsed_s) / max(step_s, 1e-9))))
+
+
+def run_local(config: JobConfig, task: str, max_train_s: float | None = None) -> dict[str, Any]:
     """A job's task on one process without Ray (a job's --local): single-process DeepSpeed on one device, the
     worker loop's steps, seeds, metrics and export (run.output_path()/export), a checkpoint every
     run.checkpoint_every steps in run.output_path()/local-checkpoint (the layout of a Ray checkpoint: one DeepSpeed
-    tag per model, the step and task state), resumed from there when a rerun finds one."""
+    tag per model, the step and task state), resumed from there when a rerun finds one.
+
+    `max_train_s`: a time budget for the steps. At the end of the warmup (at least 20 steps in), run.max_steps is
+    lowered, if need be, to the steps that fit the budget at the speed measured so far; the lr schedule after the
+    warmup then follows the new count, and the export's config says it."""
     config.validate()
     ctx = local_worker_context(config)
     device, run = ctx.device, config.run
@@ -285,7 +295,9 @@ def run_local(config: JobConfig, task: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     elapsed_before = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     export = None
-    for step in range(start, run.max_steps):
+    fit_at = max(20, *(m.optimizer.warmup_steps for m in trainables)) if max_train_s else None
+    step = start
+    while step < run.max_steps:
         t0 = time.perf_counter()
         lrs = {m.name: m.set_lr(step, run.max_steps) for m in trainables}
         updates_before = [m.engine.global_steps for m in trainables]
@@ -296,9 +308,18 @@ def run_local(config: JobConfig, task: str) -> dict[str, Any]:
         norms = {m.name: m.grad_norm() if m.engine.global_steps > before else math.nan
                  for m, before in zip(trainables, updates_before)}
         done = step + 1
+        step = done
         row = metrics_row(done, values, lrs, norms, run.batch_size * accum / dt, dt,
                           elapsed_before + time.perf_counter() - t_start, start)
         log.append(row)
+        if fit_at is not None and done - start == fit_at:
+            recent = [r["step_time_s"] for r in log.rows[-(fit_at // 2):]]  # past the first steps' warm-up
+            fitted = fit_steps(run.max_steps, done, time.perf_counter() - t_start, sum(recent) / len(recent),
+                               max_train_s)
+            if fitted < run.max_steps:
+                logger.info("run.max_steps %d -> %d: %.1f ms a step fits %.0f s of training", run.max_steps, fitted,
+                            1000 * sum(recent) / len(recent), max_train_s)
+                run.max_steps = fitted
         final = done == run.max_steps
         if final or done % run.checkpoint_every == 0:
             for folder in (MODELS_DIR, STATE_DIR):

@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--local", action="store_true")
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--max-train-s", type=float, default=None,
+                        help="time budget of the steps: run.max_steps is lowered at the end of the warmup to fit it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None):
         prepare(config, local=True)
     except ConfigError as exc:
         raise SystemExit(f"ConfigError: {exc}") from None
-    result = runtime.run_local(config, TASK)
+    result = runtime.run_local(config, TASK, max_train_s=args.max_train_s)
     print(json.dumps(result))
     return result
 

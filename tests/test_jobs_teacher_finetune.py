@@ -119,3 +119,14 @@ def test_local_fine_tune_starts_from_the_folder_and_exports(tmp_path, toy_data, 
         report["drawn"]["filled red circle"])
     assert sum(t["n"] for f in report["by_template"].values() for t in f.values()) == 6
     assert 0 <= report["instruction_checks"]["accuracy"] <= 1 and "all_right" in report["instruction_checks"]
+
+
+def test_local_time_budget_lowers_max_steps_after_the_warmup(tmp_path, toy_data, taef2_weights, init_folder,
+                                                             one_thread):
+    assert runtime.fit_steps(1000, 20, 2.0, 0.1, 12.0) == 120
+    assert runtime.fit_steps(100, 20, 2.0, 0.1, 60.0) == 100 and runtime.fit_steps(100, 20, 9.0, 0.1, 5.0) == 21
+    config = _config(tmp_path, toy_data, taef2_weights, init_folder, "run.max_steps=40", "run.checkpoint_every=100")
+    train_teacher.prepare(config, local=True)
+    result = runtime.run_local(config, train_teacher.TASK, max_train_s=1e-3)  # fits nothing past step 20
+    assert result["steps"] == 21 and config.run.max_steps == 21
+    assert json.loads((tmp_path / "out" / "export" / "training_config.json").read_text())["run"]["max_steps"] == 21
