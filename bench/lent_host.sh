@@ -18,8 +18,11 @@
 #                                         # fine-tuned (train_teacher --local, RETRAIN_STEPS), eval_edit of the old
 #                                         # model (beside the training) and of the new one; logs into $OUT
 #   bash bench/lent_host.sh retrain-pack  # the new export as xz tar parts of 15 MiB + the lane's files into $OUT
-#     one call: carry [".whl", ".device", ".toyxz", ".dswhl"], models/ slimmed out (SLIM=models), command
+#     one call: carry [".whl", ".device", ".toyxz", ".dswhl"], models/ slimmed out, command
 #     `bash bench/lent_host.sh setup && bash bench/lent_host.sh retrain && bash bench/lent_host.sh retrain-pack`;
+#     staged here by `bash bench/stage_device.sh stage && bash bench/stage_device.sh toy-pack && bash
+#     bench/stage_device.sh slim && CARRY=".whl .device .toyxz .dswhl" bash bench/stage_device.sh size` (52.3 MiB
+#     travelled, 11.7 MiB spare, 2026-12-02) and .dswhl as below;
 #     back here: mkdir -p models/toy-editor-new && cat FILES_AT/toy-editor-new.tar.xz.* | xz -d |
 #     tar -x -C models/toy-editor-new (then compare eval-old.json / eval-new.json before replacing the model)
 # train's knobs: TRAIN_GPUS (0,1), SCALING (1: measure 1 vs 2 workers first), TRAIN_STEPS (else sized to TRAIN_S
@@ -28,7 +31,10 @@
 # all built by `bash bench/stage_device.sh stage` (it prints the carry list and what travels); .dswhl (deepspeed
 # sdist, hjson, einops, py-cpuinfo) only for the training lane; a call without .raygpu also needs pydantic there
 # (deepspeed imports it; Ray's bundle brought it): .dswhl = deepspeed-0.19.8.tar.gz, hjson, pydantic 2.14.4,
-# pydantic-core 2.50.5 (cp312), annotated-types, typing-inspection, typing-extensions (4.9 MB; pip download).
+# pydantic-core 2.50.5 (cp312), annotated-types, typing-inspection, typing-extensions (4,908,083 B), made by
+#   pip download --no-deps --no-binary=:all: deepspeed==0.19.8 -d .dswhl && pip download --no-deps
+#   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .dswhl
+#   hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions
 # retrain's knobs (the GPU-only ones overridable for a CPU dry run): RETRAIN_STEPS (2800: ~240 s at ~12 steps/s),
 # RETRAIN_TRAIN_S (270: the steps' time budget; a slower GPU gets fewer steps, fitted at the end of the warmup),
 # RETRAIN_N (80000 world-2 examples, ~45 s on 12 workers), RETRAIN_EVAL_N (2200), RETRAIN_WORKERS (12),
