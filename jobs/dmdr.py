@@ -6,9 +6,9 @@ two-time-scale update (rtedit.train.dmdr.train_one_step): a fake-score update ev
 every task.fake_updates_per_generator-th, the reward term (task.reward_model) after its cold start. The last step
 exports a served folder whose rtedit.json names the generator's steps and causal mode (rtedit.train.tasks.dmdr).
 
-`--local` runs the same task in this process with single-process DeepSpeed and no Ray: the runtime's step loop,
-metrics columns, checkpoint layout (one DeepSpeed tag per model, the step and task state) and export, written under
-run.output_path(); rerunning it resumes from its last checkpoint.
+`--local` runs the same task in this process with single-process DeepSpeed and no Ray (jobs.runtime.run_local, as
+jobs.train_teacher --local): the runtime's step loop, metrics columns, checkpoint layout (one DeepSpeed tag per model,
+the step and task state) and export, written under run.output_path(); rerunning it resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +28,6 @@ from rtedit.config_parsing import to_dict
 from rtedit.errors import ConfigError
 from rtedit.train.config import JobConfig, load_job_config
 from rtedit.train.dmdr import is_generator_turn, reward_active, train_one_step
-from rtedit.train.runtime import (MetricsLog, build_engines, export_models, mean_over_workers, metrics_row,
-                                  model_specs, progress_line, train_step_of)
 from rtedit.train.tasks.distill import cache_config, load_distill_cache
 from rtedit.train.tasks.dmdr import (DMDRTaskConfig, LatentDecoder, PickingBatcher, batch_reward_fn, build_fake_score,
                                      build_generator, conditions, euler_sample, export_generator, generator_timesteps,
@@ -40,7 +35,7 @@ from rtedit.train.tasks.dmdr import (DMDRTaskConfig, LatentDecoder, PickingBatch
 
 logger = logging.getLogger("jobs.dmdr")
 TASK = "jobs.dmdr:build_task"
-LOCAL_CHECKPOINT = "local-checkpoint"
+LOCAL_CHECKPOINT = runtime.LOCAL_CHECKPOINT
 
 
 def _update(engine):
@@ -139,67 +134,11 @@ def prepare(config: JobConfig) -> None:
     distill.prepare(config, DMDRTaskConfig, (*distill.PATH_KEYS, "generator", "reward_model"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# --local: the runtime's loop on one process
-
-
 def local(config: JobConfig) -> dict[str, Any]:
-    """run.max_steps steps of the task in this process (single-process DeepSpeed, no Ray), checkpointed every
-    run.checkpoint_every steps under run.output_path(); resumes from that checkpoint when there is one."""
-    config.validate()
-    ctx = runtime.local_worker_context(config)
-    device, run = ctx.device, config.run
-    task = build_task(ctx)
-    specs = model_specs(task)
-    engines, trainables = build_engines(specs, config, device, ctx.dtype)
-    train_step = train_step_of(task, specs, config.deepspeed.grad_accum_steps)
-    out = run.output_path()
-    checkpoint = out / LOCAL_CHECKPOINT
-    start, log = 0, MetricsLog()
-    if (checkpoint / runtime.STATE_DIR / "rank-0.pt").is_file():
-        for model in trainables:
-            loaded, _ = model.engine.load_checkpoint(checkpoint / runtime.MODELS_DIR, tag=model.name)
-            if loaded is None:
-                raise RuntimeError(f"checkpoint {checkpoint} holds no state of model {model.name!r}")
-        state = torch.load(checkpoint / runtime.STATE_DIR / "rank-0.pt", weights_only=False)
-        start = int(state["step"])
-        task.load_state_dict(state["task"])
-        log = MetricsLog.read_csv(checkpoint / runtime.METRICS_CSV).upto(start)
-        logger.info("resumed from %s at step %d", checkpoint, start)
-    t_start = time.perf_counter()
-    elapsed_before = log.rows[-1]["elapsed_s"] if log.rows else 0.0
-    export = None
-    for step in range(start, run.max_steps):
-        t0 = time.perf_counter()
-        lrs = {m.name: m.set_lr(step, run.max_steps) for m in trainables}
-        updates_before = [m.engine.global_steps for m in trainables]
-        values = mean_over_workers(train_step(engines, step), device)
-        dt = time.perf_counter() - t0
-        norms = {m.name: m.grad_norm() if m.engine.global_steps > before else math.nan
-                 for m, before in zip(trainables, updates_before)}
-        done = step + 1
-        row = metrics_row(done, values, lrs, norms, run.batch_size / dt, dt,
-                          elapsed_before + time.perf_counter() - t_start, start)
-        log.append(row)
-        final = done == run.max_steps
-        if final or done % run.checkpoint_every == 0:
-            for folder in (runtime.MODELS_DIR, runtime.STATE_DIR):
-                (checkpoint / folder).mkdir(parents=True, exist_ok=True)
-            for model in trainables:
-                model.engine.save_checkpoint(checkpoint / runtime.MODELS_DIR, tag=model.name,
-                                             client_state={"step": done}, save_latest=False)
-            torch.save({"step": done, "task": task.state_dict()}, checkpoint / runtime.STATE_DIR / "rank-0.pt")
-            log.write_csv(checkpoint / runtime.METRICS_CSV)
-        if final:
-            export = out / runtime.EXPORT_DIR
-            shutil.rmtree(export, ignore_errors=True)  # an earlier, shorter run's export
-            export_models(task, engines, trainables, 0, export)
-        if final or done % run.log_every == 0 or done == start + 1:
-            logger.info("%s", progress_line(row, run.max_steps))
-    csv_path = log.write_csv(out / runtime.METRICS_CSV)
-    png_path = log.plot(out / "metrics.png", title=f"{run.name}: {len(log.rows)} steps")
-    return {"run": run.name, "start": start, "steps": len(log.rows), "metrics_csv": str(csv_path),
-            "metrics_png": str(png_path), "export": str(export) if export else None}
+    """run.max_steps steps of the task in this process (jobs.runtime.run_local: single-process DeepSpeed, no Ray),
+    checkpointed every run.checkpoint_every steps under run.output_path(); resumes from that checkpoint when there is
+    one (every model, its optimizer and the task's update counters)."""
+    return runtime.run_local(config, TASK)
 
 
 def main(argv: list[str] | None = None) -> Any:
