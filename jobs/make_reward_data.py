@@ -85,7 +85,13 @@ def split_pairs(n: int, seed: int, split: str, mix: PairMix, teacher: list, work
     jobs = [(seed, split, lo, min(n, lo + chunk), mix, teacher[lo:lo + chunk]) for lo in range(0, n, chunk)]
     if workers <= 1 or len(jobs) == 1:
         return [row for job in jobs for row in _pairs_of(job)]
-    with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+    import multiprocessing
+
+    import torch
+
+    # A teacher that ran on a GPU initialised CUDA in this process: its workers start fresh rather than fork it.
+    context = multiprocessing.get_context("spawn") if torch.cuda.is_initialized() else None
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
         return [row for part in pool.map(_pairs_of, jobs) for row in part]
 
 

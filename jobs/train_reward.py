@@ -8,7 +8,7 @@ candidate. The last step exports a folder EditReward.from_pretrained loads.
 
 `--local` runs the same task and model builder in this process with single-process DeepSpeed and no Ray (the
 Ray bundle and a 9B model's code need not share one carry), times `run.max_steps` steps and prints peak GPU and
-host memory and samples per second as JSON (`--max-seconds S` sizes the run to S seconds of steps, `--export DIR`
+host memory and samples per second as JSON (`--max-seconds S` ends the steps S seconds after the start, `--export DIR`
 saves the model); `task.offload_optimizer` (optimizer state in host memory) is honoured
 there, since the shared runtime's engines take no per-model DeepSpeed settings beyond the ZeRO stage.
 """
@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -32,6 +33,7 @@ from rtedit.train.runtime import Trainable, build_optimizer, deepspeed_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logger = logging.getLogger("jobs.train_reward")
+STARTED = time.perf_counter()  # --max-seconds counts from here: reading the pairs and building the model count
 TASK = "jobs.train_reward:build_task"
 MODEL = "reward"
 
@@ -64,7 +66,10 @@ def prepare(config: JobConfig) -> None:
 
 
 def local(config: JobConfig, export: Path | None = None, max_seconds: float = 0.0) -> dict:
-    """The task on one process, single-process DeepSpeed (no Ray): time run.max_steps steps; optionally export."""
+    """The task on one process, single-process DeepSpeed (no Ray): time run.max_steps steps; optionally export.
+
+    max_seconds > 0: the steps end that many seconds after this module was imported (reading the pairs and
+    building the model count too), run.max_steps cut to what fits once the first steps are timed."""
     import deepspeed
 
     ctx = runtime.local_worker_context(config)
@@ -87,8 +92,8 @@ def local(config: JobConfig, export: Path | None = None, max_seconds: float = 0.
         return original(engines, step)
 
     task.train_step = step_with_lr
-    result = time_steps(task, engine, config.run.max_steps, device, budget_s=max_seconds,
-                        log_every=config.run.log_every)
+    budget = max(1.0, max_seconds - (time.perf_counter() - STARTED)) if max_seconds > 0 else 0.0
+    result = time_steps(task, engine, config.run.max_steps, device, budget_s=budget, log_every=config.run.log_every)
     result.update({"parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                      for p in task.model.parameters()),
                    "trainable_parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -118,8 +123,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--export", type=Path, default=None, help="save the trained model here")
     parser.add_argument("--json", type=Path, default=None, help="also write the timing JSON here")
     parser.add_argument("--max-seconds", type=float, default=0.0,
-                        help="cut run.max_steps to what fits this many seconds of steps, measured on the first "
-                             "few (the lr schedule follows the cut)")
+                        help="end the steps this many seconds after the start (data and model build included): "
+                             "run.max_steps cut to what fits, timed on the first steps (the lr schedule follows)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_job_config(args.config, args.set)
