@@ -3,8 +3,10 @@
 A frozen full-attention teacher is the real score; the generator (a causal student folder, or the teacher's weights
 in task.mode) and the fake score (a copy of the teacher) are one DeepSpeed engine each. One job step is DMD2's
 two-time-scale update (rtedit.train.dmdr.train_one_step): a fake-score update every step, a generator update on
-every task.fake_updates_per_generator-th, the reward term (task.reward_model) after its cold start. The last step
-exports a served folder whose rtedit.json names the generator's steps and causal mode (rtedit.train.tasks.dmdr).
+every task.fake_updates_per_generator-th, the reward term (task.reward_model) after its cold start, and, with
+task.gan_discriminator_weight > 0, DMD2's GAN head (a third trainable model, `gan_head`, updated inside the fake
+score's turn; the generator's GAN term weighted by task.gan_generator_weight). The last step exports a served
+folder whose rtedit.json names the generator's steps and causal mode (rtedit.train.tasks.dmdr).
 
 `--local` runs the same task in this process with single-process DeepSpeed and no Ray (jobs.runtime.run_local, as
 jobs.train_teacher --local): the runtime's step loop, metrics columns, checkpoint layout (one DeepSpeed tag per model,
@@ -27,11 +29,12 @@ from jobs.runtime import ModelSpec, WorkerContext
 from rtedit.config_parsing import to_dict
 from rtedit.errors import ConfigError
 from rtedit.train.config import JobConfig, load_job_config
-from rtedit.train.dmdr import is_generator_turn, reward_active, train_one_step
+from rtedit.train.dmdr import GAN, gan_active, is_generator_turn, reward_active, train_one_step
 from rtedit.train.tasks.distill import cache_config, load_distill_cache
 from rtedit.train.tasks.dmdr import (DMDRTaskConfig, LatentDecoder, PickingBatcher, batch_reward_fn, build_fake_score,
-                                     build_generator, conditions, euler_sample, export_generator, generator_timesteps,
-                                     load_reward_model, load_teacher, reward_win_rate, served_sigmas, VelocityModel)
+                                     build_gan_head, build_generator, conditions, euler_sample, exact_targets,
+                                     export_generator, generator_timesteps, load_reward_model, load_teacher,
+                                     reward_win_rate, served_sigmas, VelocityModel)
 
 logger = logging.getLogger("jobs.dmdr")
 TASK = "jobs.dmdr:build_task"
@@ -47,8 +50,8 @@ def _update(engine):
 
 
 class DMDRTask:
-    """The generator and fake score (trainable), the teacher and optional reward model (frozen), one two-time-scale
-    update per job step."""
+    """The generator, fake score and optional GAN head (trainable), the teacher and optional reward model (frozen),
+    one two-time-scale update per job step."""
 
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
@@ -65,19 +68,24 @@ class DMDRTask:
         self.generator = build_generator(teacher, cfg).place(ctx.device, ctx.dtype)
         self.fake_score = build_fake_score(teacher).place(ctx.device, ctx.dtype)
         self.teacher = VelocityModel(teacher).place(ctx.device, ctx.dtype)
+        self.gan_head = build_gan_head(teacher, cfg) if gan_active(self.dmdr) else None
         self.reward = self.decode = None
+        self.baseline_sigmas = served_sigmas(cfg.baseline_steps, height * width)
         if cfg.reward_model:
             self.reward = load_reward_model(cfg.reward_model, ctx.device)
             self.decode = LatentDecoder(cfg.taef2_dir, height, width, ctx.device)
-            self.baseline_sigmas = served_sigmas(cfg.baseline_steps, height * width)
         self.updates = {"generator": 0, "fake_score": 0}
-        logger.info("rank %d: %d examples, %d-step %s generator at %s, ratio %d, reward %s", ctx.rank,
+        logger.info("rank %d: %d examples, %d-step %s generator at %s, ratio %d, reward %s, GAN head %s", ctx.rank,
                     len(self.cache["families"]), cfg.steps, self.generator.mode, self.dmdr.generator_timesteps,
-                    self.dmdr.fake_updates_per_generator, cfg.reward_model or "off")
+                    self.dmdr.fake_updates_per_generator, cfg.reward_model or "off",
+                    f"on ({cfg.gan_real} real, weights {cfg.gan_discriminator_weight} / {cfg.gan_generator_weight})"
+                    if self.gan_head is not None else "off")
 
     def models(self) -> dict[str, ModelSpec]:
         specs = {"generator": ModelSpec(self.generator), "fake_score": ModelSpec(self.fake_score),
                  "teacher": ModelSpec(self.teacher, trainable=False)}
+        if self.gan_head is not None:
+            specs["gan_head"] = ModelSpec(self.gan_head)
         if self.reward is not None:
             specs["reward"] = ModelSpec(self.reward, trainable=False)
         return specs
@@ -97,9 +105,18 @@ class DMDRTask:
             reward_fn = batch_reward_fn(engines["reward"], self.decode, self.cache, pick)
             if reward_active(self.dmdr, step):
                 baseline = euler_sample(engines["teacher"], noise, cond, self.baseline_sigmas.to(device))
+        gan = real = None
+        if self.gan_head is not None:
+            # The plain modules, not the engines: DeepSpeed hooks an engine's forward outputs so that any backward
+            # through them runs that engine's backward epilogue, and the GAN terms backpropagate through the fake
+            # score and the head outside their engines' backward (into the generator's sample, the head's leaves).
+            fake_score, head = engines["fake_score"].module, engines["gan_head"].module
+            gan = GAN(lambda x_t, t, c: fake_score(x_t, t, c, features=True), head, _update(engines["gan_head"]))
+            real = (exact_targets(self.cache, pick, device) if self.cfg.gan_real == "target" else
+                    euler_sample(engines["teacher"], noise, cond, self.baseline_sigmas.to(device)))
         logs = train_one_step(step, engines["generator"], engines["teacher"], engines["fake_score"], noise, cond,
                               self.dmdr, _update(engines["generator"]), _update(engines["fake_score"]), rng,
-                              reward_fn, baseline)
+                              reward_fn, baseline, gan, real)
         self.updates["fake_score"] += 1
         if generator_turn:
             self.updates["generator"] += 1

@@ -1,6 +1,7 @@
 """The DMDR job: config errors, and one tiny end-to-end run in `--local` mode (no Ray) of the two-time-scale update
 on a tiny teacher folder: loss columns, both trained models moved, resume continues the step and update counters,
-and the export serves exactly its steps in its causal mode; the same job once through Ray Train."""
+and the export serves exactly its steps in its causal mode; the GAN head as a third trained model (its terms in the
+CSV, resumed bit-identically); the same job once through Ray Train."""
 
 import json
 import os
@@ -56,6 +57,11 @@ def tiny_teacher(tmp_path_factory, toy_data):
     ("task.reward_cold_start=-1", "task.reward_cold_start"),
     ("task.baseline_steps=0", "task.baseline_steps"),
     ("task.renoise=gaussian", "task.renoise"),
+    ("task.gan_generator_weight=0.005", "task.gan_generator_weight must be 0 while gan_discriminator_weight is 0"),
+    ("task.gan_discriminator_weight=-0.01", "task.gan_discriminator_weight"),
+    ("task.gan_t_max=2", "task.gan_t_min/gan_t_max"),
+    ("task.gan_head_hidden=0", "task.gan_head_hidden"),
+    ("task.gan_real=noise", "task.gan_real"),
 ])
 def test_config_errors_name_the_field(override, match):
     config = load_job_config(CONFIG, [override])
@@ -116,9 +122,11 @@ def test_local_run_trains_both_models_resumes_and_exports_a_served_folder(tmp_pa
     assert [r["updates/generator"] for r in rows] == [1, 1, 1, 1, 1, 2]  # the counters came through the resume
     assert [r["updates/fake_score"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] == r["loss/fake"] for r in rows)
+    assert not any("gan" in column for column in MetricsLog.read_csv(result["metrics_csv"]).columns)  # off by default
 
     original = _weights(task.load_teacher(tiny_teacher).state_dict())
     models = tmp_path / "run" / dmdr.LOCAL_CHECKPOINT / runtime.MODELS_DIR
+    assert sorted(p.name for p in models.iterdir() if p.is_dir()) == ["fake_score", "generator"]
     fake = _weights(torch.load(models / "fake_score" / "mp_rank_00_model_states.pt", weights_only=False)["module"],
                     "transformer.")
     assert fake.keys() == original.keys() and any(not torch.equal(fake[k], v) for k, v in original.items())
@@ -149,6 +157,55 @@ def test_local_run_trains_both_models_resumes_and_exports_a_served_folder(tmp_pa
         assert all(torch.equal(resumed_state[k], v) for k, v in straight_state.items()), name
     straight_rows = MetricsLog.read_csv(straight["metrics_csv"]).rows
     assert [r["loss/fake"] for r in straight_rows] == [r["loss/fake"] for r in rows]
+
+
+def _states(run, name: str) -> dict[str, torch.Tensor]:
+    return torch.load(run / dmdr.LOCAL_CHECKPOINT / runtime.MODELS_DIR / name / "mp_rank_00_model_states.pt",
+                      weights_only=False)["module"]
+
+
+def test_gan_head_trains_as_a_third_model_and_resumes_bit_identically(tmp_path, one_thread, tiny_teacher, toy_data,
+                                                                       taef2_weights):
+    def config(max_steps: int, run: str, *extra: str):
+        return load_job_config(CONFIG, [
+            f"run.output_dir={tmp_path / run}", f"run.max_steps={max_steps}", "run.batch_size=2",
+            "run.checkpoint_every=3", "run.log_every=1", "optimizer.lr=0.001", "optimizer.warmup_steps=1",
+            "scaling.use_gpu=false", f"task.teacher={tiny_teacher}", f"task.data_dir={toy_data}",
+            f"task.taef2_dir={taef2_weights}", "task.encode_device=cpu", "task.mode=session", "task.steps=1",
+            "task.fake_updates_per_generator=5", "task.gan_discriminator_weight=0.01",
+            "task.gan_generator_weight=0.005", "task.gan_head_hidden=16", *extra])
+
+    first = config(3, "run")
+    dmdr.prepare(first)
+    dmdr.local(first)
+    result = dmdr.local(config(6, "run"))
+    assert result["start"] == 3
+    rows = MetricsLog.read_csv(result["metrics_csv"]).rows
+    for key in ("loss/gan_discriminator", "gan/real_prob", "gan/fake_prob", "grad_norm/gan_head", "lr/gan_head"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert [np.isfinite(r["loss/gan_generator"]) for r in rows] == [True, False, False, False, False, True]
+    for r in rows:
+        if np.isfinite(r["loss/gan_generator"]):
+            assert r["loss/generator"] == pytest.approx(r["loss/dmd"] + 0.005 * r["loss/gan_generator"], rel=1e-5)
+    assert all(0 < r["gan/real_prob"] < 1 and 0 < r["gan/fake_prob"] < 1 for r in rows)
+    # The head moved from its seeded start, and 3 + 3 steps end where 6 straight do, for all three models.
+    head_start = task.build_gan_head(task.load_teacher(tiny_teacher), task.DMDRTaskConfig(gan_head_hidden=16))
+    straight = dmdr.local(config(6, "straight"))
+    assert straight["start"] == 0
+    for name in ("gan_head", "fake_score", "generator"):
+        resumed, again = _states(tmp_path / "run", name), _states(tmp_path / "straight", name)
+        assert resumed.keys() == again.keys() and all(torch.equal(resumed[k], v) for k, v in again.items()), name
+    assert head_start.state_dict().keys() == _states(tmp_path / "run", "gan_head").keys()
+    straight_rows = MetricsLog.read_csv(straight["metrics_csv"]).rows
+    assert [r["loss/gan_discriminator"] for r in straight_rows] == [r["loss/gan_discriminator"] for r in rows]
+    assert json.loads((tmp_path / "run" / runtime.EXPORT_DIR / "rtedit.json").read_text())["steps"] == [1]
+
+    # Real samples from the teacher's edits instead of the exact targets.
+    teacher_real = config(2, "teacher-real", "task.gan_real=teacher", "task.baseline_steps=2")
+    rows = MetricsLog.read_csv(dmdr.local(teacher_real)["metrics_csv"]).rows
+    assert all(np.isfinite(r["loss/gan_discriminator"]) for r in rows)
+    assert rows[0]["loss/gan_discriminator"] != MetricsLog.read_csv(result["metrics_csv"]).rows[0][
+        "loss/gan_discriminator"]
 
 
 def test_reward_term_and_win_rate_reach_the_metrics(tmp_path, one_thread, tiny_teacher, toy_data, taef2_weights):

@@ -13,7 +13,15 @@ Every model is a callable `velocity(x_t, t, cond) -> v` of the rectified flow th
   sample by the mean |sample - real x0|, DMD2's weighting), applied as 0.5 * MSE(x, sg(x - grad)) so that
   d loss / d x = grad / numel; plus `reward_weight * reward_fn(candidate, baseline)` once `step >= reward_cold_start`;
 - two time scales: the fake score takes `fake_updates_per_generator` updates per generator update
-  (`is_generator_turn`); `train_one_step` runs one step of both as DMD2's train_one_step does.
+  (`is_generator_turn`); `train_one_step` runs one step of both as DMD2's train_one_step does;
+- optional GAN head (DMD2's `cls_on_clean_image`, off unless `gan_discriminator_weight > 0`): a small head (`GANHead`)
+  on the fake score's intermediate features of a noised sample (t ~ U[gan_t_min, gan_t_max], DMD2's diffusion GAN)
+  gives one realism logit. Inside `fake_score_step` the head and, through its features, the fake score are trained
+  with the non-saturating discriminator loss softplus(D(fake)) + softplus(-D(real)) on real samples (the exact
+  targets, or the teacher's edits) against detached generator samples, weighted by `gan_discriminator_weight`;
+  `generator_step` adds `gan_generator_weight * softplus(-D(generated))`, whose gradient reaches the generator's
+  sample only (`input_gradient_term`): every model's update sees only its own loss, one optimizer (or DeepSpeed
+  engine) each.
 
 A real-score CFG, or a LoRA fake score, lives inside the callables; nothing here knows the models' shapes.
 """
@@ -28,6 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from rtedit.train.config import section_check
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -37,6 +47,8 @@ RewardFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 RENOISE = ("fresh", "euler")
 Update = Callable[[torch.Tensor], None]
 """Backpropagates a loss and steps one model's optimizer (a DeepSpeed engine's backward + step, or `torch_update`)."""
+Features = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+"""features(x_t [B, ...], t [B], cond) -> the fake score's intermediate features [B, ...] at x_t, with grad into it."""
 
 
 @dataclass
@@ -62,6 +74,16 @@ class DMDRConfig:
     renoise: str = "fresh"
     """How a multi-step generator's x0 becomes the next step's input: "fresh" noise (DMD2's), or "euler", the
     model's own noise estimate x0 + v, which is what the served Euler sampler feeds its next step."""
+    gan_discriminator_weight: float = 0.0
+    """Weight of the GAN head's discriminator loss in the fake score's update (0: no GAN head; DMD2's
+    guidance_cls_loss_weight 1e-2). It trains the head and, through its features, the fake score."""
+    gan_generator_weight: float = 0.0
+    """Weight of the non-saturating GAN loss softplus(-D(x0)) in the generator loss (DMD2's gen_cls_loss_weight:
+    5e-3 on SDXL, 3e-3 on ImageNet, 1e-3 on SD 1.5); needs the head on."""
+    gan_t_min: float = 0.0
+    """The discriminator sees its inputs noised at t ~ U[gan_t_min, gan_t_max] (DMD2's diffusion GAN over the whole
+    schedule); gan_t_min = gan_t_max = 0 shows it the clean samples."""
+    gan_t_max: float = 1.0
 
     def validate(self) -> DMDRConfig:
         need = section_check("dmdr")
@@ -87,6 +109,17 @@ class DMDRConfig:
         need(isinstance(self.reward_cold_start, int) and self.reward_cold_start >= 0, "reward_cold_start",
              self.reward_cold_start, "an integer >= 0")
         need(self.renoise in RENOISE, "renoise", self.renoise, f"one of {list(RENOISE)}")
+        for name in ("gan_discriminator_weight", "gan_generator_weight"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value,
+                 "a finite number >= 0")
+        need(self.gan_generator_weight == 0 or self.gan_discriminator_weight > 0, "gan_generator_weight",
+             self.gan_generator_weight, "0 while gan_discriminator_weight is 0 (the GAN head would never learn: give "
+             "it a positive gan_discriminator_weight, DMD2's 1e-2)")
+        lo, hi = self.gan_t_min, self.gan_t_max
+        need(all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi)) and 0 <= lo <= hi <= 1
+             and lo < 1, "gan_t_min/gan_t_max", (lo, hi), "0 <= min <= max <= 1 with min < 1 (at t = 1 the head sees "
+             "pure noise)")
         self.generator_timesteps = tuple(float(t) for t in steps)
         return self
 
@@ -198,6 +231,72 @@ def sample(generator_model: Velocity, noise: torch.Tensor, cond: Any, timesteps:
 # The two updates
 
 
+def gan_active(cfg: DMDRConfig) -> bool:
+    """The GAN head trains (and so is built) when its discriminator loss has a positive weight."""
+    return cfg.gan_discriminator_weight > 0
+
+
+class GANHead(nn.Module):
+    """DMD2's discriminator head, for token features: [B, N, D] (or [B, D]) -> one realism logit per sample.
+
+    DMD2 downsamples the UNet bottleneck with strided convolutions, GroupNorm and SiLU to one logit; over a
+    transformer's tokens (already mixed by attention) a per-token MLP, the mean over tokens and a linear layer do
+    that job. It computes in its own parameters' dtype and returns float32 logits."""
+
+    def __init__(self, dim: int, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                 nn.SiLU())
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h = self.net(features.to(self.out.weight.dtype))
+        if h.ndim > 2:
+            h = h.mean(dim=tuple(range(1, h.ndim - 1)))
+        return self.out(h).squeeze(-1).float()
+
+
+@dataclass
+class GAN:
+    """The GAN head's parts as the two steps call them: the fake score's features, the head, and the head's Update."""
+
+    features: Features
+    head: Callable[[torch.Tensor], torch.Tensor]
+    update_head: Update
+
+
+def _check_gan(cfg: DMDRConfig, gan: GAN | None) -> None:
+    if gan_active(cfg) != (gan is not None):
+        raise ValueError(f"gan_discriminator_weight is {cfg.gan_discriminator_weight} but the GAN head is "
+                         f"{'missing' if gan is None else 'given'}: build it exactly when the weight is positive")
+
+
+def gan_logits(gan: GAN, samples: torch.Tensor, cond: Any, cfg: DMDRConfig, rng: torch.Generator | None,
+               head_input: Callable[[torch.Tensor], torch.Tensor] = lambda f: f
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the head's logits [B], the features they were read from) of `samples` noised at t ~ U[gan_t_min, gan_t_max]
+    (DMD2's diffusion GAN). `head_input` maps the features before the head (a detached leaf, say)."""
+    t = uniform_t(samples.shape[0], cfg.gan_t_min, cfg.gan_t_max, rng, samples.device)
+    features = gan.features(add_noise(samples, _randn_like(samples, rng), t), t, cond)
+    return gan.head(head_input(features)), features
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The non-saturating GAN discriminator loss: softplus(D(fake)) + softplus(-D(real)) (DMD2's)."""
+    return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+
+
+def input_gradient_term(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A term whose value is loss_fn(x) and whose gradient reaches x alone, never the parameters loss_fn runs
+    (torch.autograd.grad accumulates nothing into them): the generator's GAN loss passes through the fake score and
+    the head, which their own updates train."""
+    leaf = x.detach().requires_grad_(True)
+    value = loss_fn(leaf)
+    (grad,) = torch.autograd.grad(value, leaf)
+    linear = (x.float() * grad.float()).sum()
+    return value.detach() + linear - linear.detach()
+
+
 def reward_active(cfg: DMDRConfig, step: int) -> bool:
     """The reward term counts from step `reward_cold_start` on, and only with a positive weight."""
     return cfg.reward_weight > 0 and step >= cfg.reward_cold_start
@@ -220,13 +319,15 @@ def dmd_gradient(real_score: Velocity, fake_score: Velocity, x0: torch.Tensor, c
 
 def generator_step(generator_model: Velocity, real_score: Velocity, fake_score: Velocity, noise: torch.Tensor,
                    cond: Any, cfg: DMDRConfig, step: int, rng: torch.Generator | None = None,
-                   reward_fn: RewardFn | None = None, baseline: torch.Tensor | None = None
+                   reward_fn: RewardFn | None = None, baseline: torch.Tensor | None = None, gan: GAN | None = None
                    ) -> tuple[torch.Tensor, GeneratorSample, dict[str, torch.Tensor]]:
-    """The generator's loss at job step `step`: DMD plus (after the cold start) the weighted reward loss.
+    """The generator's loss at job step `step`: DMD, plus (after the cold start) the weighted reward loss, plus the
+    weighted GAN generator loss when the head is on.
 
     Returns (loss to backpropagate into the generator only, the sample it was computed on, detached logs). The scores
-    run without grad; `reward_fn` must hold its own model frozen.
+    and the GAN head take no gradient; `reward_fn` must hold its own model frozen.
     """
+    _check_gan(cfg, gan)
     # 1. The generator's x0 at a drawn step; its earlier steps ran without grad (backward simulation).
     generated = generate(generator_model, noise, cond, cfg, rng=rng, grad=True)
     x0 = generated.x0
@@ -243,19 +344,53 @@ def generator_step(generator_model: Velocity, real_score: Velocity, fake_score: 
         logs["loss/reward"] = loss_reward.detach()
     elif reward_fn is not None:
         logs["loss/reward"] = torch.zeros((), device=x0.device)
+    # 5. The GAN generator loss: the head's non-saturating loss at the noised sample, its gradient into x0 only.
+    if gan is not None and cfg.gan_generator_weight > 0:
+        loss_gan = input_gradient_term(lambda x: F.softplus(-gan_logits(gan, x, cond, cfg, rng)[0]).mean(), x0)
+        loss = loss + cfg.gan_generator_weight * loss_gan
+        logs["loss/gan_generator"] = loss_gan.detach()
     logs["generator/step_index"] = torch.tensor(float(generated.step_index))
     return loss, generated, logs
 
 
 def fake_score_step(fake_score: Velocity, samples: torch.Tensor, cond: Any, cfg: DMDRConfig,
-                    rng: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The fake score's flow-matching loss on detached generator samples: it tracks the generator's distribution."""
+                    rng: torch.Generator | None = None, gan: GAN | None = None, real: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The fake score's flow-matching loss on detached generator samples: it tracks the generator's distribution.
+
+    With the GAN head on, the head's discriminator loss on `real` against `samples` updates the head here (through
+    gan.update_head), and the returned loss also carries that loss's gradient into the fake score's features (DMD2's
+    guidance update trains the classifier's trunk too); its value, and "loss/fake", stay the flow-matching loss.
+    """
+    _check_gan(cfg, gan)
     x0 = samples.detach()
     t = uniform_t(x0.shape[0], cfg.fake_t_min, cfg.fake_t_max, rng, x0.device)
     noise = _randn_like(x0, rng)
     predicted = fake_score(add_noise(x0, noise, t), t, cond)
     loss = F.mse_loss(predicted.float(), (noise - x0).float())
-    return loss, {"loss/fake": loss.detach()}
+    logs = {"loss/fake": loss.detach()}
+    if gan is not None:
+        if real is None:
+            raise ValueError("the GAN head needs real samples (the exact targets, or the teacher's outputs)")
+        # The head reads detached copies of the features: its loss backpropagates into the head alone (its own
+        # update), and the features' gradient goes into the fake score's loss as a term worth zero.
+        leaves: list[torch.Tensor] = []
+
+        def leaf(features: torch.Tensor) -> torch.Tensor:
+            leaves.append(features.detach().requires_grad_(True))
+            return leaves[-1]
+
+        real_logits, real_features = gan_logits(gan, real.detach(), cond, cfg, rng, leaf)
+        fake_logits, fake_features = gan_logits(gan, x0, cond, cfg, rng, leaf)
+        loss_d = discriminator_loss(real_logits, fake_logits)
+        grads = torch.autograd.grad(loss_d, leaves, retain_graph=True)
+        gan.update_head(cfg.gan_discriminator_weight * loss_d)
+        trunk = sum((f.float() * g.float()).sum() for f, g in zip((real_features, fake_features), grads))
+        loss = loss + cfg.gan_discriminator_weight * (trunk - trunk.detach())
+        logs.update({"loss/gan_discriminator": loss_d.detach(),
+                     "gan/real_prob": torch.sigmoid(real_logits).mean().detach(),
+                     "gan/fake_prob": torch.sigmoid(fake_logits).mean().detach()})
+    return loss, logs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,23 +414,26 @@ def torch_update(optimizer: torch.optim.Optimizer) -> Update:
 def train_one_step(step: int, generator_model: Velocity, real_score: Velocity, fake_score: Velocity,
                    noise: torch.Tensor, cond: Any, cfg: DMDRConfig, update_generator: Update, update_fake: Update,
                    rng: torch.Generator | None = None, reward_fn: RewardFn | None = None,
-                   baseline: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """A generator turn on every ratio-th step, then a fake-score turn every step (on that turn's samples when it ran).
+                   baseline: torch.Tensor | None = None, gan: GAN | None = None,
+                   real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A generator turn on every ratio-th step, then a fake-score turn every step (on that turn's samples when it ran;
+    with the GAN head on, the head's update is inside it, on `real` against those samples).
 
-    The fake score's grads from the generator turn are none (it ran under no_grad), so its update sees only its own
-    loss; the generator's update sees only the generator loss, as its samples are detached for the fake score.
+    The fake score's grads from the generator turn are none (it ran under no_grad; the GAN term's gradient reaches
+    the sample only), so its update sees only its own loss; the generator's update sees only the generator loss, as
+    its samples are detached for the fake score.
     """
     logs: dict[str, torch.Tensor] = {}
     samples = None
     if is_generator_turn(cfg, step):
         loss, generated, gen_logs = generator_step(generator_model, real_score, fake_score, noise, cond, cfg, step,
-                                                   rng, reward_fn, baseline)
+                                                   rng, reward_fn, baseline, gan)
         update_generator(loss)
         logs.update(gen_logs, **{"loss/generator": loss.detach()})
         samples = generated.x0.detach()
     if samples is None:
         samples = generate(generator_model, noise, cond, cfg, rng=rng, grad=False).x0
-    loss_fake, fake_logs = fake_score_step(fake_score, samples, cond, cfg, rng)
+    loss_fake, fake_logs = fake_score_step(fake_score, samples, cond, cfg, rng, gan, real)
     update_fake(loss_fake)
     logs.update(fake_logs)
     return logs
@@ -316,6 +454,7 @@ def edit_reward_fn(reward_model, sources: torch.Tensor, instructions: Sequence[s
     return reward_fn
 
 
-__all__ = ["DMDRConfig", "GeneratorSample", "Update", "Velocity", "RewardFn", "add_noise", "backward_simulation",
-           "dmd_gradient", "draw_step_index", "edit_reward_fn", "fake_score_step", "generate", "generator_step",
+__all__ = ["DMDRConfig", "Features", "GAN", "GANHead", "GeneratorSample", "Update", "Velocity", "RewardFn", "add_noise",
+           "backward_simulation", "discriminator_loss", "dmd_gradient", "draw_step_index", "edit_reward_fn",
+           "fake_score_step", "gan_active", "gan_logits", "generate", "generator_step", "input_gradient_term",
            "is_generator_turn", "predict_x0", "reward_active", "sample", "torch_update", "train_one_step"]

@@ -10,6 +10,9 @@
   as distill's velocity_pass does: the data are the teacher's own latent cache, the clean targets unused;
 - reward (optional, off unless `reward_model` is set): edit_reward_fn with the reward folder's EditReward, the
   candidates decoded through TAEF2, against the teacher's `baseline_steps`-step edit of the same input;
+- GAN head (optional, off unless `gan_discriminator_weight > 0`): rtedit.train.dmdr's GANHead on the fake score's
+  last hidden states of X's tokens (`VelocityModel(..., features=True)`: the input of the transformer's norm_out),
+  real samples the batch's exact targets (`gan_real: target`) or the teacher's `baseline_steps`-step edits;
 - export: the teacher's folder with the generator's transformer and an rtedit.json naming its steps (other step
   counts are refused when served) and its causal mode.
 """
@@ -27,7 +30,7 @@ import torch
 
 from rtedit.errors import ConfigError
 from rtedit.train.config import section_check
-from rtedit.train.dmdr import DMDRConfig, RewardFn, edit_reward_fn
+from rtedit.train.dmdr import DMDRConfig, GANHead, RewardFn, edit_reward_fn
 from rtedit.train.tasks.distill import export_student, load_teacher, student_layout, velocity_pass
 from rtedit.train.tasks.teacher import FlowBatcher, sampler_sigmas
 
@@ -63,7 +66,20 @@ class DMDRTaskConfig:
     reward_weight: float = 0.0
     reward_cold_start: int = 2000
     baseline_steps: int = 4
-    """Steps of the teacher's edit that the reward compares the generator's against."""
+    """Steps of the teacher's edit that the reward compares the generator's against (and, with gan_real: teacher,
+    the GAN head's real samples)."""
+    gan_discriminator_weight: float = 0.0
+    """> 0 builds the GAN head (one more trainable model, `gan_head`) and trains it in the fake score's update with
+    this weight (DMD2's 1e-2); 0: no GAN head."""
+    gan_generator_weight: float = 0.0
+    """The generator's GAN loss weight (DMD2's 5e-3 on SDXL); needs gan_discriminator_weight > 0."""
+    gan_t_min: float = 0.0
+    gan_t_max: float = 1.0
+    """The head's inputs are noised at t ~ U[gan_t_min, gan_t_max] (DMD2's diffusion GAN)."""
+    gan_head_hidden: int = 128
+    """The head's hidden width (its input is the transformer's inner width)."""
+    gan_real: typing.Literal["target", "teacher"] = "target"
+    """The head's real samples: the batch's exact targets (the cache's), or the teacher's baseline_steps-step edits."""
     data_dir: str = "data/toy"
     cache_dir: str | None = None
     taef2_dir: str | None = None
@@ -93,6 +109,9 @@ class DMDRTaskConfig:
         need(isinstance(self.baseline_steps, int) and self.baseline_steps >= 1, "baseline_steps", self.baseline_steps,
              "an integer >= 1")
         need(self.encode_batch >= 1, "encode_batch", self.encode_batch, ">= 1")
+        need(isinstance(self.gan_head_hidden, int) and self.gan_head_hidden >= 1, "gan_head_hidden",
+             self.gan_head_hidden, "an integer >= 1")
+        need(self.gan_real in ("target", "teacher"), "gan_real", self.gan_real, "target or teacher")
         if self.reward_weight > 0 and not self.reward_model:
             raise ConfigError(f"task.reward_weight is {self.reward_weight} but task.reward_model is not set: name an "
                               "EditReward folder (jobs.train_reward's export), or set the weight to 0")
@@ -107,7 +126,10 @@ class DMDRTaskConfig:
             return DMDRConfig(generator_timesteps=timesteps, fake_updates_per_generator=self.fake_updates_per_generator,
                               dmd_t_min=self.dmd_t_min, dmd_t_max=self.dmd_t_max, fake_t_min=self.fake_t_min,
                               fake_t_max=self.fake_t_max, reward_weight=self.reward_weight,
-                              reward_cold_start=self.reward_cold_start, renoise=self.renoise).validate()
+                              reward_cold_start=self.reward_cold_start, renoise=self.renoise,
+                              gan_discriminator_weight=self.gan_discriminator_weight,
+                              gan_generator_weight=self.gan_generator_weight, gan_t_min=self.gan_t_min,
+                              gan_t_max=self.gan_t_max).validate()
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("dmdr.", "task.", 1)) from None
 
@@ -138,8 +160,20 @@ class VelocityModel(torch.nn.Module):
         self.device, self.dtype = device, dtype
         return self
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], features: bool = False) -> torch.Tensor:
+        """X's velocity [B, N, C]; with `features`, X's last hidden states [B, N, D] instead (the input of the
+        transformer's norm_out: the GAN head's features; full attention only)."""
         batch = {"noisy": x_t, "cond": cond["cond"], "sigma": t, "embeds": cond["embeds"]}
+        if features:
+            if self.mode != "off":
+                raise ValueError(f"features are read from a full-attention pass, not mode {self.mode!r}")
+            captured: list[torch.Tensor] = []
+            hook = self.transformer.norm_out.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+            try:
+                velocity_pass(self.transformer, None, cond["layout"], batch, self.device, self.dtype)
+            finally:
+                hook.remove()
+            return captured[-1][:, cond["layout"].target]
         if self.mode == "off":
             return velocity_pass(self.transformer, None, cond["layout"], batch, self.device, self.dtype).float()
         layout = student_layout(cond["layout"], self.condition_timestep)
@@ -183,6 +217,19 @@ def build_generator(teacher: torch.nn.Module, cfg: DMDRTaskConfig) -> VelocityMo
 def build_fake_score(teacher: torch.nn.Module) -> VelocityModel:
     """The fake score: a trainable full-attention copy of the teacher (DMD2 starts it at the real score)."""
     return VelocityModel(copy_transformer(teacher))
+
+
+def build_gan_head(teacher: torch.nn.Module, cfg: DMDRTaskConfig) -> GANHead:
+    """The GAN head over the fake score's hidden states (the teacher's inner width; the fake score is its copy)."""
+    config = teacher.config
+    return GANHead(config.num_attention_heads * config.attention_head_dim, cfg.gan_head_hidden)
+
+
+def exact_targets(cache: dict[str, Any], pick: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The batch's exact target latents as packed tokens [B, N, C]: the GAN head's real samples."""
+    from rtedit.model.packing import pack
+
+    return pack(cache["target"][pick].float()).to(device)
 
 
 class PickingBatcher(FlowBatcher):
@@ -315,5 +362,5 @@ def export_generator(transformer: torch.nn.Module, cfg: DMDRTaskConfig, mode: st
 
 
 __all__ = ["DMDRTaskConfig", "LatentDecoder", "PickingBatcher", "VelocityModel", "batch_reward_fn", "build_fake_score",
-           "build_generator", "conditions", "euler_sample", "export_generator", "generator_timesteps",
-           "load_reward_model", "load_teacher", "reward_win_rate", "served_sigmas"]
+           "build_gan_head", "build_generator", "conditions", "euler_sample", "exact_targets", "export_generator",
+           "generator_timesteps", "load_reward_model", "load_teacher", "reward_win_rate", "served_sigmas"]
