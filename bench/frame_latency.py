@@ -34,6 +34,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -329,9 +330,13 @@ def run_ours(configs: dict[str, EditorConfig], image, emb, args, rows: list[dict
 def run_row(name: str, config: EditorConfig, image, emb, args, rows: list[dict], frames: int, warmup: int) -> None:
     """One row: its editor built from the config, timed, its stats checked (zero recompiles, every frame in a
     captured graph)."""
+    started = time.perf_counter()
     editor = build(config)
+    built_s = time.perf_counter() - started  # load, probe, compile and capture: what sizes a device call's rows
+    print(f"{name}: editor built and warmed in {built_s:.0f} s", flush=True)
     row = measure(name, functools.partial(edit_once, editor, image, emb, args.steps), frames, warmup,
                   note(name, config))
+    row["build_s"] = round(built_s, 1)
     stats = editor.stats()
     if config.dbcache.enabled:
         row["dbcache"] = {k: stats["dbcache"][k] for k in ("policy", "label", "config", "groups")}
