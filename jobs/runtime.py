@@ -251,6 +251,24 @@ def local_worker_context(config: JobConfig) -> WorkerContext:
     return WorkerContext(config, 0, 1, 0, device, precision, PRECISIONS[precision])
 
 
+def timed_step(engines, trainables, train_step, step: int, config: JobConfig, device, samples_per_step: int,
+               clock_offset: float, start: int) -> dict[str, Any]:
+    """One step of either loop (a Ray Train worker's, run_local's): the rate each model uses this step, the task's
+    step, and its metrics row; `clock_offset` + perf_counter() is the run's elapsed time across resumes."""
+    t0 = time.perf_counter()
+    lrs = {m.name: m.set_lr(step, config.run.max_steps) for m in trainables}
+    updates_before = [m.engine.global_steps for m in trainables]
+    values = mean_over_workers(train_step(engines, step), device)
+    if config.scaling.use_gpu:
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    # A model this step did not update has no gradient norm for it.
+    norms = {m.name: m.grad_norm() if m.engine.global_steps > before else math.nan
+             for m, before in zip(trainables, updates_before)}
+    return metrics_row(step + 1, values, lrs, norms, samples_per_step / dt, dt, clock_offset + time.perf_counter(),
+                       start)
+
+
 LOCAL_CHECKPOINT = "local-checkpoint"
 
 
@@ -298,19 +316,9 @@ def run_local(config: JobConfig, task: str, max_train_s: float | None = None) ->
     fit_at = max(20, *(m.optimizer.warmup_steps for m in trainables)) if max_train_s else None
     step = start
     while step < run.max_steps:
-        t0 = time.perf_counter()
-        lrs = {m.name: m.set_lr(step, run.max_steps) for m in trainables}
-        updates_before = [m.engine.global_steps for m in trainables]
-        values = mean_over_workers(train_step(engines, step), device)
-        if config.scaling.use_gpu:
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        norms = {m.name: m.grad_norm() if m.engine.global_steps > before else math.nan
-                 for m, before in zip(trainables, updates_before)}
-        done = step + 1
-        step = done
-        row = metrics_row(done, values, lrs, norms, run.batch_size * accum / dt, dt,
-                          elapsed_before + time.perf_counter() - t_start, start)
+        row = timed_step(engines, trainables, train_step, step, config, device, run.batch_size * accum,
+                         elapsed_before - t_start, start)
+        done = step = step + 1
         log.append(row)
         if fit_at is not None and done - start == fit_at:
             recent = [r["step_time_s"] for r in log.rows[-(fit_at // 2):]]  # past the first steps' warm-up
@@ -365,19 +373,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     t_start = time.perf_counter()
     elapsed_before = log.rows[-1]["elapsed_s"] if log.rows else 0.0
     for step in range(start, run.max_steps):
-        t0 = time.perf_counter()
-        lrs = {m.name: m.set_lr(step, run.max_steps) for m in trainables}  # the rate each model uses this step
-        updates_before = [m.engine.global_steps for m in trainables]
-        values = mean_over_workers(train_step(engines, step), ctx.device)
-        if config.scaling.use_gpu:
-            torch.cuda.synchronize(ctx.device)
-        dt = time.perf_counter() - t0
-        # A model this step did not update has no gradient norm for it.
-        norms = {m.name: m.grad_norm() if m.engine.global_steps > before else math.nan
-                 for m, before in zip(trainables, updates_before)}
+        row = timed_step(engines, trainables, train_step, step, config, ctx.device, samples_per_step,
+                         elapsed_before - t_start, start)
         done = step + 1
-        row = metrics_row(done, values, lrs, norms, samples_per_step / dt, dt,
-                          elapsed_before + time.perf_counter() - t_start, start)
         log.append(row)
         if exporter:
             exporter.update(row)
