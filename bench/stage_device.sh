@@ -22,12 +22,11 @@
 #   working tree 55,738,644 B, of which models/ 54,926,628 B
 #   GPU bench call, slimmed, carry [".raygpu", ".whl", ".device"]: 50,608,041 B travel, 16,500,823 B (15.7 MiB) spare
 #     (the clone: 50,517,252 B travel, 16,591,612 B spare)
-#   toy-model call, not slimmed, carry [".whl", ".device"]: 65,928,721 B travel, 1,180,143 B (1.1 MiB) spare
-# A call that needs the committed toy model (models/toy-editor, tracked, 53 MB) carries it in place of the Ray
-# bundle: only its causal student (models/toy-editor-session, 44 MB) slimmed away, no .raygpu (so nothing that
-# imports deployments/ or ray, unless an earlier call on the same warm machine installed it), nothing new in the tree:
-#   SLIM=models/toy-editor-session bash bench/stage_device.sh slim
-#   CARRY=".whl .device" MIN_SPARE=0 bash bench/stage_device.sh size   # then call with carry [".whl", ".device"]
+# A call that needs the committed toy model (models/toy-editor, tracked, 53 MB) carries it packed in place of the
+# Ray bundle (its causal student, models/toy-editor-session, 44 MB, makes the unslimmed tree 100 MB since 2026-12-02):
+#   bash bench/stage_device.sh toy-pack && bash bench/stage_device.sh slim
+#   CARRY=".whl .device .toyxz" bash bench/stage_device.sh size   # then call with carry [".whl", ".device", ".toyxz"]
+# (no .raygpu: nothing that imports deployments/ or ray; lent_host.sh setup unpacks the toy editor into models/).
 # On the GPU host either call begins with `bash bench/lent_host.sh setup && . /tmp/lanes/env.sh`, which unpacks the
 # carried folders present into /tmp/site and sets PYTHONPATH, RTEDIT_TAEF2_DIR and TORCHINDUCTOR_CACHE_DIR.
 set -euo pipefail
@@ -118,8 +117,13 @@ stage)
   models=$(tree_bytes models)
   echo "== GPU bench call, after 'slim' (models/ $models B stays home):"
   report $((tree - models)) ".raygpu .whl .device" "slimmed"
-  echo "== toy-model call (no slim, no Ray bundle):"
-  report "$tree" ".whl .device" "not slimmed"
+  # The toy editor no longer fits beside its causal student in the tree: a toy-model call slims and packs it.
+  echo "== toy-model call, after 'slim' and 'toy-pack' (no Ray bundle):"
+  if [ -f .toyxz/toy-editor.tar.xz ]; then
+    report $((tree - models)) ".whl .device .toyxz" "slimmed"
+  else
+    echo "no .toyxz yet: run 'bash bench/stage_device.sh toy-pack' (models/ present) for it"
+  fi
   ;;
 toy-pack)
   # models/toy-editor (the trained toy editor, 55 MB, already bfloat16) as one xz tarball of 38 MB, so it travels
