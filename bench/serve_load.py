@@ -288,9 +288,13 @@ def app_spec(config: Path) -> tuple:
     return spec["name"], AppArgs.model_validate(spec.get("args", {}))
 
 
-def start_local(config: Path, num_cpus: int):
-    """A fresh local cluster running the app of a Serve YAML (like `serve run`)."""
+def start_local(config: Path, num_cpus: int, direct_ingress: bool = False):
+    """A fresh local cluster running the app of a Serve YAML (like `serve run`). direct_ingress: Serve 2.60's
+    RAY_SERVE_ENABLE_DIRECT_INGRESS, the router replica serving HTTP on a port of its own (the proxy's hop left out);
+    the URL returned is that port's."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if direct_ingress:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read at import by the controller and the replicas
     import ray
     from ray import serve
 
@@ -302,7 +306,22 @@ def start_local(config: Path, num_cpus: int):
                                                                                    os.environ.get("PYTHONPATH")]))}})
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     serve.run(build_app(app_args), name=name, route_prefix="/")
-    return "http://127.0.0.1:8000"
+    return direct_ingress_url() if direct_ingress else "http://127.0.0.1:8000"
+
+
+def direct_ingress_url() -> str:
+    """The router replica's own HTTP port: Serve allocates it from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT (30000)."""
+    import urllib.request
+
+    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    for port in range(low, low + 16):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:
+                if reply.status == 200:
+                    return f"http://127.0.0.1:{port}"
+        except OSError:
+            continue
+    raise RuntimeError(f"no direct-ingress router answered /healthz on ports {low}-{low + 15}")
 
 
 def rss_growth(load: dict, early_s: float, late_s: float) -> str:
@@ -392,12 +411,14 @@ def main(argv=None) -> int:
                                            "engine; '' to skip)")
     ap.add_argument("--direct-threads", type=int, default=1, help="torch threads of the direct baseline (0: default)")
     ap.add_argument("--machine", default=os.uname().nodename)
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="the local cluster with Serve's direct ingress: clients connect to the router replica's port")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
     from rtedit.client import Client
 
-    url = args.url or start_local(args.config, args.num_cpus)
+    url = args.url or start_local(args.config, args.num_cpus, args.direct_ingress)
     prompt = args.prompt
     if prompt is None:
         with Client(url, api_key=args.api_key) as client:
