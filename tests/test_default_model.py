@@ -69,3 +69,20 @@ def test_toy_editor_edits_shapes_in_unseen_scenes(editor, example):
     assert evaluation.closest_to_own(output, own, evaluation.alternative_targets(example.source, example.target))
     assert evaluation.psnr(output, own) > 25.0
 
+
+
+def test_every_example_the_page_offers_is_right_on_toy_scenes_and_photos(editor, tmp_path):
+    """Issue 14's bar for the default model: each one-click example (rtedit.json) edits 8 toy scenes and the 6 check
+    photos right (nearer its exact target than the source, any other edit, or the edit half done); CPU float32, as
+    `serve run` on a laptop serves it."""
+    from jobs import eval_edit
+
+    examples = editor.bundle.sidecar.examples
+    assert examples and editor.bundle.sidecar.sizes == ((128, 128),)
+    args = eval_edit.parse_args(["--model", str(MODEL), "--data", str(tmp_path), "--device", "cpu"]
+                                + [a for text in examples for a in ("--instruction", text)])
+    checks = eval_edit.instruction_checks(editor, args, [])
+    assert set(checks["instructions"]) == set(examples)
+    assert all(v.get("accuracy") is not None for v in checks["instructions"].values())  # none skipped
+    assert checks["instruction_checks"]["n"] == len(examples) * 14 + sum(len(d) for d in checks["drawn"].values())
+    assert checks["instruction_checks"]["wrong"] == [], checks["instruction_checks"]["wrong"]
