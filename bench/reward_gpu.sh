@@ -13,7 +13,8 @@
 # pixel.json (jobs.eval_reward without and with --pixel-test). The model folder (40 MB) stays outside $OUT, in
 # REWARD_MODEL (/tmp/rw_gpu_model).
 # Knobs (defaults for one H200): REWARD_N (4000 train examples: 17k pairs, read and decoded in ~30 s by the job),
-# REWARD_EVAL_N (400), REWARD_TEACHER_N (150), REWARD_TRAIN_S (270 s of steps, at most, after ~30 s of data
+# REWARD_EVAL_N (400), REWARD_TEACHER_N (150), REWARD_DATA_S (the data step's limit, 110 s: 71 s with 6 workers
+# beside another lane was not enough on 2026-12-03), REWARD_TRAIN_S (270 s of steps, at most, after ~30 s of data
 # reading and model building), REWARD_TOTAL_S (420), REWARD_WORKERS (CPUs), REWARD_SET (extra --set
 # KEY=VALUE, space-separated), REWARD_DEVICE (cuda when torch sees a GPU, else cpu: the CPU dry run),
 # REWARD_PIXEL_EXAMPLES (240 wrong edits at most).
@@ -31,6 +32,7 @@ EVAL_N=${REWARD_EVAL_N:-400}
 TEACHER_N=${REWARD_TEACHER_N:-150}
 TRAIN_S=${REWARD_TRAIN_S:-270}
 TOTAL_S=${REWARD_TOTAL_S:-420}
+DATA_S=${REWARD_DATA_S:-110}
 DEADLINE=$((SECONDS + TOTAL_S))
 WORKERS=${REWARD_WORKERS:-$(nproc)}
 PIXEL_EXAMPLES=${REWARD_PIXEL_EXAMPLES:-240}
@@ -68,7 +70,7 @@ teacher=()
 if [ "$TEACHER_N" -gt 0 ] && [ -d models/toy-editor ]; then
   teacher=(--teacher models/toy-editor --teacher-n "$TEACHER_N" --device "$DEVICE")
 fi
-step 70 data python3 -m jobs.make_reward_data --out "$DATA" --n "$N" --eval-n "$EVAL_N" --workers "$WORKERS" \
+step "$DATA_S" data python3 -m jobs.make_reward_data --out "$DATA" --n "$N" --eval-n "$EVAL_N" --workers "$WORKERS" \
   "${teacher[@]}"
 cp "$DATA/manifest.json" "$OUT/data.json"
 
