@@ -15,6 +15,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 
 from deployments.admission import ReplicaBook, measure_engine, replica_capacity
 from deployments.config import EditorArgs, replicas_options
+from deployments.gauges import GaugeKeeper
 from rtedit.config import EditorConfig
 from rtedit.errors import EditError
 from rtedit.prompts import PromptEmbedding
@@ -100,6 +101,8 @@ class EditorDeployment:
             ("steps_reused", "Denoise steps served from the previous step (session step reuse), all groups"),
             ("dbcache_steps", "Block-group steps under DBCache (full path)"),
             ("dbcache_cached_steps", "Block-group steps served from DBCache (full path)"))}
+        self._update_gauges()
+        self.gauge_keeper = GaugeKeeper(self._update_gauges)  # set after frames only, they would age out when idle
         logger.info("editor replica %s ready: %s, warm-up %s, admission %s (pid %d)", self.replica,
                     self.editor.model_info, self.editor.warm, self.book.state(), os.getpid())
 
@@ -235,7 +238,8 @@ class EditorDeployment:
         return {"closed": session is not None, "replica": self.replica}
 
     def _update_gauges(self) -> None:
-        # After every frame: only the store's counters and the session count, not the whole of editor.stats().
+        # After every frame and from the GaugeKeeper's thread: the store's counters and the session count, not the
+        # whole of editor.stats().
         if self.editor.kv_store is not None:
             store = self.editor.kv_store.stats()
             for name in ("entries", "bytes", "hits", "evictions"):

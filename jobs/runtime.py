@@ -138,9 +138,13 @@ class _Exporter:
     def __init__(self, run_name: str):
         from ray.util.metrics import Counter
 
+        from deployments.gauges import GaugeKeeper
+
         self.tags = {"run": run_name}
         self.gauges: dict[str, Any] = {}
+        self.values: dict[str, float] = {}
         self.steps = Counter("rtedit_train_steps_total", description="Optimizer steps taken", tag_keys=("run",))
+        self.keeper = GaugeKeeper(self._set_gauges, name="rtedit-train-gauges")  # logged rows can be minutes apart
 
     def update(self, row: dict[str, float]) -> None:
         from ray.util.metrics import Gauge
@@ -151,8 +155,13 @@ class _Exporter:
             if key not in self.gauges:
                 self.gauges[key] = Gauge("rtedit_train_" + re.sub(r"[^A-Za-z0-9_]", "_", key), tag_keys=("run",),
                                          description=self.DESCRIPTIONS.get(key, f"Training {key} (mean over workers)"))
-            self.gauges[key].set(value, tags=self.tags)
+            self.values[key] = value
+        self._set_gauges()
         self.steps.inc(1, tags=self.tags)
+
+    def _set_gauges(self) -> None:
+        for key, value in list(self.values.items()):
+            self.gauges[key].set(value, tags=self.tags)
 
 
 def _save_and_report(task, engines: dict[str, Any], trainables: list[Trainable], ctx: WorkerContext,
