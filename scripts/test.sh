@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian's Chromium drives the web page test (a browser download cannot work here); g++ builds DeepSpeed's CPU op.
+# Debian's Chromium drives the web page test (a browser download cannot work here); g++ builds DeepSpeed's CPU op;
+# Debian's Prometheus scrapes a cluster in the dashboard test.
 need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v g++ >/dev/null || need+=(g++)
+command -v prometheus >/dev/null || need+=(prometheus)  # the dashboard test scrapes a cluster with it
 if ((${#need[@]})); then
     SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
     $SUDO apt-get update -q && $SUDO apt-get install -y -q "${need[@]}"

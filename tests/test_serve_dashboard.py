@@ -2,7 +2,8 @@
 CPUs, a fixed metrics export port), the served toy student with serve.yaml's resources, and the README's small
 training job beside it. The job fits and trains; one that does not fit fails in seconds with the numbers; Serve's
 REST API lists the app; the metrics port carries every rtedit metric the code declares, and the Grafana dashboard
-queries each of them; an app without an API key says so in its start-up log. Its own cluster (the dashboard costs
+queries each of them, and Debian's Prometheus on the shipped scrape config answers every dashboard query; an app
+without an API key says so in its start-up log. Its own cluster (the dashboard costs
 ~1 GiB more).
 
 A job beside `serve run` used to wait 10 minutes for CPUs Serve held; the dashboard's metrics were on a random port.
@@ -14,6 +15,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,6 +35,7 @@ from test_serve_helpers import REPO, jpeg, start_ray, worker_pythonpath, ws_fram
 pytestmark = pytest.mark.slow
 
 DASHBOARD_JSON = REPO / "deployments" / "observability" / "grafana" / "dashboards" / "rtedit.json"
+PROMETHEUS_YML = REPO / "deployments" / "observability" / "prometheus.yml"
 # Where the code declares its metrics: Serve's replicas and the job runtime.
 METRIC_SOURCES = [*sorted((REPO / "deployments").glob("*.py")), REPO / "jobs" / "runtime.py"]
 # The job runtime's gauge per logged column (rtedit_train_<column>); the tiny task logs these.
@@ -75,11 +78,15 @@ def declared_metrics() -> set[str]:
     return names
 
 
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the Grafana dashboard's panels."""
+    panels = json.loads(DASHBOARD_JSON.read_text())["panels"]
+    return [target["expr"] for panel in panels for target in panel.get("targets", [])]
+
+
 def dashboard_metrics() -> set[str]:
     """The metric names the Grafana dashboard's queries read (a histogram by its _bucket series)."""
-    panels = json.loads(DASHBOARD_JSON.read_text())["panels"]
-    exprs = [target["expr"] for panel in panels for target in panel.get("targets", [])]
-    return {name for expr in exprs for name in re.findall(r"\bray_rtedit_\w+", expr)}
+    return {name for expr in dashboard_queries() for name in re.findall(r"\bray_rtedit_\w+", expr)}
 
 
 def exported(name: str) -> str:
@@ -202,16 +209,22 @@ def test_a_job_that_does_not_fit_fails_in_seconds_with_the_numbers(cluster, tmp_
     assert "holds 2 CPU" in message and "scaling.num_workers" in message
 
 
-def test_the_metrics_port_carries_every_rtedit_metric_and_the_dashboard_shows_them(cluster, job_beside_serving):
+def serving_traffic(cluster, frames: int = 3, pause_s: float = 0.0) -> None:
+    """Edited frames, one refused image and one refused origin: every serving metric gets a series."""
     with connect(cluster["ws"]) as ws:  # no key configured: the handshake needs none
-        for i in range(3):
+        for i in range(frames):
             assert ws_frame(ws, {"id": i}, jpeg(128, 128, tag=i)).error is None
+            time.sleep(pause_s)
     # b"nonsense" as the image: the editor refuses it, and so the router counts an error
     bad = httpx.post(f"{cluster['http']}/api/predict", json={"image": "bm9uc2Vuc2U="}, timeout=60)
     assert bad.status_code == 400
     # a foreign origin: the router's guards refuse it, and count the refusal
     foreign = httpx.get(f"{cluster['http']}/api/info", headers={"Origin": "http://evil.example"}, timeout=60)
     assert foreign.status_code == 403
+
+
+def test_the_metrics_port_carries_every_rtedit_metric_and_the_dashboard_shows_them(cluster, job_beside_serving):
+    serving_traffic(cluster)
     apps = httpx.get(f"{cluster['dashboard']}/api/serve/applications/", timeout=30).json()
     assert {"Router", "Editor", "TextEncoder"} <= set(apps["applications"]["rtedit"]["deployments"])
 
@@ -226,6 +239,68 @@ def test_the_metrics_port_carries_every_rtedit_metric_and_the_dashboard_shows_th
         time.sleep(1)
     names |= {line.split("{")[0] for line in job_beside_serving["train_series"]}
     assert sorted(queried - names) == []
+
+
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("no prometheus binary in CI: scripts/test.sh installs Debian's prometheus package")
+        pytest.skip("no prometheus binary: Debian's prometheus package (scripts/test.sh installs it)")
+    return path
+
+
+def test_prometheus_on_the_shipped_config_answers_every_dashboard_query(cluster, tmp_path):
+    """The README's Prometheus (Debian's, on deployments/observability/prometheus.yml with its target moved to this
+    cluster's metrics port) scrapes the cluster; every serving panel's query returns series and the training panels'
+    queries parse (their job has left). Grafana itself cannot run here: what it would draw is these answers."""
+    shipped = yaml.safe_load(PROMETHEUS_YML.read_text())
+    static = shipped["scrape_configs"][0]["static_configs"][0]
+    assert static["targets"] == [f"localhost:{readme_ray_start()['metrics-export-port']}"]
+    static["targets"] = [cluster["metrics"].removeprefix("http://")]
+    shipped["global"] = {**shipped["global"], "scrape_interval": "1s", "evaluation_interval": "1s"}
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump(shipped))
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    log = open(tmp_path / "prometheus.log", "w")
+    proc = subprocess.Popen([prometheus_binary(), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+
+    def query(expr: str) -> dict:
+        answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=30).json()
+        assert answer["status"] == "success", (expr, answer)
+        return answer["data"]
+
+    try:
+        deadline, health = time.time() + 60, None
+        while time.time() < deadline and health != "up":
+            time.sleep(0.5)
+            try:
+                targets = httpx.get(f"{api}/targets", timeout=5).json()["data"]["activeTargets"]
+                health = targets[0]["health"] if targets else None
+            except (httpx.HTTPError, KeyError, ValueError):
+                assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+        assert health == "up", (tmp_path / "prometheus.log").read_text()[-2000:]
+        serving_traffic(cluster, frames=4, pause_s=1.0)  # counters that move while Prometheus scrapes them
+        exprs = dashboard_queries()
+        serving = [e for e in exprs if "ray_rtedit_train_" not in e]
+        deadline, empty = time.time() + 60, serving
+        while time.time() < deadline and empty:
+            empty = [e for e in serving if not query(e)["result"]]
+            time.sleep(1)
+        assert empty == [], "\n".join(empty)
+        # Idle for three report intervals: Ray ages out a gauge nobody sets again (deployments/gauges.py).
+        time.sleep(3 * int(os.environ[REPORT_INTERVAL_ENV]) / 1000)
+        assert [e for e in serving if not query(e)["result"]] == []
+        for expr in exprs:
+            assert query(expr)["resultType"] == "vector"
+        processed = query('sum(ray_rtedit_frames_total{event="processed"})')["result"]
+        assert float(processed[0]["value"][1]) >= 4
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
 
 
 def test_startup_log_says_when_no_api_key_is_configured(cluster):
