@@ -70,7 +70,6 @@ def test_toy_editor_edits_shapes_in_unseen_scenes(editor, example):
     assert evaluation.psnr(output, own) > 25.0
 
 
-
 def test_every_example_the_page_offers_is_right_on_toy_scenes_and_photos(editor, tmp_path):
     """Issue 14's bar for the default model: each one-click example (rtedit.json) edits 8 toy scenes and the 6 check
     photos right (nearer its exact target than the source, any other edit, or the edit half done); CPU float32, as
