@@ -90,11 +90,15 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=30, help="whole frames for the stage medians")
     p.add_argument("--model", default="klein-4b-random", choices=["klein-4b-random", "tiny"])
     p.add_argument("--json", default=None)
+    p.add_argument("--image-codec", default="host", choices=["host", "nvjpeg", "auto"],
+                   help="the engine's JPEG codec for the whole-frame rows (rtedit.jpeg_codec); the part rows time "
+                        "the host codec's functions")
     args = p.parse_args()
     if args.model == "tiny":
-        serving = fl.serving_config({"model": "tiny", "dtype": "float32", "compile": {"backend": "eager"}})
+        serving = fl.serving_config({"model": "tiny", "dtype": "float32", "compile": {"backend": "eager"},
+                                     "image_codec": args.image_codec})
     else:
-        serving = fl.serving_config()
+        serving = fl.serving_config({"image_codec": args.image_codec})
     base = dataclasses.replace(serving, dbcache=dataclasses.replace(serving.dbcache, enabled=False),
                                buckets=dataclasses.replace(serving.buckets, sizes=((args.size, args.size),)))
     columns = {"no graphs": base}

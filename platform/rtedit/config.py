@@ -126,6 +126,9 @@ class EditorConfig:
     # path) the denoise stage stays uncaptured (its check is read on the host), as stats()["cuda_graphs"] says.
     cuda_graphs: bool = False
     fp8: FP8Config = field(default_factory=FP8Config)  # FP8 linear layers in the transformer's blocks (torchao)
+    # JPEG frames in and out: "host" (PIL), "nvjpeg" (on the GPU, rtedit.jpeg_codec; refused where it cannot run)
+    # or "auto" (nvJPEG where its start-up probe passes, else the host codec, as stats() says).
+    image_codec: str = "host"
     # Causal models (rtedit.json "causal"): "auto" serves the model in its own attention mode; "off" (full
     # attention), "kv" or "session" must be the model's own, else loading fails with UnsupportedRequest.
     causal: str = "auto"
@@ -162,6 +165,8 @@ class EditorConfig:
         self.dbcache.validate()
         self.compile.validate()
         self.fp8.validate()
+        if self.image_codec not in ("host", "nvjpeg", "auto"):  # rtedit.jpeg_codec.CODECS
+            raise ConfigError(f"image_codec must be 'host', 'nvjpeg' or 'auto', got {self.image_codec!r}")
         if self.causal not in CAUSAL_CHOICES:
             raise ConfigError(f"causal must be one of {list(CAUSAL_CHOICES)}, got {self.causal!r}")
         if self.kv_store_bytes is not None:

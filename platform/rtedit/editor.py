@@ -30,9 +30,13 @@ from rtedit.device import is_device_failure, resolve_device, resolve_dtype
 from rtedit.errors import ConfigError, EditCancelled, EditError, EngineDead, InvalidRequest, ModelLoadError
 from rtedit.frame_request import FrameRequest, check_request
 from rtedit.images import (
+    PIPELINE_MAX_AREA,
     ImageInput,
+    check_output_format,
+    check_shape,
     encode_image,
     fit_like_pipeline,
+    open_checked,
     postprocess,
     stage_uint8,
     to_host,
@@ -40,6 +44,7 @@ from rtedit.images import (
     to_uint8_array,
     uint8_to_pixels,
 )
+from rtedit.jpeg_codec import is_jpeg
 from rtedit.kv_store import KVStore
 from rtedit.model.causal import LayerKV, SessionCache, causal_denoise
 from rtedit.model.inputs import TokenLayout, token_layout, transformer_inputs
@@ -138,6 +143,8 @@ class Editor:
         self.attention = self.dbcache = self.compiled = None
         self.step_reuse: StepReuse | None = None  # the session mode's step-2 reuse (dbcache config, session mode)
         self.fp8: dict | None = None  # what rtedit.accel.fp8 converted, when config.fp8 is on
+        self.jpeg = None  # rtedit.jpeg_codec.DeviceJpeg when config.image_codec chose nvJPEG
+        self.jpeg_stats: dict = {"codec": "host", "reason": "image_codec: host"}
         self.graphs = None  # rtedit.accel.cuda_graphs.StageGraphs when config.cuda_graphs (encode, denoise, decode)
         self.warm: dict | None = None  # what warm_up() did, once it ran
         self.warm_steps = sidecar.steps[0] if sidecar.steps else 2
@@ -325,7 +332,8 @@ class Editor:
         `reference_latents`: a session's latents of its references by (index, fitted shape), filled on first use."""
         emb = self._embedding(request.prompt)
         limits = self.config.images
-        arrays = [fit_like_pipeline(to_uint8_array(request.image, limits, "image"))]
+        frame = self._device_frame(request) if self.jpeg is not None else None
+        arrays = [frame if frame is not None else fit_like_pipeline(to_uint8_array(request.image, limits, "image"))]
         arrays += [fit_like_pipeline(to_uint8_array(r, limits, f"reference {i}"))
                    for i, r in enumerate(request.references)]
         explicit = request.height is not None or request.width is not None
@@ -350,6 +358,33 @@ class Editor:
         return FramePlan(emb=emb, latents=pack(noise), conditions=torch.cat([pack(lat) for lat in cond_latents], 1),
                          layout=layout, timesteps=timesteps, sigmas=sigmas, lat_h=lat_h, lat_w=lat_w,
                          condition_shapes=shapes)
+
+    def _device_frame(self, request: FrameRequest) -> torch.Tensor | None:
+        """The input JPEG decoded on the device (HxWx3 uint8), when it needs no resizing: already a served bucket
+        (or, without buckets, a multiple of 16 within the pipeline's area). None: the host path decodes it."""
+        if not is_jpeg(request.image):
+            return None
+        header = open_checked(request.image, self.config.images)
+        width, height = header.size
+        check_shape(width, height, self.config.images, "image")
+        wanted = (request.height or height, request.width or width)
+        if self.config.buckets.sizes:
+            fits = (height, width) == wanted and wanted in self.config.buckets.sizes
+        else:
+            fits = (height, width) == wanted and height % 16 == 0 and width % 16 == 0 and \
+                height * width <= PIPELINE_MAX_AREA
+        if not fits or header.mode not in ("RGB", "L"):
+            self._counts["jpeg:host (resized or not RGB)"] += 1
+            return None
+        try:
+            frame = self.jpeg.decode(bytes(request.image))
+        except RuntimeError as exc:  # a JPEG nvJPEG cannot read: PIL decodes it or says why it is invalid
+            if self._counts["jpeg:host (nvJPEG refused)"] == 0:
+                log.warning("nvJPEG could not decode a frame (%s); such frames go to the host codec", exc)
+            self._counts["jpeg:host (nvJPEG refused)"] += 1
+            return None
+        self._counts["jpeg:device decodes"] += 1
+        return frame
 
     def _into_bucket(self, height: int, width: int, arrays: list[np.ndarray], explicit: bool):
         """Serving shapes are fixed: the output is a bucket size, and every condition image is resized to it.
@@ -376,8 +411,8 @@ class Editor:
         their own (once per session and size when a session's `memo` keeps them)."""
         if not is_input and memo is not None and key in memo:
             return memo[key]
-        if is_input:
-            staged = stage_uint8(arr[None], self.codec.device)
+        if is_input:  # a JPEG nvJPEG decoded is on the device already
+            staged = arr[None] if isinstance(arr, torch.Tensor) else stage_uint8(arr[None], self.codec.device)
             if self.graphs is not None:
                 return self.graphs.run("encode", arr.shape, self._encode_input, [staged])
             return self._encode_input(staged)
@@ -449,7 +484,11 @@ class Editor:
             image, quantised = self._decode_pixels(plan.lat_h, plan.lat_w, latents)
         array, pixels = to_host(image, quantised)
         pil = PIL.Image.fromarray(pixels)
-        data = encode_image(pil, output_format) if output_format else None
+        if output_format and self.jpeg is not None and check_output_format(output_format) in ("jpeg", "jpg"):
+            data = self.jpeg.encode(quantised)  # before the next frame's replay reuses the graph's output buffer
+            self._counts["jpeg:device encodes"] += 1
+        else:
+            data = encode_image(pil, output_format) if output_format else None
         return pil, array, data
 
     def _decode_pixels(self, lat_h: int, lat_w: int, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -519,6 +558,8 @@ class Editor:
             "compile": self.compiled.stats() if self.compiled else {"enabled": False},
             "cuda_graphs": self.graphs.stats() if self.graphs else {"enabled": False},
             "fp8": self.fp8 or {"enabled": False},
+            "image_codec": {**self.jpeg_stats, **{k.split(":", 1)[1]: v for k, v in self._counts.items()
+                                                  if k.startswith("jpeg:")}},
             "warm_up": self.warm,
             "device_failure": self.device_failure,
             "edits": self._counts["edits"],

@@ -1,6 +1,6 @@
 """The Editor's fast path, built from its EditorConfig in one place and one order, and its warm-up.
 
-Order: a causal mode's attention processors, FP8 layers, the attention probe, DBCache (the session mode's own step reuse in its
+Order: the JPEG codec (rtedit.jpeg_codec), a causal mode's attention processors, FP8 layers, the attention probe, DBCache (the session mode's own step reuse in its
 place), selective compile, then the warm-up of every bucket. The probe switches attention processors and the compiled graphs must see the final processors and
 cache hooks, so nothing may be attached in another order (benchmarks build their rows through Editor.from_config).
 """
@@ -32,6 +32,10 @@ def build(editor: "Editor") -> None:
     the probe switches attention processors, and compiled graphs must see the final processors and hooks. A
     causal mode's processors go in first (the probe then times them and sets their backend)."""
     cfg = editor.config
+    if cfg.image_codec != "host":
+        from rtedit.jpeg_codec import select_codec
+
+        editor.jpeg, editor.jpeg_stats = select_codec(cfg.image_codec, editor.device)
     if editor.mode is not None:
         if cfg.dbcache.enabled and editor.mode == "kv":
             raise ConfigError(f"dbcache does not combine with the causal mode 'kv' of {editor.bundle.name}: "

@@ -26,6 +26,17 @@ PIPELINE_MAX_AREA = 1024 * 1024
 
 def decode_image(data: bytes | bytearray | memoryview, limits: ImageLimits) -> np.ndarray:
     """Decodes JPEG/PNG/WebP bytes to an RGB uint8 array; refuses bombs from the header, before decoding."""
+    img = open_checked(data, limits)
+    try:
+        img.load()
+    except Exception as exc:
+        raise InvalidImage(f"image data is truncated or corrupt ({type(exc).__name__}: {public_message(str(exc))})"
+                           ) from None
+    return np.asarray(img.convert("RGB"))
+
+
+def open_checked(data: bytes | bytearray | memoryview, limits: ImageLimits) -> PIL.Image.Image:
+    """The image's header read and checked (size in bytes, format, pixels, bombs), its pixels not yet decoded."""
     data = bytes(data)
     if not data:
         raise InvalidImage("image bytes are empty")
@@ -48,12 +59,7 @@ def decode_image(data: bytes | bytearray | memoryview, limits: ImageLimits) -> n
         raise InvalidImage(f"image format {img.format} is not accepted; send one of {', '.join(DECODABLE_FORMATS)}")
     width, height = img.size
     _check_pixels(width, height, limits)
-    try:
-        img.load()
-    except Exception as exc:
-        raise InvalidImage(f"image data is truncated or corrupt ({type(exc).__name__}: {public_message(str(exc))})"
-                           ) from None
-    return np.asarray(img.convert("RGB"))
+    return img
 
 
 def to_uint8_array(image: ImageInput, limits: ImageLimits, what: str = "image") -> np.ndarray:
@@ -76,7 +82,7 @@ def to_uint8_array(image: ImageInput, limits: ImageLimits, what: str = "image") 
         raise InvalidImage(
             f"{what} must be a PIL image, a uint8 HxWx3 numpy array or JPEG/PNG/WebP bytes, got {type(image).__name__}"
         )
-    _check_shape(arr.shape[1], arr.shape[0], limits, what)
+    check_shape(arr.shape[1], arr.shape[0], limits, what)
     return np.ascontiguousarray(arr)
 
 
@@ -89,7 +95,7 @@ def _check_pixels(width: int, height: int, limits: ImageLimits, what: str = "ima
         )
 
 
-def _check_shape(width: int, height: int, limits: ImageLimits, what: str) -> None:
+def check_shape(width: int, height: int, limits: ImageLimits, what: str) -> None:
     _check_pixels(width, height, limits, what)
     if width < limits.min_side or height < limits.min_side:
         raise InvalidImage(f"{what} is {width}x{height}; both sides must be at least {limits.min_side} px")
