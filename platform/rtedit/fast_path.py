@@ -1,8 +1,9 @@
 """The Editor's fast path, built from its EditorConfig in one place and one order, and its warm-up.
 
-Order: the JPEG codec (rtedit.jpeg_codec), a causal mode's attention processors, FP8 layers, the attention probe, DBCache (the session mode's own step reuse in its
-place), selective compile, then the warm-up of every bucket. The probe switches attention processors and the compiled graphs must see the final processors and
-cache hooks, so nothing may be attached in another order (benchmarks build their rows through Editor.from_config).
+Order: the JPEG codec (rtedit.jpeg_codec), a causal mode's attention processors, FP8 layers, the attention probe,
+DBCache (the session mode's own step reuse in its place), selective compile, then the warm-up of every bucket. The
+probe switches attention processors and the compiled graphs must see the final processors and cache hooks, so
+nothing may be attached in another order (benchmarks build their rows through Editor.from_config).
 """
 
 from __future__ import annotations
