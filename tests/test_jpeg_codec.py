@@ -111,6 +111,18 @@ def test_off_size_png_truncated_and_png_output_frames_stay_on_the_host_codec(edi
     assert routed.stats()["image_codec"]["host (nvJPEG refused)"] >= 1
 
 
+def test_without_buckets_only_sizes_the_pipeline_keeps_as_they_are_take_the_device_path():
+    bundle = build_preset("tiny", torch.device("cpu"), torch.float32, seed=0, text_encoder=True)
+    host = Editor(bundle, EditorConfig())
+    routed = Editor(bundle, EditorConfig())
+    routed.jpeg = PILAsDevice()
+    for side, decoded in ((64, 1), (72, 1)):  # 72 is no multiple of 16: the pipeline crops it, on the host
+        data = jpeg(random_image(side, side, seed=side))
+        np.testing.assert_array_equal(routed.edit(data, "make it blue").array, host.edit(data, "make it blue").array)
+        assert routed.jpeg.decoded == decoded
+    assert routed.stats()["image_codec"]["host (resized or not RGB)"] == 1
+
+
 # ---- on a GPU -------------------------------------------------------------------------------------------------
 def gpu_editor(codec: str, graphs: bool) -> Editor:
     bundle = build_preset("tiny", torch.device("cuda"), torch.float32, seed=0, text_encoder=True)

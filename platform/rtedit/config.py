@@ -34,6 +34,7 @@ def _check_float(name: str, value: Any, lo: float, hi: float | None = None) -> N
 
 
 CAUSAL_CHOICES = ("auto", "off", "kv", "session")  # EditorConfig.causal
+IMAGE_CODECS = ("host", "nvjpeg", "auto")  # rtedit.jpeg_codec.select_codec
 
 
 @dataclass
@@ -165,8 +166,8 @@ class EditorConfig:
         self.dbcache.validate()
         self.compile.validate()
         self.fp8.validate()
-        if self.image_codec not in ("host", "nvjpeg", "auto"):  # rtedit.jpeg_codec.CODECS
-            raise ConfigError(f"image_codec must be 'host', 'nvjpeg' or 'auto', got {self.image_codec!r}")
+        if self.image_codec not in IMAGE_CODECS:
+            raise ConfigError(f"image_codec must be one of {list(IMAGE_CODECS)}, got {self.image_codec!r}")
         if self.causal not in CAUSAL_CHOICES:
             raise ConfigError(f"causal must be one of {list(CAUSAL_CHOICES)}, got {self.causal!r}")
         if self.kv_store_bytes is not None:

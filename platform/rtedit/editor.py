@@ -30,12 +30,12 @@ from rtedit.device import is_device_failure, resolve_device, resolve_dtype
 from rtedit.errors import ConfigError, EditCancelled, EditError, EngineDead, InvalidRequest, ModelLoadError
 from rtedit.frame_request import FrameRequest, check_request
 from rtedit.images import (
-    PIPELINE_MAX_AREA,
     ImageInput,
     check_output_format,
     check_shape,
     encode_image,
     fit_like_pipeline,
+    fits_pipeline,
     open_checked,
     postprocess,
     stage_uint8,
@@ -368,12 +368,8 @@ class Editor:
         width, height = header.size
         check_shape(width, height, self.config.images, "image")
         wanted = (request.height or height, request.width or width)
-        if self.config.buckets.sizes:
-            fits = (height, width) == wanted and wanted in self.config.buckets.sizes
-        else:
-            fits = (height, width) == wanted and height % 16 == 0 and width % 16 == 0 and \
-                height * width <= PIPELINE_MAX_AREA
-        if not fits or header.mode not in ("RGB", "L"):
+        served = wanted in self.config.buckets.sizes if self.config.buckets.sizes else fits_pipeline(height, width)
+        if (height, width) != wanted or not served or header.mode not in ("RGB", "L"):
             self._counts["jpeg:host (resized or not RGB)"] += 1
             return None
         try:

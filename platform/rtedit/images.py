@@ -22,6 +22,7 @@ DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP")
 _PIL_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 # Flux2KleinPipeline shrinks larger inputs to about one megapixel before encoding them.
 PIPELINE_MAX_AREA = 1024 * 1024
+JPEG_QUALITY = 90  # of every JPEG the editor writes, on the host or by nvJPEG (rtedit.jpeg_codec)
 
 
 def decode_image(data: bytes | bytearray | memoryview, limits: ImageLimits) -> np.ndarray:
@@ -104,6 +105,11 @@ def check_shape(width: int, height: int, limits: ImageLimits, what: str) -> None
         raise InvalidImage(f"{what} aspect ratio {aspect:.1f}:1 is over the limit of {limits.max_aspect}:1")
 
 
+def fits_pipeline(height: int, width: int, multiple: int = 16) -> bool:
+    """Whether fit_like_pipeline leaves an image of this size as it is (no resize, no crop)."""
+    return width * height <= PIPELINE_MAX_AREA and height % multiple == 0 and width % multiple == 0
+
+
 def fit_like_pipeline(arr: np.ndarray, multiple: int = 16) -> np.ndarray:
     """Resizes to ~1 MP when larger (LANCZOS) and centre-crops to a multiple of 16, as Flux2KleinPipeline does."""
     height, width = arr.shape[:2]
@@ -177,7 +183,7 @@ def check_output_format(fmt: object) -> str:
     return key
 
 
-def encode_image(image: PIL.Image.Image, fmt: str, quality: int = 90) -> bytes:
+def encode_image(image: PIL.Image.Image, fmt: str, quality: int = JPEG_QUALITY) -> bytes:
     """PIL -> JPEG/PNG/WebP bytes."""
     key = check_output_format(fmt)
     buf = io.BytesIO()

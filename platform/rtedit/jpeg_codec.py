@@ -18,16 +18,15 @@ import PIL.Image
 import torch
 
 from rtedit.errors import ConfigError
+from rtedit.images import JPEG_QUALITY
 
 log = logging.getLogger(__name__)
 
-CODECS = ("host", "nvjpeg", "auto")
 JPEG_SOI, JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
 # nvJPEG and libjpeg-turbo upsample chroma differently: 0.4-0.7 levels apart on average on photos, up to ~36 at
 # edges (bench/RESULTS.md); a wrong decode (channel order, stride, colour space) is tens of levels off everywhere.
 PROBE_MAX_MEAN_ABS_LEVELS = 2.0
 PROBE_MIN_ENCODE_PSNR_DB = 30.0
-QUALITY = 90  # rtedit.images.encode_image's
 
 
 def is_jpeg(data: object) -> bool:
@@ -49,7 +48,7 @@ class DeviceJpeg:
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return self._io.decode_jpeg(raw, mode=self._io.ImageReadMode.RGB, device=self.device).permute(1, 2, 0)
 
-    def encode(self, hwc: torch.Tensor, quality: int = QUALITY) -> bytes:
+    def encode(self, hwc: torch.Tensor, quality: int = JPEG_QUALITY) -> bytes:
         """HxWx3 uint8 on the device -> JPEG bytes (read back before the caller's buffers are reused)."""
         return self._io.encode_jpeg(hwc.permute(2, 0, 1).contiguous(), quality=quality).cpu().numpy().tobytes()
 
@@ -72,7 +71,7 @@ def probe(codec: DeviceJpeg) -> dict:
     against the image; raises RuntimeError when either is off."""
     image = probe_image()
     buf = io.BytesIO()
-    PIL.Image.fromarray(image).save(buf, format="JPEG", quality=QUALITY)
+    PIL.Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
     data = buf.getvalue()
     host = np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGB"))
     device = codec.decode(data).cpu().numpy()
