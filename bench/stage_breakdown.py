@@ -94,12 +94,9 @@ def main() -> int:
                    help="the engine's JPEG codec for the whole-frame rows (rtedit.jpeg_codec); the part rows time "
                         "the host codec's functions")
     args = p.parse_args()
-    if args.model == "tiny":
-        serving = fl.serving_config({"model": "tiny", "dtype": "float32", "compile": {"backend": "eager"},
-                                     "image_codec": args.image_codec})
-    else:
-        serving = fl.serving_config({"image_codec": args.image_codec})
-    base = dataclasses.replace(serving, dbcache=dataclasses.replace(serving.dbcache, enabled=False),
+    serving = fl.serving_config({**fl.engine_overrides(args.model, args.size), "image_codec": args.image_codec})
+    # serve-gpu.yaml captures CUDA graphs: the "no graphs" column sets them aside itself.
+    base = dataclasses.replace(serving, dbcache=dataclasses.replace(serving.dbcache, enabled=False), cuda_graphs=False,
                                buckets=dataclasses.replace(serving.buckets, sizes=((args.size, args.size),)))
     columns = {"no graphs": base}
     if torch.cuda.is_available():
