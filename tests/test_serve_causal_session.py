@@ -175,3 +175,38 @@ def test_websocket_session_frames_equal_engine_session_edits(served):
         while time.time() < deadline and (stats := editor_stats(client, base))["sessions"]:
             time.sleep(0.2)
     assert stats["sessions"] == 0 and stats["kv_store"]["entries"] == 0, stats
+
+
+def test_a_killed_replica_gives_error_frames_or_correct_ones_and_its_successor_recomputes_the_session(served):
+    """The causal issue's fault rule on a session-mode model: kill the one editor replica mid-session; until Serve's
+    replacement is up the client gets error frames, then the replacement recomputes the session's T/R keys and values
+    from the prompt and references the router resends, so every frame is an error or exactly Session.edit's."""
+    import ray
+
+    expected, base = served.expected, served.base
+    with httpx.Client() as client, connect(f"ws://{base}/ws/predict?api_key={API_KEY}", max_size=2**24) as ws:
+        ws.send(json.dumps({"references": [base64.b64encode(REFERENCE).decode()]}))
+        assert json.loads(ws.recv(timeout=30))["ok"]
+        first = ws_frame(ws, {"id": 1, "prompt": PROMPT, "seed": SEED, "steps": STEPS, "format": "png"}, FRAMES[0])
+        assert first.error is None and np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(first.image))), expected[0])
+        victim = first.meta["replica"]
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::rtedit#Editor#{victim}", namespace="serve"), no_restart=True)
+        replies, frame_id, deadline = [], 2, time.time() + 90
+        while time.time() < deadline:
+            reply = ws_frame(ws, {"id": frame_id}, FRAMES[1], timeout=90)
+            replies.append(reply)
+            frame_id += 1
+            if reply.error is None:
+                got = np.asarray(PIL.Image.open(io.BytesIO(reply.image)).convert("RGB"))
+                np.testing.assert_array_equal(got, expected[1], err_msg=f"frame {reply.id} after the kill")
+                if reply.meta["replica"] != victim:
+                    break
+            else:
+                time.sleep(0.5)  # Serve starts the replacement; the router answers with a reason meanwhile
+        assert replies[-1].error is None and replies[-1].meta["replica"] != victim, [r.meta for r in replies]
+        assert all(r.error is None or r.error.get("code") for r in replies), [r.meta for r in replies]
+        reply = ws_frame(ws, {"id": frame_id}, FRAMES[2])
+        got = np.asarray(PIL.Image.open(io.BytesIO(reply.image)).convert("RGB"))
+        np.testing.assert_array_equal(got, expected[2], err_msg="the frame after the recomputed one")
+        store = editor_stats(client, base)["kv_store"]
+        assert store["entries"] == 1 and store["hits"] >= 1, store  # recomputed once, then read back
