@@ -11,6 +11,12 @@ frame wherever a frame's passes are booked. The FLOP ratio beside each measured 
 and attention of klein-4B's 25 blocks (26 D^2 per token plus 4 q k D per layer, D = 3072). A last row runs the
 session path with its step-2 reuse, static policy (timing only: random weights never pass the dynamic check), and
 prints its drift against the session row without reuse.
+
+    python bench/session_latency.py --as-served --frames 20      # the session path exactly as serve-gpu.yaml serves it
+
+`--as-served`: one editor, serve-gpu.yaml's replica config with `causal: session` and nothing else changed (every
+bucket compiled and captured at start-up, the serving reuse policy, its graphs), a session per bucket timed at that
+bucket, zero recompiles after warm-up asserted across all of them.
 """
 
 from __future__ import annotations
@@ -137,6 +143,44 @@ def one_step_configs(serving, size: int) -> dict[str, tuple[object, int]]:
     return {TWO_STEP_FULL + GRAPHS: (full, 2), ONE_STEP + GRAPHS: (session, 1), ONE_STEP_FP8 + GRAPHS: (fp8, 1)}
 
 
+AS_SERVED = "session as served (serve-gpu.yaml, causal session)"
+
+
+def as_served_rows(serving, emb, args) -> list[dict]:
+    """One editor built as a replica builds it in session mode; a session per warmed bucket, timed there."""
+    config = dataclasses.replace(serving, causal="session")
+    if args.model == "tiny":  # CPU dry run: its one double block leaves no middle block to reuse; no CUDA graphs
+        config = dataclasses.replace(config, dbcache=dataclasses.replace(config.dbcache, enabled=False),
+                                     cuda_graphs=False)
+    editor = fl.build(config)
+    rows = []
+    for height, width in config.buckets.sizes:
+        image = fl.frame(height) if height == width else fl.frame(max(height, width))[:height, :width].copy()
+        session = editor.open_session(emb, [], bucket=(height, width))
+        first = session.edit(image, steps=args.steps)
+        for _ in range(args.warmup):
+            session.edit(image, steps=args.steps)
+        samples = {s: [] for s in PASS_STAGES}
+        for _ in range(args.frames):
+            t = session.edit(image, steps=args.steps).timings
+            for s in PASS_STAGES:
+                samples[s].append(t.get(s, 0.0))
+        session.close()
+        rows.append({"row": f"{AS_SERVED} @{height}x{width}", "frames": args.frames, "steps": args.steps,
+                     "session_pass_ms": first.timings.get("session"),
+                     **{f"{s}_median": statistics.median(v) for s, v in samples.items()},
+                     "total_p99": float(np.percentile(samples["total"], 99))})
+        print(f"row done: {rows[-1]['row']}: " + " ".join(f"{s} {rows[-1][f'{s}_median']:.2f}" for s in PASS_STAGES),
+              flush=True)
+    stats = editor.stats()
+    recompiles = {n: b["recompiles"] for n, b in stats["compile"].get("branches", {}).items()}
+    assert not any(recompiles.values()), f"{AS_SERVED}: recompiled after warm-up: {recompiles}"
+    for row in rows:
+        row.update(recompiles=recompiles, mode=editor.mode, attention=stats["attention_backend"],
+                   cuda_graphs=stats.get("cuda_graphs"), reuse=stats["step_reuse"])
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=512)
@@ -149,14 +193,16 @@ def main() -> int:
     p.add_argument("--one-step", action="store_true",
                    help="only the 1-step session rows (bf16, FP8) beside the full 2-step row, with CUDA graphs")
     p.add_argument("--only", nargs="+", default=None, metavar="ROW", help="with --one-step: these of its rows")
+    p.add_argument("--as-served", action="store_true", help="serve-gpu.yaml in session mode, every bucket, one editor")
     args = p.parse_args()
     if args.model == "tiny":  # the tiny preset's one double block leaves no middle block to reuse: no reuse row
         serving = fl.serving_config({"model": "tiny", "dtype": "float32", "compile": {"backend": "eager"}})
     else:
         serving = fl.serving_config()
+    configs = {}
     if args.one_step:
         configs = {n: c for n, c in one_step_configs(serving, args.size).items() if not args.only or n in args.only}
-    else:
+    elif not args.as_served:
         configs = {n: (c, args.steps) for n, c in row_configs(serving, args.size, with_reuse=args.model != "tiny",
                                                              graphs=args.graphs).items()}
     # The prompt's embedding, from an editor with the text encoder and no fast path (replicas have none).
@@ -167,6 +213,20 @@ def main() -> int:
     emb = encoder.encode_prompt(fl.PROMPT)
     del encoder
     fl.release()
+    if args.as_served:
+        rows = as_served_rows(serving, emb, args)
+        card, uuid = fl.card()
+        print(f"{card} ({uuid}), {datetime.date.today()}, {args.model}, {args.steps} steps, prompt cached")
+        for r in rows:
+            print(f"| {r['row']} | prepare {r['prepare_median']:.1f} | denoise {r['denoise_median']:.1f} | decode "
+                  f"{r['decode_median']:.1f} | total {r['total_median']:.1f} | p99 {r['total_p99']:.1f} | T/R pass "
+                  f"{r['session_pass_ms']:.1f} |")
+        print("recompiles", rows[0]["recompiles"], "reuse", rows[0]["reuse"], "graphs", rows[0]["cuda_graphs"])
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"card": card, "card_uuid": uuid, "date": str(datetime.date.today()), "rows": rows}, fh,
+                          indent=2, default=str)
+        return 0
     image = fl.frame(args.size)
     rows, failed = [], []
     for name, (cfg, steps) in configs.items():
