@@ -393,8 +393,9 @@ def editor_frame(editor, transformer, image, references, steps, mode: str | None
         return editor._decode(latents, plan, None)[1]
 
 
-@pytest.mark.parametrize("refs", [0, 1, 2])
-@pytest.mark.parametrize("steps", [1, 2, 4])
+# Steps and references on a diagonal: each count of either is covered, and the full 3 x 3 grid is the cached-path
+# test's (test_cached_path_equals_one_masked_pass_per_step), which costs a tenth as much per case.
+@pytest.mark.parametrize(("steps", "refs"), [(1, 0), (2, 1), (4, 2)])
 def test_kv_equals_klein_kv_pipeline(tiny_editor, editor_transformer, kv_pipeline, steps, refs):
     """The editor's frame around causal_denoise(kv) equals the pipeline, whose `image` list is the input image then
     the references (condition timestep 0: its __call__ never passes ref_fixed_timestep)."""
