@@ -193,9 +193,9 @@ def test_dbcache_with_the_kv_mode_is_refused():
 @pytest.mark.parametrize("mode", ["session", "kv"])
 def test_probe_and_compile_run_causal_frames(mode):
     """The probe times the mode's processors (session: the grouped attention; kv: diffusers' extract pass) and
-    leaves them in place with its backend; compile warms the bucket with whole causal frames, after which session
-    frames compile nothing and equal the eager path."""
-    buckets = ShapeBuckets(sizes=((64, 64),), references=(1,))
+    leaves them in place with its backend; compile warms every bucket with whole causal frames (session: the T/R,
+    I and X passes), after which frames in either bucket compile nothing and equal the eager path."""
+    buckets = ShapeBuckets(sizes=((64, 64), (64, 96)), references=(1,))
     cfg = EditorConfig(buckets=buckets, select_attention=True, compile=CompileConfig(enabled=True, backend="eager"))
     editor = causal_editor(mode, cfg)
     require_causal_processors(editor.transformer, mode)
@@ -203,18 +203,19 @@ def test_probe_and_compile_run_causal_frames(mode):
     backends = {getattr(p._attention_backend, "value", p._attention_backend)
                 for p in editor.transformer.attn_processors.values()}
     assert backends == {chosen}
-    assert editor.warm["causal"] == mode and editor.warm["shapes"] == [(64, 64, 1)]
+    assert editor.warm["causal"] == mode and sorted(editor.warm["shapes"]) == [(64, 64, 1), (64, 96, 1)]
     assert editor.warm["repeat_compiles"]["transformer"] == 0 and editor.warm["compiles"]["transformer"] > 0
     eager = causal_editor(mode, EditorConfig(buckets=buckets))  # references resized into the bucket alike
-    session = editor.open_session("make it blue", REFS)
-    for frame_seed in (1, 2):
-        frame = random_image(64, 64, seed=frame_seed)
-        expected = eager.edit(frame, "make it blue", references=REFS, seed=3).array
-        np.testing.assert_allclose(session.edit(frame, seed=3).array, expected, rtol=0, atol=1e-5)
+    for height, width in buckets.sizes:
+        session = editor.open_session("make it blue", REFS, bucket=(height, width))
+        for frame_seed in (1, 2):
+            frame = random_image(height, width, seed=frame_seed)
+            expected = eager.edit(frame, "make it blue", references=REFS, seed=3).array
+            np.testing.assert_allclose(session.edit(frame, seed=3).array, expected, rtol=0, atol=1e-5)
+        session.close()
     branches = editor.stats()["compile"]["branches"]
     assert {n: (b["state"], b["recompiles"]) for n, b in branches.items()} == {
         n: ("compiled", 0) for n in ("transformer", "vae_encoder", "vae_decoder")}
-    session.close()
 
 
 def test_a_random_preset_runs_in_the_mode_the_config_asks_for():
