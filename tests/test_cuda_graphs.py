@@ -109,8 +109,9 @@ def test_a_step_count_the_warm_up_missed_runs_eagerly_and_is_counted():
 @pytest.mark.parametrize("causal, policy, threshold", [("session", "dynamic", 1e9), ("session", "dynamic", 1e-9),
                                                        ("session", "static", 0.5), (None, "dynamic", 0.5)])
 def test_reuse_decisions_inside_and_outside_the_graphs(monkeypatch, causal, policy, threshold):
-    """The session mode's dynamic check is captured as conditional nodes (reusing always or never, as the check
-    says, without the host); cache-dit's (the full path) leaves the denoise stage uncaptured."""
+    """The session mode's dynamic check is captured (reusing always or never, as the check says): as conditional
+    nodes where torch has them, else as graph segments with the check read between them; cache-dit's (the full
+    path) leaves the denoise stage uncaptured."""
     import rtedit.presets as presets
 
     # 3 + 3 blocks: each group has a first, a middle and a last block to reuse
@@ -119,10 +120,11 @@ def test_reuse_decisions_inside_and_outside_the_graphs(monkeypatch, causal, poli
     reuse = CachingConfig(enabled=True, policy=policy, residual_diff_threshold=threshold)
     plain, graphed = gpu_editor(False, causal, dbcache=reuse), gpu_editor(True, causal, dbcache=reuse)
     stats = graphed.stats()["cuda_graphs"]
-    # without conditional nodes (torch 2.11) the session's dynamic check is left out too, and says why
-    left_out = policy == "dynamic" and (causal is None or conditional_nodes_unavailable() is not None)
+    left_out = policy == "dynamic" and causal is None
+    segmented = policy == "dynamic" and causal is not None and conditional_nodes_unavailable() is not None
     assert ("denoise" in stats["left_out"]) == left_out
     assert stats["captured"] == (["decode", "encode"] if left_out else ["decode", "denoise", "encode"])
+    assert stats["host_decisions"] == ({"denoise": 2} if segmented else {})  # one per block group of step 2
     frame = random_image(64, 64, seed=5)
 
     for seed in (1, 2):
@@ -132,6 +134,35 @@ def test_reuse_decisions_inside_and_outside_the_graphs(monkeypatch, causal, poli
         hits = graphed.stats()["step_reuse"]
         assert (hits["hit_rate"] == 1.0) == (policy == "static" or threshold > 1)
         assert (hits["hit_rate"] == 0.0) == (policy == "dynamic" and threshold < 1)
+    assert (graphed.stats()["cuda_graphs"]["host_reads"] > 0) == segmented
+
+
+@needs_gpu
+def test_one_captured_denoise_follows_each_frames_own_reuse_decision(monkeypatch):
+    """A threshold between the residual changes of different frames: the same captured stage must reuse on some
+    frames and compute on others, each frame equal to the eager editor's (a replay that kept the capture's choice,
+    or read a stale decision, would not be)."""
+    import rtedit.presets as presets
+
+    monkeypatch.setattr(presets, "TINY_TRANSFORMER", {**presets.TINY_TRANSFORMER, "num_layers": 3,
+                                                      "num_single_layers": 3})
+    frames = [random_image(64, 64, seed=s) for s in range(6)]
+    probe = gpu_editor(False, "session", dbcache=CachingConfig(enabled=True, residual_diff_threshold=1e-9))
+    diffs = []
+    for frame in frames:
+        probe.edit(frame, "make it blue", seed=1)
+        diffs += [d[-1] for d in probe.stats()["step_reuse"]["last_residual_diffs"].values()]
+    threshold = float(np.median(diffs))
+    reuse = CachingConfig(enabled=True, residual_diff_threshold=threshold)
+    plain, graphed = gpu_editor(False, "session", dbcache=reuse), gpu_editor(True, "session", dbcache=reuse)
+    before = graphed.stats()["step_reuse"]["reused"]
+    for frame in frames:
+        a, b = plain.edit(frame, "make it blue", seed=1), graphed.edit(frame, "make it blue", seed=1)
+        np.testing.assert_allclose(b.array, a.array, atol=1e-5, rtol=0)
+    after = graphed.stats()["step_reuse"]["reused"]
+    hits = sum(after.values()) - sum(before.values())
+    assert 0 < hits < 2 * len(frames), (threshold, diffs)  # some group-steps reused, some computed
+    assert hits == sum(plain.stats()["step_reuse"]["reused"].values())
 
 
 def test_no_capturing_graph_outside_a_capture():

@@ -9,6 +9,7 @@ nothing may be attached in another order (benchmarks build their rows through Ed
 from __future__ import annotations
 
 import functools
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +22,8 @@ from rtedit.prompts import PromptEmbedding
 
 if TYPE_CHECKING:
     from rtedit.editor import Editor
+
+logger = logging.getLogger(__name__)
 
 
 def gray(height: int, width: int) -> np.ndarray:
@@ -54,7 +57,7 @@ def build(editor: "Editor") -> None:
         from rtedit.model.step_reuse import StepReuse
 
         groups = {name: len(blocks) for name, blocks in block_groups(editor.transformer).items()}
-        editor.step_reuse = StepReuse(cfg.dbcache, groups)
+        editor.step_reuse = StepReuse(cfg.dbcache, groups, editor.device)
     elif cfg.dbcache.enabled:
         from rtedit.accel.dbcache import attach_cache
 
@@ -71,12 +74,12 @@ def build(editor: "Editor") -> None:
 
         editor.graphs = StageGraphs(editor.device)
         if cfg.dbcache.enabled and cfg.dbcache.policy == "dynamic" and editor.mode != "session":
-            # (the session mode's own step reuse decides on the device inside a graph: rtedit.model.step_reuse)
+            # (the session mode's own step reuse is captured with its check: rtedit.accel.cuda_graphs.branch)
             editor.graphs.leave_out("denoise", "cache-dit's dynamic policy reads its residual check on the host at "
-                                    "each reusable step, which a replayed graph cannot do")
+                                    "each reusable step, inside its wrapper, which a replayed graph cannot do")
         elif cfg.dbcache.enabled and cfg.dbcache.policy == "dynamic" and (why := conditional_nodes_unavailable()):
-            editor.graphs.leave_out("denoise", f"the session's dynamic step-reuse check needs CUDA graph conditional "
-                                    f"nodes to decide on the device, and {why}")
+            logger.info("CUDA graphs: the session's dynamic step-reuse check is read on the host between graph "
+                        "segments of the denoise stage (%s)", why)
     if editor.compiled is not None or editor.graphs is not None:
         editor.warm_up()  # every bucket compiled and captured now: no request ever compiles or captures
 

@@ -6,8 +6,10 @@ post-processing. So a whole stage (encode, denoise, decode) is captured by hand 
 inputs are copied into static buffers the graph reads, its outputs are static tensors the next replay overwrites.
 
 Rules a captured stage keeps (the Editor's stages keep them; rtedit.editor):
-- no host synchronisation and no host-side decision that can change between frames (a dynamic step-reuse check
-  reads a device value: with it the denoise stage is left out, `leave_out`, and runs eagerly, said in stats);
+- no host synchronisation and no host-side decision that can change between frames, but through `branch`: the
+  session's dynamic step-reuse check (rtedit.model.step_reuse.if_else) is captured as CUDA conditional nodes where
+  torch has them, else as graph segments with the check read on the host between them (cache-dit's own check, on
+  the full path, is inside its wrapper: with it the denoise stage is left out, `leave_out`, and runs eagerly);
 - every tensor the stage reads that can change between frames is an input (position ids, prompt embeddings,
   timesteps, cached keys and values): anything else is baked in at capture;
 - its outputs are consumed before the same graph replays again (the Editor runs one frame at a time).
@@ -32,16 +34,36 @@ logger = logging.getLogger(__name__)
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 
 
-_capture_state = threading.local()  # the graph this thread's StageGraphs is capturing, for conditional nodes
+_capture_state = threading.local()  # the _Recorder of this thread's StageGraphs capture, for branches
+
+
+def _recorder() -> _Recorder:
+    recorder = getattr(_capture_state, "recorder", None)
+    if recorder is None:
+        raise RuntimeError("no StageGraphs capture is in progress on this thread")
+    return recorder
 
 
 def capturing_graph() -> torch.cuda.CUDAGraph:
     """The CUDAGraph a StageGraphs capture on this thread is recording (torch 2.11, the GPU image's, has no
     `CUDAGraph.get_currently_capturing_graph`; later versions do)."""
-    graph = getattr(_capture_state, "graph", None)
-    if graph is None:
-        raise RuntimeError("no StageGraphs capture is in progress on this thread")
-    return graph
+    return _recorder().graph
+
+
+def branch(pred: torch.Tensor, when_true: Callable[[], None], when_false: Callable[[], None]) -> None:
+    """Inside a StageGraphs capture: one of two bodies by a 0-dim bool tensor, chosen at each replay. Both bodies
+    must write the same tensors (what follows reads those, whichever ran). With conditional nodes the GPU chooses;
+    without them (torch 2.11) the capture is cut here into segments, and a replay reads `pred` on the host."""
+    recorder = _recorder()
+    if conditional_nodes_unavailable() is None:
+        for condition, body in ((pred, when_true), (torch.logical_not(pred), when_false)):
+            recorder.graph.begin_capture_to_if_node(condition)  # CUDA before 12.8 has IF nodes only, not IF/ELSE
+            try:
+                body()
+            finally:
+                recorder.graph.end_capture_to_conditional_node()
+        return
+    recorder.split(pred, when_true, when_false)
 
 
 def conditional_nodes_unavailable() -> str | None:
@@ -51,14 +73,76 @@ def conditional_nodes_unavailable() -> str | None:
     return f"torch {torch.__version__}'s CUDAGraph has no {' or '.join(missing)}" if missing else None
 
 
+@dataclass(frozen=True)
+class _Branch:
+    """A host decision between two graph segments: `pred`, written by the segments before it, picks the body."""
+
+    pred: torch.Tensor
+    when_true: torch.cuda.CUDAGraph
+    when_false: torch.cuda.CUDAGraph
+
+
+class _Recorder:
+    """One stage's capture as a list of graphs in one memory pool: a single graph, unless `split` cuts it at a
+    host decision. Graphs that share a pool must replay in the order they were captured; the two bodies of a
+    branch both follow the segment before them and precede the one after, and only one of them runs."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.parts: list[torch.cuda.CUDAGraph | _Branch] = []
+        self.graph = self._begin()
+
+    def _begin(self) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA work (a prompt encode) must not invalidate this capture
+        graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        return graph
+
+    def split(self, pred: torch.Tensor, when_true: Callable[[], None], when_false: Callable[[], None]) -> None:
+        self.graph.capture_end()
+        self.parts.append(self.graph)
+        bodies = []
+        for body in (when_true, when_false):
+            self.graph = self._begin()
+            body()
+            self.graph.capture_end()
+            bodies.append(self.graph)
+        self.parts.append(_Branch(pred, *bodies))
+        self.graph = self._begin()
+
+    def finish(self) -> list[torch.cuda.CUDAGraph | _Branch]:
+        self.graph.capture_end()
+        self.parts.append(self.graph)
+        return self.parts
+
+    def abandon(self) -> None:
+        try:
+            self.graph.capture_end()
+        except RuntimeError:  # the failed capture already ended it; the error that got here is what to raise
+            pass
+
+
 @dataclass
 class _Captured:
-    graph: torch.cuda.CUDAGraph
+    parts: list[torch.cuda.CUDAGraph | _Branch]
     inputs: list[torch.Tensor]  # static buffers, in the order `run` receives its tensors
     held_sources: list  # weak references to the `held` tensors last copied in (copied again only when they change)
     outputs: Outputs
     seconds: float
     replays: int = 0
+    host_reads: int = 0  # branch decisions read on the host at replays
+
+    @property
+    def branches(self) -> int:
+        return sum(isinstance(p, _Branch) for p in self.parts)
+
+    def replay(self) -> None:
+        for part in self.parts:
+            if isinstance(part, _Branch):
+                self.host_reads += 1
+                (part.when_true if bool(part.pred.item()) else part.when_false).replay()
+            else:
+                part.replay()
 
 
 def _check_tensors(what: str, tensors: Sequence[torch.Tensor], device: torch.device) -> None:
@@ -124,7 +208,7 @@ class StageGraphs:
                 if entry.held_sources[i]() is not t:
                     entry.inputs[base + i].copy_(t, non_blocking=True)
                     entry.held_sources[i] = weakref.ref(t)
-        entry.graph.replay()
+        entry.replay()
         entry.replays += 1
         if on_replay is not None:
             on_replay()
@@ -140,16 +224,20 @@ class StageGraphs:
         with torch.cuda.stream(side):  # lazy initialisation (cuBLAS workspaces, autotuning) happens outside capture
             fn(*static)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA work (a prompt encode) must not invalidate this capture
-        _capture_state.graph = graph
-        try:
-            with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle(), capture_error_mode="thread_local"):
-                outputs = fn(*static)
-        finally:
-            _capture_state.graph = None
         torch.cuda.synchronize(self.device)
-        entry = _Captured(graph, static, [weakref.ref(t) for t in tensors[len(tensors) - held:]] if held else [],
+        with torch.cuda.stream(side):
+            recorder = _capture_state.recorder = _Recorder(torch.cuda.graph_pool_handle())
+            try:
+                outputs = fn(*static)
+                parts = recorder.finish()
+            except BaseException:
+                recorder.abandon()
+                raise
+            finally:
+                _capture_state.recorder = None
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        entry = _Captured(parts, static, [weakref.ref(t) for t in tensors[len(tensors) - held:]] if held else [],
                           outputs, time.perf_counter() - start)
         self.graphs[(stage, key)] = entry
         return entry
@@ -159,4 +247,7 @@ class StageGraphs:
                 "unwarmed_runs": self.unwarmed_runs, "left_out": dict(self.left_out),
                 "captured": sorted({stage for stage, _ in self.graphs}),
                 "capture_s": round(sum(e.seconds for e in self.graphs.values()), 3),
-                "replays": sum(e.replays for e in self.graphs.values())}
+                "replays": sum(e.replays for e in self.graphs.values()),
+                # decisions between graph segments (no conditional nodes): per replay of each stage, and in all
+                "host_decisions": {stage: e.branches for (stage, _), e in self.graphs.items() if e.branches},
+                "host_reads": sum(e.host_reads for e in self.graphs.values())}

@@ -10,10 +10,10 @@ step's residual of the middle blocks instead of running them; the last Bn blocks
 checks (the serving default); "static" reuses without checking, for timing only, and says so in stats and logs.
 
 Where the dynamic check runs: eagerly it is read on the host (one sync per group of a reusable step); inside a CUDA
-graph capture (rtedit.accel.cuda_graphs) it stays on the device: both branches are captured as CUDA conditional
-nodes (`CUDAGraph.begin_capture_to_if_node`), so a replay decides per frame without the host, and the hit count
-is a device counter read only when stats are. A torch build without conditional nodes leaves the denoise stage
-uncaptured instead (rtedit.fast_path, said in stats and logs).
+graph capture (rtedit.accel.cuda_graphs.branch) both branches are captured and the hit count is a device counter
+read only when stats are: as CUDA conditional nodes (`CUDAGraph.begin_capture_to_if_node`) where torch has them, so
+a replay decides without the host; else (torch 2.11) as graph segments, the check read on the host between them,
+one read per group of a reusable step, as eagerly, but with every kernel of the stage still replayed from graphs.
 """
 
 from __future__ import annotations
@@ -40,28 +40,26 @@ class _Residuals:
     middle: torch.Tensor  # of the middle blocks: what a reused step adds instead of running them
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def if_else(pred: torch.Tensor, when_true: Callable[[], None], when_false: Callable[[], None],
             on_device: bool) -> None:
-    """Runs one of two bodies by a 0-dim bool tensor. on_device (inside a CUDA graph capture): both captured as
-    conditional nodes, the choice made on the GPU at replay; else the host reads `pred` (one sync)."""
+    """Runs one of two bodies by a 0-dim bool tensor. on_device (inside a CUDA graph capture): both captured and
+    the choice made at each replay (rtedit.accel.cuda_graphs.branch); else the host reads `pred` now (one sync)."""
     if not on_device:
         (when_true if bool(pred.item()) else when_false)()
         return
-    from rtedit.accel.cuda_graphs import capturing_graph
+    from rtedit.accel.cuda_graphs import branch
 
-    graph = capturing_graph()
-    for condition, body in ((pred, when_true), (torch.logical_not(pred), when_false)):
-        graph.begin_capture_to_if_node(condition)  # CUDA before 12.8 has IF nodes only: two of them, not IF/ELSE
-        try:
-            body()
-        finally:
-            graph.end_capture_to_conditional_node()
+    branch(pred, when_true, when_false)
 
 
 class StepReuse:
     """The reuse rule on one editor and its counters; `frame(steps)` holds one frame's residuals."""
 
-    def __init__(self, config: CachingConfig, groups: dict[str, int]) -> None:
+    def __init__(self, config: CachingConfig, groups: dict[str, int], device: torch.device | None = None) -> None:
         config.validate()
         config.check_blocks(groups)
         if config.taylorseer_order:
@@ -73,10 +71,15 @@ class StepReuse:
         self.allowed = {name: 0 for name in groups}  # group-steps the mask let reuse
         self.reused = {name: 0 for name in groups}
         self.last_diffs: dict[str, list[float]] = {}
-        # Decisions made on the device (a captured graph's conditional nodes): hit counts and the latest
-        # residual change per group, device tensors read when stats are asked for.
+        # Decisions captured into a CUDA graph: hit counts and the latest residual change per group, device tensors
+        # read when stats are asked for. Made here, outside any capture: a tensor made during a capture would be
+        # zeroed again by every replay.
         self.device_reused: dict[str, torch.Tensor] = {}
         self.device_diffs: dict[str, torch.Tensor] = {}
+        self.decided_on_device: set[str] = set()
+        if device is not None:
+            for name in groups:
+                self._device_tensors(name, device)
         self.device_path_on_host = False  # tests: the device-decision path run eagerly, its choice read on the host
         if config.policy == "static":
             logger.warning("session step reuse policy is %s", STATIC_LABEL)
@@ -84,9 +87,10 @@ class StepReuse:
     def frame(self, num_steps: int) -> FrameReuse:
         """A frame of `num_steps` steps: the mask applies when it has that length, else every step computes."""
         mask = tuple(self.config.compute_mask)
-        self.frames += 1
+        capturing = _capturing()
+        self.frames += not capturing  # a captured frame is counted by its replays (count_replayed_frame)
         if len(mask) != num_steps:
-            self.unmasked_frames += 1
+            self.unmasked_frames += not capturing
             mask = (1,) * num_steps
         return FrameReuse(self, mask)
 
@@ -103,6 +107,15 @@ class StepReuse:
                         self.reused[name] += 1
             computed = computed or bool(compute)
 
+    def _device_tensors(self, group: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if group not in self.device_reused:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("step reuse's device counters must exist before a CUDA graph capture: build "
+                                   "StepReuse with the editor's device")
+            self.device_reused[group] = torch.zeros((), dtype=torch.int64, device=device)
+            self.device_diffs[group] = torch.zeros((), dtype=torch.float32, device=device)
+        return self.device_reused[group], self.device_diffs[group]
+
     def _reused(self) -> dict[str, int]:
         return {name: count + (int(self.device_reused[name].item()) if name in self.device_reused else 0)
                 for name, count in self.reused.items()}
@@ -111,15 +124,15 @@ class StepReuse:
         reused_by_group = self._reused()
         allowed, reused = sum(self.allowed.values()), sum(reused_by_group.values())
         diffs = {name: list(values) for name, values in self.last_diffs.items()}
-        for name, diff in self.device_diffs.items():  # the latest replay's check, decided on the device
-            diffs.setdefault(name, []).append(float(diff.item()))
+        for name in sorted(self.decided_on_device):  # the latest replay's check, decided in a graph
+            diffs.setdefault(name, []).append(float(self.device_diffs[name].item()))
         cfg = self.config
         return {"enabled": True, "policy": cfg.policy, "label": STATIC_LABEL if cfg.policy == "static" else None,
                 "compute_mask": list(cfg.compute_mask), "Fn": cfg.Fn, "Bn": cfg.Bn,
                 "residual_diff_threshold": cfg.residual_diff_threshold, "frames": self.frames,
                 "unmasked_frames": self.unmasked_frames, "allowed": dict(self.allowed), "reused": reused_by_group,
                 "hit_rate": reused / allowed if allowed else None, "last_residual_diffs": diffs,
-                "decided_on_device": sorted(self.device_reused)}
+                "decided_on_device": sorted(self.decided_on_device)}
 
 
 class FrameReuse:
@@ -144,13 +157,13 @@ class FrameReuse:
         first = hidden - start
         last = self._residuals.get(group)
         if self.mask[self.step] == 0 and last is not None:
-            owner.allowed[group] += 1
-            capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+            capturing = hidden.is_cuda and _capturing()
+            owner.allowed[group] += not capturing  # a capture runs no kernel: its replays count (count_replayed_frame)
             if cfg.policy == "dynamic" and (capturing or owner.device_path_on_host):
                 hidden = self._decide_on_device(group, blocks[fn:len(blocks) - bn], hidden, first, last)
                 return self._last(blocks, bn, hidden)
             if cfg.policy == "static" or self._close(group, first, last.first):
-                owner.reused[group] += 1
+                owner.reused[group] += not capturing
                 return self._last(blocks, bn, hidden + last.middle)
         before_middle = hidden
         for block in blocks[fn:len(blocks) - bn]:
@@ -171,8 +184,9 @@ class FrameReuse:
         owner = self.owner
         diff = (first - last.first).abs().mean() / last.first.abs().mean()
         passes = diff < owner.config.residual_diff_threshold
-        owner.device_diffs[group] = diff
-        counter = owner.device_reused.setdefault(group, torch.zeros((), dtype=torch.int64, device=hidden.device))
+        counter, latest = owner._device_tensors(group, hidden.device)
+        owner.decided_on_device.add(group)
+        latest.copy_(diff)
         counter.add_(passes.to(torch.int64))
         out = torch.empty_like(hidden)
 
