@@ -17,7 +17,7 @@
 # beside another lane was not enough on 2026-12-03), REWARD_TRAIN_S (270 s of steps, at most, after ~30 s of data
 # reading and model building), REWARD_TOTAL_S (420), REWARD_WORKERS (CPUs), REWARD_SET (extra --set
 # KEY=VALUE, space-separated), REWARD_DEVICE (cuda when torch sees a GPU, else cpu: the CPU dry run),
-# REWARD_PIXEL_EXAMPLES (240 wrong edits at most).
+# REWARD_PIXEL_EXAMPLES (240 wrong edits at most), REWARD_CONFIG (the job config, jobs/configs/reward_gpu.yaml).
 # GatedDeltaNet runs transformers' torch path (0.42 s a step of 64 pairs on an H200, 2026-12-03): flash-linear-
 # attention 0.6.0 refuses its backward on Hopper with the image's Triton 3.6, so carrying it does not help here.
 # CPU dry run (tiny sizes, about 2 minutes on 2 cores):
@@ -35,6 +35,7 @@ TEACHER_N=${REWARD_TEACHER_N:-150}
 TRAIN_S=${REWARD_TRAIN_S:-270}
 TOTAL_S=${REWARD_TOTAL_S:-420}
 DATA_S=${REWARD_DATA_S:-110}
+CONFIG=${REWARD_CONFIG:-jobs/configs/reward_gpu.yaml}
 DEADLINE=$((SECONDS + TOTAL_S))
 WORKERS=${REWARD_WORKERS:-$(nproc)}
 PIXEL_EXAMPLES=${REWARD_PIXEL_EXAMPLES:-240}
@@ -82,7 +83,7 @@ cp "$DATA/manifest.json" "$OUT/data.json"
 limit=$(left 70)
 budget=$((limit - 20 < TRAIN_S + 40 ? limit - 20 : TRAIN_S + 40))
 budget=$((budget < 10 ? 10 : budget))
-step "$limit" train python3 -m jobs.train_reward --local --config jobs/configs/reward_gpu.yaml \
+step "$limit" train python3 -m jobs.train_reward --local --config "$CONFIG" \
   --set task.data_dir="$DATA" "${extra[@]}" --max-seconds "$budget" --export "$MODEL" --json "$OUT/train.json"
 
 step "$(left 45)" eval python3 -m jobs.eval_reward --model "$MODEL" --data "$DATA" --device "$DEVICE" \

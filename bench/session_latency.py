@@ -88,12 +88,9 @@ def same_editor_parity(editor, frame) -> float:
     return float(np.abs(graphed - eager).max())
 
 
-def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
-    # A 1-step row's model serves 1 step, as the DMDR student's rtedit.json says: warmed and captured at it.
-    editor = served_steps_editor(config, 1) if args.one_step and args.steps == 1 else fl.build(config)
-    refs = [fl.frame(args.size)[::-1].copy()] * config.buckets.references[0]
-    session = editor.open_session(emb, refs, bucket=(args.size, args.size))
-    first = session.edit(image, steps=args.steps)  # the session's T/R pass happens here, once
+def time_session(session, image: np.ndarray, args):
+    """The session's first frame (its T/R pass happens there, once), the warm-up, then per-stage samples."""
+    first = session.edit(image, steps=args.steps)
     for _ in range(args.warmup):
         session.edit(image, steps=args.steps)
     samples = {s: [] for s in PASS_STAGES}
@@ -101,6 +98,15 @@ def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
         t = session.edit(image, steps=args.steps).timings
         for s in PASS_STAGES:
             samples[s].append(t.get(s, 0.0))
+    return first, samples
+
+
+def run_row(name: str, config, image: np.ndarray, emb, args) -> dict:
+    # A 1-step row's model serves 1 step, as the DMDR student's rtedit.json says: warmed and captured at it.
+    editor = served_steps_editor(config, 1) if args.one_step and args.steps == 1 else fl.build(config)
+    refs = [fl.frame(args.size)[::-1].copy()] * config.buckets.references[0]
+    session = editor.open_session(emb, refs, bucket=(args.size, args.size))
+    first, samples = time_session(session, image, args)
     stats = editor.stats()
     recompiles = {n: b["recompiles"] for n, b in stats["compile"].get("branches", {}).items()}
     assert not any(recompiles.values()), f"{name}: recompiled after warm-up: {recompiles}"
@@ -157,17 +163,13 @@ def as_served_rows(serving, emb, args) -> list[dict]:
     for height, width in config.buckets.sizes:
         image = fl.frame(height) if height == width else fl.frame(max(height, width))[:height, :width].copy()
         session = editor.open_session(emb, [], bucket=(height, width))
-        first = session.edit(image, steps=args.steps)
-        for _ in range(args.warmup):
-            session.edit(image, steps=args.steps)
-        samples = {s: [] for s in PASS_STAGES}
-        for _ in range(args.frames):
-            t = session.edit(image, steps=args.steps).timings
-            for s in PASS_STAGES:
-                samples[s].append(t.get(s, 0.0))
+        first, samples = time_session(session, image, args)
+        parity = None  # the graphed frame against the same editor's eager frame (both decide the reuse alike)
+        if config.cuda_graphs:
+            parity = same_editor_parity(editor, lambda s=session, im=image: s.edit(im, steps=args.steps).array)
         session.close()
         rows.append({"row": f"{AS_SERVED} @{height}x{width}", "frames": args.frames, "steps": args.steps,
-                     "session_pass_ms": first.timings.get("session"),
+                     "session_pass_ms": first.timings.get("session"), "graph_vs_eager_max_abs": parity,
                      **{f"{s}_median": statistics.median(v) for s, v in samples.items()},
                      "total_p99": float(np.percentile(samples["total"], 99))})
         print(f"row done: {rows[-1]['row']}: " + " ".join(f"{s} {rows[-1][f'{s}_median']:.2f}" for s in PASS_STAGES),
@@ -175,6 +177,8 @@ def as_served_rows(serving, emb, args) -> list[dict]:
     stats = editor.stats()
     recompiles = {n: b["recompiles"] for n, b in stats["compile"].get("branches", {}).items()}
     assert not any(recompiles.values()), f"{AS_SERVED}: recompiled after warm-up: {recompiles}"
+    if config.cuda_graphs:
+        assert stats["cuda_graphs"]["unwarmed_runs"] == 0, f"{AS_SERVED}: frames outside the captured graphs"
     for row in rows:
         row.update(recompiles=recompiles, mode=editor.mode, attention=stats["attention_backend"],
                    cuda_graphs=stats.get("cuda_graphs"), reuse=stats["step_reuse"])
