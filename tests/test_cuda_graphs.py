@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import random_image
-from rtedit.accel.cuda_graphs import capturing_graph, conditional_nodes_unavailable
+from rtedit.accel.cuda_graphs import branch, conditional_nodes_unavailable
 from rtedit.accel.dbcache import CachingConfig
 from rtedit.config import EditorConfig, ShapeBuckets
 from rtedit.editor import Editor
@@ -165,7 +165,7 @@ def test_one_captured_denoise_follows_each_frames_own_reuse_decision(monkeypatch
     assert hits == sum(plain.stats()["step_reuse"]["reused"].values())
 
 
-def test_no_capturing_graph_outside_a_capture():
-    """Conditional nodes are only recorded into a StageGraphs capture: asking for one elsewhere is an error."""
+def test_no_branch_outside_a_capture():
+    """A captured branch is only recorded into a StageGraphs capture: asking for one elsewhere is an error."""
     with pytest.raises(RuntimeError, match="no StageGraphs capture"):
-        capturing_graph()
+        branch(torch.tensor(True), lambda: None, lambda: None)

@@ -38,16 +38,11 @@ _capture_state = threading.local()  # the _Recorder of this thread's StageGraphs
 
 
 def _recorder() -> _Recorder:
+    # torch 2.11, the GPU image's, has no `CUDAGraph.get_currently_capturing_graph`: the capture says which it is
     recorder = getattr(_capture_state, "recorder", None)
     if recorder is None:
         raise RuntimeError("no StageGraphs capture is in progress on this thread")
     return recorder
-
-
-def capturing_graph() -> torch.cuda.CUDAGraph:
-    """The CUDAGraph a StageGraphs capture on this thread is recording (torch 2.11, the GPU image's, has no
-    `CUDAGraph.get_currently_capturing_graph`; later versions do)."""
-    return _recorder().graph
 
 
 def branch(pred: torch.Tensor, when_true: Callable[[], None], when_false: Callable[[], None]) -> None:

@@ -109,7 +109,7 @@ class StepReuse:
 
     def _device_tensors(self, group: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if group not in self.device_reused:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if device.type == "cuda" and _capturing():
                 raise RuntimeError("step reuse's device counters must exist before a CUDA graph capture: build "
                                    "StepReuse with the editor's device")
             self.device_reused[group] = torch.zeros((), dtype=torch.int64, device=device)
