@@ -160,6 +160,8 @@ def test_config_errors(tokenizer):
     backbone = tiny_backbone_config(tokenizer, **TINY)
     with pytest.raises(ConfigError, match="head"):
         EditReward(RewardConfig(backbone=backbone, head="triplet"), tokenizer)
+    with pytest.raises(ConfigError, match="pooling must be one of .*vision_relations"):
+        EditReward(RewardConfig(backbone=backbone, pooling="vision_patch_relations"), tokenizer)
     with pytest.raises(ConfigError, match="do not match"):
         EditReward(RewardConfig(backbone=backbone, vision={"patch_size": 14}), tokenizer)
     bad = dict(backbone, vision_config={**backbone["vision_config"], "out_hidden_size": 48})
