@@ -9,6 +9,7 @@
 #   bash bench/lent_host.sh train    # toy data, then a lane on TRAIN_GPUS: [scaling,] the teacher run, its evaluation
 #   bash bench/lent_host.sh status   # what every lane last printed
 #   bash bench/lent_host.sh serve    # a lane: bench/serve_load.py on serve-gpu.yaml, GPU 0 (after frames)
+#   bash bench/lent_host.sh cache-pack  # the inductor cache into $OUT as parts to carry back in as .inductor/
 #   bash bench/lent_host.sh pack     # the teacher's export and the lanes' JSON into $OUT (<= 8 files of 15 MB)
 #   bash bench/lent_host.sh distill       # issue 11: toy data, then the causal students' lanes on one GPU, each
 #                                         # followed by its evaluations, and the baselines' lane (DISTILL_STEPS,
@@ -86,6 +87,9 @@ setup)
     tar -C "$RUN" -xf -
   # A slimmed call's toy editor travels packed (bench/stage_device.sh toy-pack).
   if [ -f .toyxz/toy-editor.tar.xz ]; then mkdir -p "$RUN/models" && XZ_DEFAULTS=-T0 tar -C "$RUN/models" -xJf .toyxz/toy-editor.tar.xz; fi
+  # A warm inductor cache from an earlier call (its $OUT/inductor.tar.xz.* parts, carried in .inductor/): the same
+  # graphs on the same image then load instead of compiling, which is what lets one process build every row.
+  if compgen -G ".inductor/inductor.tar.xz.*" >/dev/null; then cat .inductor/inductor.tar.xz.* | xz -d -T0 | tar -C /tmp -xf -; fi
   # rtedit is linked into the site folder: platform/ itself never goes on sys.path (it names a stdlib module).
   ln -sfn "$RUN/platform/rtedit" /tmp/site/rtedit
   cat >"$LANES/env.sh" <<'EOF'
@@ -313,6 +317,19 @@ retrain-pack)
   cp "$R/teacher/metrics.csv" "$LANES/retrain/" 2>/dev/null || true
   tar -C "$LANES/retrain" -czf "$OUT/retrain-lanes.tgz" .
   ls -la "$OUT"
+  ;;
+cache-pack)
+  # The inductor cache (TORCHINDUCTOR_CACHE_DIR) as xz parts of 15 MiB, to carry into the next call as .inductor/:
+  # at most CACHE_PARTS parts (what $OUT can bring back beside the logs, and a carry can take beside the wheels).
+  OUT=${OUT:?OUT must name the folder that comes back}
+  du -sh /tmp/inductor/* 2>/dev/null || true
+  tar -C /tmp -cf - inductor | XZ_DEFAULTS=-T0 xz -6 | split -b 15M -a 1 - "$OUT/inductor.tar.xz."
+  parts=$(ls "$OUT"/inductor.tar.xz.* | wc -l)
+  du -cb "$OUT"/inductor.tar.xz.* | tail -1
+  if [ "$parts" -gt "${CACHE_PARTS:-3}" ]; then
+    echo "the inductor cache took $parts parts (> ${CACHE_PARTS:-3}): not brought back" >&2
+    rm -f "$OUT"/inductor.tar.xz.*
+  fi
   ;;
 pack)
   tar -C /tmp/teacher -cf - . | split -b 15M - "$OUT/teacher.tar."

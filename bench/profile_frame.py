@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--taef2-dir", default=None)
+    parser.add_argument("--top", type=int, default=15, help="kernels listed, by CUDA time")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_frame needs a CUDA GPU")
@@ -76,7 +77,7 @@ def main() -> int:
     print(f"GPU kernel time per frame: {total / args.frames / 1000:.2f} ms")
     for k, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {k:32s} {us / args.frames / 1000:7.2f} ms/frame  {100 * us / total:5.1f} %")
-    for us, count, name in sorted(kernels, reverse=True)[:15]:
+    for us, count, name in sorted(kernels, reverse=True)[:args.top]:
         print(f"  {us / args.frames / 1000:7.3f} ms/frame  x{count // args.frames:<4d} {name[:110]}")
     print("compile:", {n: b["recompiles"] for n, b in editor.stats()["compile"]["branches"].items()},
           "attention:", editor.stats()["attention"]["chosen"])
