@@ -83,7 +83,7 @@ setup)
   done
   shopt -u nullglob
   # -h: a .snap tree (bench/stage_device.sh snap) links models/ and .device in from beside it.
-  rm -rf "$RUN" && mkdir -p "$RUN" && tar -h --exclude=./.raygpu --exclude=./.whl --exclude=./.dswhl --exclude=./.tao --exclude=./.toyxz -cf - . |
+  rm -rf "$RUN" && mkdir -p "$RUN" && tar -h --exclude=./.raygpu --exclude=./.whl --exclude=./.dswhl --exclude=./.tao --exclude=./.toyxz --exclude=./.inductor -cf - . |
     tar -C "$RUN" -xf -
   # A slimmed call's toy editor travels packed (bench/stage_device.sh toy-pack).
   if [ -f .toyxz/toy-editor.tar.xz ]; then mkdir -p "$RUN/models" && XZ_DEFAULTS=-T0 tar -C "$RUN/models" -xJf .toyxz/toy-editor.tar.xz; fi
