@@ -61,6 +61,11 @@ lane() {  # lane NAME COMMAND: a process session of its own, logging to $LANES/N
   setsid nohup bash -c "$*" >"$LANES/$name.log" 2>&1 </dev/null &
 }
 
+xz_parts() {  # tar ... | xz_parts NAME: stdin as $OUT/NAME.tar.xz.[a-z], xz in 15 MiB parts; prints how many
+  XZ_DEFAULTS=-T0 xz -6 | split -b 15M -a 1 - "$OUT/$1.tar.xz."
+  ls "$OUT/$1".tar.xz.* | wc -l
+}
+
 case "${1:-}" in
 setup)
   # Whichever carry folders arrived: xz-packed installs (bench/stage_device.sh) are unpacked, loose wheels
@@ -310,9 +315,7 @@ retrain-pack)
   R=${RETRAIN_DIR:-/tmp/retrain}
   OUT=${OUT:?OUT must name the folder that comes back}
   [ -f "$R/teacher/export/model_index.json" ] || { echo "no export under $R/teacher/export: run retrain" >&2; exit 1; }
-  tar -C "$R/teacher/export" -cf - . -C "$R/teacher" metrics.csv metrics.png | XZ_DEFAULTS=-T0 xz -6 |
-    split -b 15M -a 1 - "$OUT/toy-editor-new.tar.xz."
-  parts=$(ls "$OUT"/toy-editor-new.tar.xz.* | wc -l)
+  parts=$(tar -C "$R/teacher/export" -cf - . -C "$R/teacher" metrics.csv metrics.png | xz_parts toy-editor-new)
   [ "$parts" -le 4 ] || { echo "the export took $parts parts (> 4)" >&2; exit 1; }
   cp "$R/teacher/metrics.csv" "$LANES/retrain/" 2>/dev/null || true
   tar -C "$LANES/retrain" -czf "$OUT/retrain-lanes.tgz" .
@@ -323,8 +326,7 @@ cache-pack)
   # at most CACHE_PARTS parts (what $OUT can bring back beside the logs, and a carry can take beside the wheels).
   OUT=${OUT:?OUT must name the folder that comes back}
   du -sh /tmp/inductor/* 2>/dev/null || true
-  tar -C /tmp -cf - inductor | XZ_DEFAULTS=-T0 xz -6 | split -b 15M -a 1 - "$OUT/inductor.tar.xz."
-  parts=$(ls "$OUT"/inductor.tar.xz.* | wc -l)
+  parts=$(tar -C /tmp -cf - inductor | xz_parts inductor)
   du -cb "$OUT"/inductor.tar.xz.* | tail -1
   if [ "$parts" -gt "${CACHE_PARTS:-3}" ]; then
     echo "the inductor cache took $parts parts (> ${CACHE_PARTS:-3}): not brought back" >&2
