@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--taef2-dir", default=None)
     parser.add_argument("--top", type=int, default=15, help="kernels listed, by CUDA time")
     args = parser.parse_args()
+    if args.top < 1:
+        parser.error(f"--top must be at least 1 (a count of kernels), got {args.top}")
     if not torch.cuda.is_available():
         raise SystemExit("profile_frame needs a CUDA GPU")
 

@@ -3,6 +3,8 @@ of deployments/serve-gpu.yaml is built from, and every other row adds one optimi
 
 import dataclasses
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -114,6 +116,14 @@ def test_command_line_flags_still_parse(bench):
          "--compile-backend", "eager", "--taef2-dir", "/t"])
     assert args.only == ["exact", bench.SERVING] and bench.frame_counts("exact", args) == (5, 1)
     assert bench.frame_counts("+compile", args) == (0, 0)
+
+
+@pytest.mark.parametrize("top", ["0", "-3"])
+def test_profile_frame_refuses_a_kernel_count_below_one(top):
+    # A negative --top would slice the kernel list from its end and print a silent subset: refused before any GPU work.
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "profile_frame.py"), "--top", top],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"--top must be at least 1 (a count of kernels), got {top}" in run.stderr
 
 
 def test_each_variant_changes_only_reuse_graphs_and_fp8(bench):
