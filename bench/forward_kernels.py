@@ -1,11 +1,13 @@
 """What one klein-4b forward is made of at a frame size: its attention and GEMM kernels timed alone, in TFLOP/s.
 
     python bench/forward_kernels.py --size 1024 [--autotune] [--json out/kernels-1024.json]
+    python bench/forward_kernels.py --size 1024 --attention-only --attention-repeats 2000   # sustained clock
 
 The 1024x1024 serving row is two 8,704-token forwards (4,096 target + 4,096 input + 512 text tokens); this names
 what bounds them. Attention at the forward's shape [1, 24 heads, N, 128] under each SDPA backend torch has (and
-flex attention, compiled), and each linear layer's GEMM under cuBLAS (and inductor's max-autotune templates with
---autotune), so a lever is chosen by its kernel's measured rate. Shapes come from the klein-4b preset's config.
+flex attention, compiled), with contiguous inputs and with the strides a single-stream block gives them, and
+each linear layer's GEMM under cuBLAS (and inductor's max-autotune templates with --autotune), so a lever is
+chosen by its kernel's measured rate. Shapes come from the klein-4b preset's config.
 The sum of the parts, layer by layer, is what a forward would take if nothing else ran: set it beside the serving
 row's denoise (two forwards a frame) and bench/profile_frame.py's kernel split at the same size.
 """
@@ -40,31 +42,47 @@ def cuda_ms(fn, repeats: int = 20) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def attention_rows(n: int, heads: int, head_dim: int) -> list[dict]:
+def attention_rows(n: int, heads: int, head_dim: int, repeats: int = 20) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(1, heads, n, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flop = 4 * n * n * heads * head_dim
     rows = []
-    candidates = [("sdpa default", None)] + [(f"sdpa {b.name.lower()}", b) for b in (
-        SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)]
-    for name, backend in candidates:
-        def run(backend=backend):
-            if backend is None:
-                return F.scaled_dot_product_attention(q, k, v)
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, k, v)
-        rows.append(timed_row(name, run, flop))
-    from torch.nn.attention.flex_attention import flex_attention
-    flex = torch.compile(flex_attention, dynamic=False)
-    rows.append(timed_row("flex attention (compiled)", lambda: flex(q, k, v), flop))
+    for layout, (q, k, v) in attention_layouts(n, heads, head_dim).items():
+        candidates = [("sdpa default", None)] + [(f"sdpa {b.name.lower()}", b) for b in (
+            SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)]
+        for name, backend in candidates:
+            def run(backend=backend, q=q, k=k, v=v):
+                if backend is None:
+                    return F.scaled_dot_product_attention(q, k, v)
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v)
+            rows.append({**timed_row(name, run, flop, repeats), "layout": layout})
+        if layout == "bhnd contiguous":
+            from torch.nn.attention.flex_attention import flex_attention
+            flex = torch.compile(flex_attention, dynamic=False)
+            rows.append({**timed_row("flex attention (compiled)", lambda: flex(q, k, v), flop, repeats),
+                         "layout": layout})
     return rows
 
 
-def timed_row(name: str, fn, flop: float) -> dict:
+def attention_layouts(n: int, heads: int, head_dim: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    """[1, heads, n, head_dim] views of q, k, v: contiguous, and as a single-stream block hands them to SDPA
+    (diffusers' native backend permutes BSHD views: q and k written by the norm + RoPE kernel, v a column slice of
+    the fused qkv + MLP projection's output), since a kernel's rate can depend on its inputs' strides."""
+    def bhnd():
+        return torch.randn(1, heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
+
+    d = heads * head_dim
+    fused = torch.randn(1, n, 3 * d + 2 * int(d * K4B["mlp_ratio"]), device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.unflatten(-1, (heads, head_dim)) for t in fused[..., :3 * d].chunk(3, dim=-1))
+    as_block = tuple(t.permute(0, 2, 1, 3) for t in (q.contiguous(), k.contiguous(), v))
+    return {"bhnd contiguous": (bhnd(), bhnd(), bhnd()), "as a single block lays them out": as_block}
+
+
+def timed_row(name: str, fn, flop: float, repeats: int = 20) -> dict:
     try:
         with torch.inference_mode():
-            ms = cuda_ms(fn)
+            ms = cuda_ms(fn, repeats)
     except Exception as exc:  # a backend this torch/card lacks is a row that says so, not a failed bench
         return {"kernel": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
     return {"kernel": name, "ms": round(ms, 3), "tflops": round(flop / ms / 1e9, 1)}
@@ -114,8 +132,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--autotune", action="store_true", help="also inductor max-autotune GEMMs (minutes of autotuning)")
+    p.add_argument("--attention-repeats", type=int, default=20,
+                   help="calls per attention timing; ~2,000 at 1024 keeps the card busy for seconds, at its "
+                        "sustained clock rather than a burst's")
+    p.add_argument("--attention-only", action="store_true", help="skip the GEMM rows")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.attention_repeats < 1:
+        p.error(f"--attention-repeats must be at least 1, got {args.attention_repeats}")
     if not torch.cuda.is_available():
         raise SystemExit("forward_kernels needs a CUDA GPU")
     heads, head_dim = K4B["num_attention_heads"], K4B["attention_head_dim"]
@@ -123,10 +147,10 @@ def main() -> int:
     card, uuid = fl.card()
     print(f"{card} ({uuid}), {datetime.date.today()}, torch {torch.__version__}, klein-4b shapes at "
           f"{args.size}x{args.size}: {tokens} tokens a forward")
-    attention = attention_rows(tokens, heads, head_dim)
+    attention = attention_rows(tokens, heads, head_dim, args.attention_repeats)
     for row in attention:
         print("attention", row)
-    gemms = gemm_rows(args.size, args.autotune)
+    gemms = [] if args.attention_only else gemm_rows(args.size, args.autotune)
     for row in gemms:
         print("gemm", row)
     best_attention = min(r["ms"] for r in attention if "ms" in r)

@@ -104,7 +104,7 @@ def main() -> int:
     buf = io.BytesIO()
     PIL.Image.fromarray(fl.frame(args.size)).save(buf, format="JPEG", quality=90)
     image_bytes = buf.getvalue()
-    results, stages = {}, {}
+    results, stages, codecs = {}, {}, {}
     for name, config in columns.items():
         editor = fl.build(config)
         emb = warm_prompt(editor)
@@ -112,6 +112,7 @@ def main() -> int:
             results[name] = breakdown(editor, image_bytes, args.repeats)
         frames = [editor.edit(image_bytes, emb, output_format="jpeg").timings for _ in range(args.frames + 3)][3:]
         stages[name] = {s: statistics.median(t[s] for t in frames) for s in ("prepare", "denoise", "decode", "total")}
+        codecs[name] = editor.stats()["image_codec"]  # which codec the whole-frame rows ran, and its counts
         del editor
         fl.release()
     card, uuid = fl.card()
@@ -123,10 +124,13 @@ def main() -> int:
         print(f"| {part} | " + " | ".join(f"{results[c][part]:.2f}" for c in columns) + " |")
     for stage in ("prepare", "denoise", "decode", "total"):
         print(f"| frame stage: {stage} (CUDA events) | " + " | ".join(f"{stages[c][stage]:.2f}" for c in columns) + " |")
+    for name, codec in codecs.items():
+        print(f"image codec of the frame rows, {name}: {json.dumps(codec, default=str)}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"card": card, "card_uuid": uuid, "date": str(datetime.date.today()), "size": args.size,
-                       "parts": results, "stages": stages}, fh, indent=2)
+                       "parts": results, "stages": stages,
+                       "image_codec": codecs}, fh, indent=2)
     return 0
 
 
