@@ -1,4 +1,5 @@
-"""cache-dit DBCache on a tiny real Flux2 transformer (CPU): no state across requests, hit rates, config errors."""
+"""cache-dit DBCache on a tiny real Flux2 transformer (CPU): no state across requests, hit rates, config errors, and
+the device-decision path CUDA graphs capture (rtedit.accel.dbcache_graphs) run eagerly against cache-dit's own."""
 
 import math
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from cache_dit import DBCacheConfig
 
+from rtedit.accel import dbcache_graphs
 from rtedit.accel.dbcache import CachingConfig, attach_cache, block_groups
 from rtedit.errors import ConfigError
 from conftest import tiny_transformer, tiny_transformer_inputs
@@ -20,13 +22,13 @@ def request_inputs(seed: int, n: int = 16, length: int = 8) -> dict:
 
 
 @torch.no_grad()
-def denoise(transformer, request, cache=None) -> torch.Tensor:
-    """Two Euler steps as the editor's loop makes them; refreshes the cache first when one is given."""
+def denoise(transformer, request, cache=None, timesteps=TIMESTEPS) -> torch.Tensor:
+    """Euler steps as the editor's loop makes them; refreshes the cache first when one is given."""
     if cache is not None:
-        cache.refresh(len(TIMESTEPS))
+        cache.refresh(len(timesteps))
     x = request["latents"]
-    sigmas = list(TIMESTEPS) + [0.0]
-    for i, t in enumerate(TIMESTEPS):
+    sigmas = list(timesteps) + [0.0]
+    for i, t in enumerate(timesteps):
         v = transformer(hidden_states=x, encoder_hidden_states=request["encoder_hidden_states"],
                         timestep=torch.tensor([t]), img_ids=request["img_ids"], txt_ids=request["txt_ids"],
                         return_dict=False)[0]
@@ -159,3 +161,70 @@ def test_block_groups_of_flux2():
     tr = tiny_transformer()
     assert {name: len(blocks) for name, blocks in block_groups(tr).items()} == {
         "transformer_blocks": 2, "single_transformer_blocks": 2}
+
+
+# ---- the device-decision path (rtedit.accel.dbcache_graphs), run eagerly ---------------------------------------
+# Steps this close change the Fn residual by ~0.2-0.3 between them (0.5 apart, ~1, which only a threshold >= 1 passes,
+# and cache-dit takes such a threshold as "always" without checking): thresholds below 1 can then go either way.
+@pytest.mark.parametrize("timesteps, threshold, cached", [
+    ((1.0, 0.999), 0.5, [1]),  # step 2 reuses in both groups
+    ((1.0, 0.999), 0.1, []),  # step 2 computes in both groups
+    # step 2 computes (~0.8 from step 1), step 3 reuses: it is compared with step 2's residual, written in place
+    ((1.0, 0.99, 0.989), 0.5, [2]),
+    ((1.0, 0.999), 5.0, [1]),  # a threshold >= 1: cache-dit's host answer, no device check
+])
+@pytest.mark.parametrize("bn", [0, 1])
+def test_the_device_decision_path_equals_cache_dits_own(timesteps, threshold, cached, bn):
+    """Inside a capture the check is a device tensor and both of cache-dit's tails write the same outputs and
+    buffers; run eagerly, the choice read on the host, it must give cache-dit's own outputs and stats exactly."""
+    config = CachingConfig(residual_diff_threshold=threshold, compute_mask=(1,) + (0,) * (len(timesteps) - 1), Bn=bn)
+    own, patched, idle = (tiny_transformer(num_layers=3, num_single_layers=3) for _ in range(3))
+    own_cache, patched_cache, idle_cache = (attach_cache(t, config) for t in (own, patched, idle))
+    dbcache_graphs.decide_on_device(patched_cache).on_host = True
+    dbcache_graphs.decide_on_device(idle_cache)  # wrapped, but no capture: cache-dit's own forward runs
+    for seed in (1, 2):
+        request = request_inputs(seed)
+        expected = denoise(own, request, own_cache, timesteps)
+        torch.testing.assert_close(denoise(patched, request, patched_cache, timesteps), expected, rtol=0, atol=0)
+        torch.testing.assert_close(denoise(idle, request, idle_cache, timesteps), expected, rtol=0, atol=0)
+    own_stats, patched_stats = own_cache.stats(), patched_cache.stats()
+    assert patched_stats["groups"] == own_stats["groups"] == idle_cache.stats()["groups"]
+    assert {name: g["last"]["cached_steps"] for name, g in own_stats["groups"].items()} == {
+        "transformer_blocks": cached, "single_transformer_blocks": cached}
+    checks = 0 if threshold >= 1 else 2 * (len(timesteps) - 1)  # two requests, every masked step checked
+    assert patched_stats["device_checks"] == {name: checks for name in own_stats["groups"]}
+    assert own_stats["device_checks"] is None and idle_cache.stats()["device_checks"] == {
+        name: 0 for name in own_stats["groups"]}
+
+
+def test_the_device_decision_patch_refuses_another_cache_dit(monkeypatch):
+    cache = attach_cache(tiny_transformer(), CachingConfig())
+    monkeypatch.setattr(cache_dit, "__version__", "1.6.0")
+    with pytest.raises(ConfigError, match=r"cache-dit 1\.5\.3.*cache-dit 1\.6\.0 is installed"):
+        dbcache_graphs.decide_on_device(cache)
+    assert cache.device_decisions is None
+
+
+def test_the_device_decision_patch_refuses_taylorseer():
+    cache = attach_cache(tiny_transformer(), CachingConfig(compute_mask=(1, 1, 0), taylorseer_order=1))
+    with pytest.raises(ConfigError, match="TaylorSeer"):
+        dbcache_graphs.decide_on_device(cache)
+
+
+@pytest.mark.parametrize("above", [False, True], ids=["at", "just-above"])
+def test_the_device_check_compares_as_cache_dit_does_at_the_threshold(above):
+    """A threshold equal to the measured change computes (cache-dit: diff < threshold), the next double above it
+    reuses: the device compares in float64 as cache-dit compares its Python float (float32 would round it back)."""
+    timesteps, request = (1.0, 0.999), request_inputs(3)
+    probe = tiny_transformer(num_layers=3, num_single_layers=3)
+    probe_cache = attach_cache(probe, CachingConfig(residual_diff_threshold=1e-9))
+    denoise(probe, request, probe_cache, timesteps)
+    change = probe_cache.stats()["groups"]["transformer_blocks"]["last"]["residual_diffs"]["1"]
+    config = CachingConfig(residual_diff_threshold=math.nextafter(change, math.inf) if above else change)
+    own, patched = (tiny_transformer(num_layers=3, num_single_layers=3) for _ in range(2))
+    own_cache, patched_cache = attach_cache(own, config), attach_cache(patched, config)
+    dbcache_graphs.decide_on_device(patched_cache).on_host = True
+    torch.testing.assert_close(denoise(patched, request, patched_cache, timesteps),
+                               denoise(own, request, own_cache, timesteps), rtol=0, atol=0)
+    assert patched_cache.stats()["groups"] == own_cache.stats()["groups"]
+    assert own_cache.stats()["groups"]["transformer_blocks"]["last"]["cached_steps"] == ([1] if above else [])

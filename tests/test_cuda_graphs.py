@@ -1,6 +1,8 @@
-"""CUDA graphs over a frame's stages (rtedit.accel.cuda_graphs): refused where they cannot hold (CPU, host-side
-reuse decisions, no buckets); with the graph path off (CPU) the device-side quantisation equals numpy's; on a GPU a
-replay never sees a stale input: alternating frames, prompts, seeds and sessions equal an editor without graphs."""
+"""CUDA graphs over a frame's stages (rtedit.accel.cuda_graphs): refused where they cannot hold (CPU, no buckets);
+with the graph path off (CPU) the device-side quantisation equals numpy's; on a GPU a replay never sees a stale
+input: alternating frames, prompts, seeds and sessions equal an editor without graphs, and the dynamic reuse checks
+(the session's own, cache-dit's on the full path: rtedit.accel.dbcache_graphs) are captured, each replay following
+its frame's own decision and counting it."""
 
 import dataclasses
 
@@ -27,7 +29,7 @@ def test_graphs_need_buckets_and_a_bool():
         EditorConfig(cuda_graphs=True).validate()
     with pytest.raises(ConfigError, match="true or false"):
         EditorConfig(buckets=BUCKETS, cuda_graphs="yes").validate()
-    for policy in ("static", "dynamic"):  # dynamic: the denoise stage is left uncaptured (tested on a GPU below)
+    for policy in ("static", "dynamic"):  # dynamic: the check is captured with the denoise stage (GPU tests below)
         EditorConfig(buckets=BUCKETS, cuda_graphs=True, dbcache=CachingConfig(enabled=True, policy=policy)).validate()
 
 
@@ -61,9 +63,10 @@ def test_a_replayed_static_frame_counts_what_a_run_counts():
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------------------
-def gpu_editor(graphs: bool, causal: str | None = None, **config) -> Editor:
-    """The tiny preset on the GPU in float32, the same seeded weights every time, eager (no compile)."""
-    bundle = build_preset("tiny", torch.device("cuda"), torch.float32, seed=0, text_encoder=True)
+def gpu_editor(graphs: bool, causal: str | None = None, steps: tuple[int, ...] | None = None, **config) -> Editor:
+    """The tiny preset on the GPU in float32, the same seeded weights every time, eager (no compile); `steps`: the
+    step counts it serves (the first is the one its warm-up captures)."""
+    bundle = build_preset("tiny", torch.device("cuda"), torch.float32, seed=0, text_encoder=True, steps=steps)
     if causal is not None:
         bundle.sidecar = dataclasses.replace(bundle.sidecar, causal=causal, condition_timestep=0.0)
     return Editor(bundle, EditorConfig(buckets=BUCKETS, cuda_graphs=graphs, **config))
@@ -105,28 +108,48 @@ def test_a_step_count_the_warm_up_missed_runs_eagerly_and_is_counted():
     assert graphed.stats()["cuda_graphs"]["unwarmed_runs"] == 1
 
 
-@needs_gpu
-@pytest.mark.parametrize("causal, policy, threshold", [("session", "dynamic", 1e9), ("session", "dynamic", 1e-9),
-                                                       ("session", "static", 0.5), (None, "dynamic", 0.5)])
-def test_reuse_decisions_inside_and_outside_the_graphs(monkeypatch, causal, policy, threshold):
-    """The session mode's dynamic check is captured (reusing always or never, as the check says): as conditional
-    nodes where torch has them, else as graph segments with the check read between them; cache-dit's (the full
-    path) leaves the denoise stage uncaptured."""
+def three_and_three_blocks(monkeypatch) -> None:
+    """Each block group of the tiny preset gets a first, a middle and a last block to reuse."""
     import rtedit.presets as presets
 
-    # 3 + 3 blocks: each group has a first, a middle and a last block to reuse
     monkeypatch.setattr(presets, "TINY_TRANSFORMER", {**presets.TINY_TRANSFORMER, "num_layers": 3,
                                                       "num_single_layers": 3})
+
+
+def dbcache_counts(editor: Editor) -> dict:
+    """The full path's DBCache totals: requests, and per group (steps, cached steps, device-made checks)."""
+    stats = editor.stats()["dbcache"]
+    checks = stats["device_checks"] or {}
+    return {"requests": stats["requests"], **{name: (g["steps"], g["cached_steps"], checks.get(name, 0))
+                                              for name, g in stats["groups"].items()}}
+
+
+def counted_since(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] if k == "requests" else tuple(a - b for a, b in zip(after[k], before[k]))
+            for k in after}
+
+
+@needs_gpu
+@pytest.mark.parametrize("causal, policy, threshold", [("session", "dynamic", 1e9), ("session", "dynamic", 1e-9),
+                                                       ("session", "static", 0.5), (None, "dynamic", 0.5),
+                                                       (None, "dynamic", 5.0), (None, "static", 0.5)])
+def test_reuse_decisions_inside_and_outside_the_graphs(monkeypatch, causal, policy, threshold):
+    """Both dynamic checks, the session's and cache-dit's (the full path), are captured with the denoise stage
+    (reusing always or never, as the check says): as conditional nodes where torch has them, else as graph segments
+    with the check read between them, once per block group of step 2. cache-dit takes a threshold >= 1 as "always"
+    on the host: nothing to capture. A replay counts what a run counts."""
+    three_and_three_blocks(monkeypatch)
     reuse = CachingConfig(enabled=True, policy=policy, residual_diff_threshold=threshold)
     plain, graphed = gpu_editor(False, causal, dbcache=reuse), gpu_editor(True, causal, dbcache=reuse)
     stats = graphed.stats()["cuda_graphs"]
-    left_out = policy == "dynamic" and causal is None
-    segmented = policy == "dynamic" and causal is not None and conditional_nodes_unavailable() is not None
-    assert ("denoise" in stats["left_out"]) == left_out
-    assert stats["captured"] == (["decode", "encode"] if left_out else ["decode", "denoise", "encode"])
+    checked = policy == "dynamic" and (causal is not None or threshold < 1)
+    segmented = checked and conditional_nodes_unavailable() is not None
+    assert stats["left_out"] == {} and stats["captured"] == ["decode", "denoise", "encode"]
     assert stats["host_decisions"] == ({"denoise": 2} if segmented else {})  # one per block group of step 2
     frame = random_image(64, 64, seed=5)
 
+    reads = stats["host_reads"]
+    before = dbcache_counts(graphed) if causal is None else None
     for seed in (1, 2):
         a, b = plain.edit(frame, "make it blue", seed=seed), graphed.edit(frame, "make it blue", seed=seed)
         np.testing.assert_allclose(b.array, a.array, atol=1e-5, rtol=0)
@@ -134,7 +157,19 @@ def test_reuse_decisions_inside_and_outside_the_graphs(monkeypatch, causal, poli
         hits = graphed.stats()["step_reuse"]
         assert (hits["hit_rate"] == 1.0) == (policy == "static" or threshold > 1)
         assert (hits["hit_rate"] == 0.0) == (policy == "dynamic" and threshold < 1)
-    assert (graphed.stats()["cuda_graphs"]["host_reads"] > 0) == segmented
+    else:  # the graphed editor's two replays count what the eager editor's two frames count
+        expected = dbcache_counts(plain)
+        assert counted_since(before, dbcache_counts(graphed)) == {
+            **expected, **{name: (steps, cached, 2 if checked else 0)
+                           for name, (steps, cached, _) in expected.items() if name != "requests"}}
+        cached = [v[1] for k, v in expected.items() if k != "requests"]
+        assert all(c == 0 for c in cached) == (policy == "dynamic" and threshold < 1)  # random weights: change ~1
+        assert all(c == 2 for c in cached) == (policy == "static" or threshold > 1)
+        for name, group in graphed.stats()["dbcache"]["groups"].items():  # the last frame's, as cache-dit reports it
+            eager = plain.stats()["dbcache"]["groups"][name]["last"]
+            assert group["last"]["cached_steps"] == eager["cached_steps"]
+            assert group["last"]["residual_diffs"] == pytest.approx(eager["residual_diffs"], rel=1e-4)
+    assert graphed.stats()["cuda_graphs"]["host_reads"] - reads == (2 * 2 if segmented else 0)
 
 
 @needs_gpu
@@ -142,10 +177,7 @@ def test_one_captured_denoise_follows_each_frames_own_reuse_decision(monkeypatch
     """A threshold between the residual changes of different frames: the same captured stage must reuse on some
     frames and compute on others, each frame equal to the eager editor's (a replay that kept the capture's choice,
     or read a stale decision, would not be)."""
-    import rtedit.presets as presets
-
-    monkeypatch.setattr(presets, "TINY_TRANSFORMER", {**presets.TINY_TRANSFORMER, "num_layers": 3,
-                                                      "num_single_layers": 3})
+    three_and_three_blocks(monkeypatch)
     frames = [random_image(64, 64, seed=s) for s in range(6)]
     probe = gpu_editor(False, "session", dbcache=CachingConfig(enabled=True, residual_diff_threshold=1e-9))
     diffs = []
@@ -163,6 +195,97 @@ def test_one_captured_denoise_follows_each_frames_own_reuse_decision(monkeypatch
     hits = sum(after.values()) - sum(before.values())
     assert 0 < hits < 2 * len(frames), (threshold, diffs)  # some group-steps reused, some computed
     assert hits == sum(plain.stats()["step_reuse"]["reused"].values())
+
+
+def close_schedule(timesteps: tuple[float, ...]):
+    """A TimestepCache.get for steps at nearly one noise level: the full path's Fn residual then changes by ~0.2-0.9
+    between steps, where the served schedule's >1 only passes a threshold >= 1 (which cache-dit takes as "always",
+    checking nothing). The timesteps are inputs of the captured stage, so a warmed editor replays them too."""
+    def get(seq_len, steps, device):
+        t = torch.tensor(timesteps, dtype=torch.float32, device=device)
+        return t, torch.cat([t / 1000, t.new_zeros(1)])
+
+    return get
+
+
+def full_path_editor(graphs: bool, threshold: float, mask: tuple[int, ...] = (1, 0)) -> Editor:
+    editor = gpu_editor(graphs, steps=(len(mask),),
+                        dbcache=CachingConfig(enabled=True, residual_diff_threshold=threshold, compute_mask=mask))
+    editor.timestep_cache.get = close_schedule((1000.0, 999.0) if len(mask) == 2 else (1000.0, 990.0, 989.0))
+    return editor
+
+
+def last_decisions(editor: Editor) -> dict:
+    return {name: g["last"]["cached_steps"] for name, g in editor.stats()["dbcache"]["groups"].items()}
+
+
+@needs_gpu
+def test_one_captured_denoise_follows_each_frames_own_cache_dit_decision(monkeypatch):
+    """cache-dit's check on the full path, captured (rtedit.accel.dbcache_graphs): a threshold between the residual
+    changes of different frames makes the one captured stage reuse on some frames and compute on others, each frame
+    equal to the eager editor's and counted as it counts; one host read per block group of step 2 (segments)."""
+    three_and_three_blocks(monkeypatch)
+    frames = [random_image(64, 64, seed=s) for s in range(6)]
+    probe, changes = full_path_editor(False, 1e-9), []
+    for frame in frames:
+        probe.edit(frame, "make it blue", seed=1)
+        changes.append(probe.stats()["dbcache"]["groups"]["transformer_blocks"]["last"]["residual_diffs"]["1"])
+    threshold = float(np.median(changes))  # the double-stream group reuses on about half the frames
+    plain, graphed = full_path_editor(False, threshold), full_path_editor(True, threshold)
+    assert graphed.stats()["cuda_graphs"]["captured"] == ["decode", "denoise", "encode"]
+    before, reads = dbcache_counts(graphed), graphed.stats()["cuda_graphs"]["host_reads"]
+    for frame in frames:
+        a, b = plain.edit(frame, "make it blue", seed=1), graphed.edit(frame, "make it blue", seed=1)
+        np.testing.assert_allclose(b.array, a.array, atol=1e-5, rtol=0)
+        assert last_decisions(graphed) == last_decisions(plain)  # this frame's decision, not the capture's
+    counted = counted_since(before, dbcache_counts(graphed))
+    expected = dbcache_counts(plain)
+    assert counted == {**expected, **{name: (steps, cached, len(frames))
+                                      for name, (steps, cached, _) in expected.items() if name != "requests"}}
+    assert 0 < expected["transformer_blocks"][1] < len(frames), (threshold, changes)  # reused on some frames only
+    segmented = conditional_nodes_unavailable() is not None
+    assert graphed.stats()["cuda_graphs"]["host_reads"] - reads == (2 * len(frames) if segmented else 0)
+
+
+@needs_gpu
+def test_a_captured_compute_branch_leaves_the_residuals_the_next_step_reads(monkeypatch):
+    """Mask [1, 0, 0]: step 2 computes and step 3 reuses, compared with step 2's residual. Under capture both of
+    step 2's branches ran in Python; the computing one must have written its residuals into the buffers step 3's
+    kernels were captured reading (compared with step 1's, step 3 would compute)."""
+    three_and_three_blocks(monkeypatch)
+    frames = [random_image(64, 64, seed=s) for s in (7, 8)]
+    probe = full_path_editor(False, 1e-9, mask=(1, 0, 0))
+    step_2, step_3 = [], []
+    for frame in frames:
+        probe.edit(frame, "make it blue", seed=1, steps=3)
+        for group in probe.stats()["dbcache"]["groups"].values():
+            step_2.append(group["last"]["residual_diffs"]["1"])
+            step_3.append(group["last"]["residual_diffs"]["2"])  # all computed: step 3 against step 2's residual
+    assert max(step_3) < min(step_2), (step_2, step_3)
+    threshold = (max(step_3) + min(step_2)) / 2
+    plain, graphed = full_path_editor(False, threshold, (1, 0, 0)), full_path_editor(True, threshold, (1, 0, 0))
+    reads = graphed.stats()["cuda_graphs"]["host_reads"]
+    for frame in frames:
+        a, b = plain.edit(frame, "make it blue", seed=1, steps=3), graphed.edit(frame, "make it blue", seed=1, steps=3)
+        np.testing.assert_allclose(b.array, a.array, atol=1e-5, rtol=0)
+        assert last_decisions(graphed) == last_decisions(plain) == {
+            "transformer_blocks": [2], "single_transformer_blocks": [2]}
+    segmented = conditional_nodes_unavailable() is not None
+    assert graphed.stats()["cuda_graphs"]["host_reads"] - reads == (2 * 2 * len(frames) if segmented else 0)
+
+
+@needs_gpu
+def test_taylorseer_leaves_the_full_paths_denoise_stage_eager(monkeypatch):
+    """TaylorSeer's extrapolation state is cache-dit's Python, which a replay does not run: with the dynamic check
+    that stage is the one left out, said in stats, and runs eagerly."""
+    three_and_three_blocks(monkeypatch)
+    config = CachingConfig(enabled=True, compute_mask=(1, 1, 0), taylorseer_order=1)
+    plain, graphed = gpu_editor(False, steps=(3,), dbcache=config), gpu_editor(True, steps=(3,), dbcache=config)
+    stats = graphed.stats()["cuda_graphs"]
+    assert "TaylorSeer" in stats["left_out"]["denoise"] and stats["captured"] == ["decode", "encode"]
+    frame = random_image(64, 64, seed=9)
+    a, b = plain.edit(frame, "make it blue", seed=1, steps=3), graphed.edit(frame, "make it blue", seed=1, steps=3)
+    np.testing.assert_allclose(b.array, a.array, atol=1e-5, rtol=0)
 
 
 def test_no_branch_outside_a_capture():

@@ -123,8 +123,9 @@ class EditorConfig:
     dbcache: CachingConfig = field(default_factory=lambda: CachingConfig(enabled=False))
     compile: CompileConfig = field(default_factory=lambda: CompileConfig(enabled=False))
     # CUDA graphs over each frame's encode, denoise and decode stages, captured per bucket at warm-up
-    # (rtedit.accel.cuda_graphs); a CUDA device and fixed buckets only. With cache-dit's dynamic policy (the full
-    # path) the denoise stage stays uncaptured (its check is read on the host), as stats()["cuda_graphs"] says.
+    # (rtedit.accel.cuda_graphs); a CUDA device and fixed buckets only. A dynamic reuse check is captured with the
+    # denoise stage (cache-dit's through rtedit.accel.dbcache_graphs, cache-dit 1.5.3 only); with TaylorSeer that
+    # stage stays uncaptured, as stats()["cuda_graphs"]["left_out"] says.
     cuda_graphs: bool = False
     fp8: FP8Config = field(default_factory=FP8Config)  # FP8 linear layers in the transformer's blocks (torchao)
     # JPEG frames in and out: "host" (PIL), "nvjpeg" (on the GPU, rtedit.jpeg_codec; refused where it cannot run)

@@ -448,9 +448,11 @@ class Editor:
             return self._steps(replace(plan, emb=emb, latents=latents, conditions=conditions, layout=layout,
                                        timesteps=timesteps, sigmas=sigmas, session=cache, cancel=None))
 
-        on_replay = None
+        on_replay = None  # a replay runs no Python: the reuse counters are told it ran
         if self.step_reuse is not None:
             on_replay = functools.partial(self.step_reuse.count_replayed_frame, len(plan.timesteps))
+        elif self.dbcache is not None:
+            on_replay = functools.partial(self.dbcache.count_replayed_request, len(plan.timesteps))
         return self.graphs.run("denoise", key, steps, inputs, held, on_replay=on_replay)
 
     def _steps(self, plan: FramePlan) -> torch.Tensor:

@@ -73,13 +73,19 @@ def build(editor: "Editor") -> None:
         from rtedit.accel.cuda_graphs import StageGraphs, conditional_nodes_unavailable
 
         editor.graphs = StageGraphs(editor.device)
-        if cfg.dbcache.enabled and cfg.dbcache.policy == "dynamic" and editor.mode != "session":
-            # (the session mode's own step reuse is captured with its check: rtedit.accel.cuda_graphs.branch)
-            editor.graphs.leave_out("denoise", "cache-dit's dynamic policy reads its residual check on the host at "
-                                    "each reusable step, inside its wrapper, which a replayed graph cannot do")
-        elif cfg.dbcache.enabled and cfg.dbcache.policy == "dynamic" and (why := conditional_nodes_unavailable()):
-            logger.info("CUDA graphs: the session's dynamic step-reuse check is read on the host between graph "
-                        "segments of the denoise stage (%s)", why)
+        dynamic = cfg.dbcache.enabled and cfg.dbcache.policy == "dynamic"
+        if dynamic and editor.dbcache is not None and cfg.dbcache.taylorseer_order:
+            editor.graphs.leave_out("denoise", "cache-dit's TaylorSeer keeps its extrapolation state in Python, "
+                                    "which a replayed graph does not run, so its dynamic check is not captured")
+        elif dynamic:
+            if editor.dbcache is not None:  # cache-dit's check, made capturable (ConfigError on another version)
+                from rtedit.accel.dbcache_graphs import decide_on_device
+
+                decide_on_device(editor.dbcache)
+            # both checks go through rtedit.accel.cuda_graphs.branch inside the denoise stage's capture
+            if why := conditional_nodes_unavailable():
+                logger.info("CUDA graphs: the dynamic %s check is read on the host between graph segments of the "
+                            "denoise stage (%s)", "DBCache" if editor.dbcache is not None else "step-reuse", why)
     if editor.compiled is not None or editor.graphs is not None:
         editor.warm_up()  # every bucket compiled and captured now: no request ever compiles or captures
 

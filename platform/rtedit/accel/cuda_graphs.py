@@ -7,9 +7,10 @@ inputs are copied into static buffers the graph reads, its outputs are static te
 
 Rules a captured stage keeps (the Editor's stages keep them; rtedit.editor):
 - no host synchronisation and no host-side decision that can change between frames, but through `branch`: the
-  session's dynamic step-reuse check (rtedit.model.step_reuse.if_else) is captured as CUDA conditional nodes where
-  torch has them, else as graph segments with the check read on the host between them (cache-dit's own check, on
-  the full path, is inside its wrapper: with it the denoise stage is left out, `leave_out`, and runs eagerly);
+  dynamic reuse checks, the session's (rtedit.model.step_reuse.if_else) and cache-dit's on the full path
+  (rtedit.accel.dbcache_graphs, which patches cache-dit 1.5.3's check for it), are captured as CUDA conditional
+  nodes where torch has them, else as graph segments with the check read on the host between them; a stage that
+  cannot keep this rule (cache-dit's TaylorSeer with the dynamic check) is left out, `leave_out`, and runs eagerly;
 - every tensor the stage reads that can change between frames is an input (position ids, prompt embeddings,
   timesteps, cached keys and values): anything else is baked in at capture;
 - its outputs are consumed before the same graph replays again (the Editor runs one frame at a time).

@@ -19,6 +19,10 @@ refused unless the mask has two computed steps before a cached one.
 
 The Editor attaches it after attention selection and before compile, refreshes it before the first transformer
 call of every request, and reports `stats()` between requests (rtedit.editor.Editor).
+
+With CUDA graphs the denoise stage is captured once and replayed, so cache-dit's Python does not run per request:
+the dynamic check is decided on the device (rtedit.accel.dbcache_graphs), a capture is not counted as a request,
+and each replay is counted with the plan its capture left (`count_replayed_request`) plus what the device decided.
 """
 
 from __future__ import annotations
@@ -120,7 +124,10 @@ class DBCache:
         self._steps = {name: 0 for name in self.groups}
         self._cached = {name: 0 for name in self.groups}
         self._last: dict[str, dict[str, Any]] = {}
-        self._pending: int | None = None  # step count of the request since the last refresh, not yet counted
+        self._pending: tuple[int, str] | None = None  # (steps, how it ran) of the request not yet counted
+        self._plans: dict[int, dict[str, dict]] = {}  # by step count: what a captured request did, its replays redo
+        self._device_checks = {name: 0 for name in self.groups}  # group-steps whose check the device made
+        self.device_decisions = None  # rtedit.accel.dbcache_graphs.DeviceDecisions, when graphs capture the check
         self._mask: list[int] = list(config.compute_mask)
         if not config.enabled:
             return
@@ -159,8 +166,11 @@ class DBCache:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ConfigError(f"num_steps must be an integer >= 1, got {num_steps!r}")
         self._collect()
-        self.requests += 1
-        self._pending = num_steps
+        kind = self._request_kind()
+        self.requests += kind != "captured"  # a capture runs no kernel: its replays are counted instead
+        self._pending = (num_steps, kind)
+        if self.device_decisions is not None:
+            self.device_decisions.begin_request()
         if not self.config.enabled:
             return
         import cache_dit
@@ -168,7 +178,7 @@ class DBCache:
 
         mask = list(self.config.compute_mask) if num_steps == len(self.config.compute_mask) else [1] * num_steps
         if mask != list(self.config.compute_mask):
-            self.uncached_requests += 1
+            self.uncached_requests += kind != "captured"
             logger.debug("DBCache: %d steps is not the %d-step mask; computing every step", num_steps,
                          len(self.config.compute_mask))
         if mask == self._mask:
@@ -182,20 +192,69 @@ class DBCache:
                 verbose=False)
             self._mask = mask
 
+    def _request_kind(self) -> str:
+        """"host": cache-dit decides and records; "captured": a CUDA graph capture (its Python runs both branches of a
+        device check, its kernels none); "device": the device-decision path run eagerly (tests), counted as a replay."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return "captured"
+        if self.device_decisions is not None and self.device_decisions.on_host:
+            return "device"
+        return "host"
+
     def _collect(self) -> None:
-        """Counts the finished request's cached steps per group."""
+        """Counts the finished request's cached steps per group; a captured one becomes its replays' plan."""
         if self._pending is None:
             return
-        steps, self._pending = self._pending, None
+        (steps, kind), self._pending = self._pending, None
+        on_device = self.device_decisions.on_device if self.device_decisions is not None else {}
+        plan = {}
         for name, blocks in self.groups.items():
             # The fields cache_dit.summary reports (CacheStats.cached_steps, residual_diffs), read from the group
             # directly: summary() rediscovers the groups by scanning every transformer attribute (~6 ms a call).
             cached = list(getattr(blocks, "_cached_steps", []) or []) if self.config.enabled else []
             diffs = dict(getattr(blocks, "_residual_diffs", {}) or {}) if self.config.enabled else {}
+            if kind == "host":
+                self._steps[name] += steps
+                self._cached[name] += len(cached)
+                self._last[name] = {"steps": steps, "cached_steps": cached,
+                                    "residual_diffs": {str(k): float(v) for k, v in diffs.items()}}
+                continue
+            # cache-dit's record of steps its host rules decided holds at every replay; the device's are its own
+            device_steps = list(on_device.get(name, ()))
+            plan[name] = {"cached": [s for s in cached if s not in device_steps], "on_device": device_steps,
+                          "diffs": {str(k): float(v) for k, v in diffs.items() if int(k) not in device_steps}}
+        if kind != "host":
+            self._plans[steps] = plan
+        if kind == "device":
+            self._count_plan(steps, plan)
+
+    def count_replayed_request(self, num_steps: int) -> None:
+        """Counts a request replayed from a CUDA graph (rtedit.accel.cuda_graphs, `on_replay`), whose Python never
+        ran: its capture's plan for what cache-dit's host rules decided, the device's counters for the rest."""
+        self._collect()  # the capture that just ended: its plan
+        if num_steps not in self._plans:
+            raise RuntimeError(f"DBCache: a replayed {num_steps}-step request, but no {num_steps}-step capture")
+        self.requests += 1
+        self.uncached_requests += num_steps != len(self.config.compute_mask)
+        self._count_plan(num_steps, self._plans[num_steps])
+
+    def _count_plan(self, steps: int, plan: dict[str, dict]) -> None:
+        for name, group in plan.items():
             self._steps[name] += steps
-            self._cached[name] += len(cached)
-            self._last[name] = {"steps": steps, "cached_steps": cached,
-                                "residual_diffs": {str(k): float(v) for k, v in diffs.items()}}
+            self._cached[name] += len(group["cached"])
+            self._device_checks[name] += len(group["on_device"])
+            self._last[name] = {"steps": steps, "plan": group}
+
+    @staticmethod
+    def _resolve(last: dict[str, Any], i: int, device: dict[str, list] | None) -> dict[str, Any]:
+        """A planned request's steps and residual changes, with the device's decisions for its device-made checks."""
+        if "plan" not in last:
+            return last
+        group = last["plan"]
+        decided = [s for s in group["on_device"] if device["last_hit"][i][s]] if group["on_device"] else []
+        diffs = {**group["diffs"], **{str(s): device["last_diff"][i][s] for s in group["on_device"]}}
+        return {"steps": last["steps"], "cached_steps": sorted(group["cached"] + decided),
+                "residual_diffs": dict(sorted(diffs.items(), key=lambda item: int(item[0])))}
 
     def summary(self) -> list:
         """cache-dit's own per-group summary (CacheStats list) of the last request; slow, for diagnostics."""
@@ -207,14 +266,16 @@ class DBCache:
         """Per-group hit rates (cached steps / steps) over all requests and for the last one. Call between requests."""
         self._collect()
         cfg = self.config
+        device = self.device_decisions.read() if self.device_decisions is not None else None
         groups = {}
-        for name in self.groups:
-            last = self._last.get(name)
+        for i, name in enumerate(self.groups):
+            last = self._resolve(self._last[name], i, device) if name in self._last else None
+            cached = self._cached[name] + (device["hits"][i] if device is not None else 0)
             groups[name] = {
                 "blocks": len(self.groups[name]),
                 "steps": self._steps[name],
-                "cached_steps": self._cached[name],
-                "hit_rate": self._cached[name] / self._steps[name] if self._steps[name] else 0.0,
+                "cached_steps": cached,
+                "hit_rate": cached / self._steps[name] if self._steps[name] else 0.0,
                 "last_hit_rate": len(last["cached_steps"]) / last["steps"] if last else 0.0,
                 "last": last,
             }
@@ -226,6 +287,8 @@ class DBCache:
                       f"threshold {cfg.residual_diff_threshold} taylorseer {cfg.taylorseer_order}",
             "requests": self.requests,
             "uncached_requests": self.uncached_requests,
+            # group-steps whose residual check the device made (a captured graph's branch), not cache-dit's host
+            "device_checks": dict(self._device_checks) if self.device_decisions is not None else None,
             "groups": groups,
         }
 
@@ -234,6 +297,8 @@ class DBCache:
         if self.config.enabled and getattr(self.transformer, "_rtedit_dbcache", None) is self:
             import cache_dit
 
+            if self.device_decisions is not None:
+                self.device_decisions.remove()
             cache_dit.disable_cache(self.transformer)
             self.transformer._rtedit_dbcache = None
 
