@@ -124,6 +124,11 @@ def dbcache_counts(editor: Editor) -> dict:
                                               for name, g in stats["groups"].items()}}
 
 
+def groups_of(counts: dict) -> list[tuple[str, tuple]]:
+    """dbcache_counts' per-group entries, without its request count."""
+    return [(name, value) for name, value in counts.items() if name != "requests"]
+
+
 def counted_since(before: dict, after: dict) -> dict:
     return {k: after[k] - before[k] if k == "requests" else tuple(a - b for a, b in zip(after[k], before[k]))
             for k in after}
@@ -161,8 +166,8 @@ def test_reuse_decisions_inside_and_outside_the_graphs(monkeypatch, causal, poli
         expected = dbcache_counts(plain)
         assert counted_since(before, dbcache_counts(graphed)) == {
             **expected, **{name: (steps, cached, 2 if checked else 0)
-                           for name, (steps, cached, _) in expected.items() if name != "requests"}}
-        cached = [v[1] for k, v in expected.items() if k != "requests"]
+                           for name, (steps, cached, _) in groups_of(expected)}}
+        cached = [v[1] for _, v in groups_of(expected)]
         assert all(c == 0 for c in cached) == (policy == "dynamic" and threshold < 1)  # random weights: change ~1
         assert all(c == 2 for c in cached) == (policy == "static" or threshold > 1)
         for name, group in graphed.stats()["dbcache"]["groups"].items():  # the last frame's, as cache-dit reports it
@@ -241,7 +246,7 @@ def test_one_captured_denoise_follows_each_frames_own_cache_dit_decision(monkeyp
     counted = counted_since(before, dbcache_counts(graphed))
     expected = dbcache_counts(plain)
     assert counted == {**expected, **{name: (steps, cached, len(frames))
-                                      for name, (steps, cached, _) in expected.items() if name != "requests"}}
+                                      for name, (steps, cached, _) in groups_of(expected)}}
     assert 0 < expected["transformer_blocks"][1] < len(frames), (threshold, changes)  # reused on some frames only
     segmented = conditional_nodes_unavailable() is not None
     assert graphed.stats()["cuda_graphs"]["host_reads"] - reads == (2 * len(frames) if segmented else 0)
