@@ -207,6 +207,18 @@ def _entered(blocks) -> bool:
     return True
 
 
+def _first_blocks_and_check(blocks, hidden_states, *args, **kwargs):
+    """How both cache-dit forwards open a group's step: its first Fn blocks, their residual, and the reuse check
+    (a bool from cache-dit's host rules, or a DeviceCheck). Returns (hidden, encoder, Fn residual, check)."""
+    manager = blocks.context_manager
+    new_hidden_states, encoder_hidden_states = blocks.call_Fn_blocks(hidden_states, *args, **kwargs)
+    fn_residual = blocks._get_Fn_residual(hidden_states, new_hidden_states)
+    manager.mark_step_begin()
+    check = manager.can_cache(fn_residual, parallelized=blocks._is_parallelized(),
+                              prefix=f"{blocks.cache_prefix}_Fn_residual")
+    return new_hidden_states, encoder_hidden_states, fn_residual, check
+
+
 def _pattern_1_forward(self, decisions: DeviceDecisions, original, hidden_states, encoder_hidden_states, *args,
                        **kwargs):
     """`CachedBlocks_Pattern_Base.forward` of cache-dit 1.5.3 (FLUX.2's double-stream blocks), its residual check
@@ -214,11 +226,8 @@ def _pattern_1_forward(self, decisions: DeviceDecisions, original, hidden_states
     if not _entered(self):  # cache-dit warns and runs every block uncached
         return original(self, hidden_states, encoder_hidden_states, *args, **kwargs)
     manager, prefix = self.context_manager, self.cache_prefix
-    original_hidden_states = hidden_states
-    hidden_states, encoder_hidden_states = self.call_Fn_blocks(hidden_states, encoder_hidden_states, *args, **kwargs)
-    fn_residual = self._get_Fn_residual(original_hidden_states, hidden_states)
-    manager.mark_step_begin()
-    check = manager.can_cache(fn_residual, parallelized=self._is_parallelized(), prefix=f"{prefix}_Fn_residual")
+    hidden_states, encoder_hidden_states, fn_residual, check = _first_blocks_and_check(
+        self, hidden_states, encoder_hidden_states, *args, **kwargs)
 
     def reuse():
         manager.add_cached_step()
@@ -244,11 +253,8 @@ def _pattern_3_forward(self, decisions: DeviceDecisions, original, hidden_states
     if not _entered(self):
         return original(self, hidden_states, *args, **kwargs)
     manager, prefix = self.context_manager, self.cache_prefix
-    original_hidden_states = hidden_states
-    hidden_states, new_encoder_hidden_states = self.call_Fn_blocks(hidden_states, *args, **kwargs)
-    fn_residual = self._get_Fn_residual(original_hidden_states, hidden_states)
-    manager.mark_step_begin()
-    check = manager.can_cache(fn_residual, parallelized=self._is_parallelized(), prefix=f"{prefix}_Fn_residual")
+    hidden_states, new_encoder_hidden_states, fn_residual, check = _first_blocks_and_check(
+        self, hidden_states, *args, **kwargs)
 
     def reuse():
         manager.add_cached_step()
