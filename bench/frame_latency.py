@@ -29,6 +29,7 @@ import datetime
 import functools
 import gc
 import json
+import logging
 import shutil
 import signal
 import statistics
@@ -333,10 +334,10 @@ def run_row(name: str, config: EditorConfig, image, emb, args, rows: list[dict],
     started = time.perf_counter()
     editor = build(config)
     built_s = time.perf_counter() - started  # load, probe, compile and capture: what sizes a device call's rows
-    print(f"{name}: editor built and warmed in {built_s:.0f} s", flush=True)
+    print(f"{name}: editor built and warmed in {built_s:.0f} s, start-up phases (s) {editor.startup}", flush=True)
     row = measure(name, functools.partial(edit_once, editor, image, emb, args.steps), frames, warmup,
                   note(name, config))
-    row["build_s"] = round(built_s, 1)
+    row["build_s"], row["startup_s"] = round(built_s, 1), dict(editor.startup)
     stats = editor.stats()
     if config.dbcache.enabled:
         row["dbcache"] = {k: stats["dbcache"][k] for k in ("policy", "label", "config", "groups")}
@@ -461,6 +462,10 @@ def main() -> int:
         p.error(f"--frames must be >= 1 and --parity-frames >= 0, got {args.frames} and {args.parity_frames}")
     if not torch.cuda.is_available() and args.model != "tiny":
         raise SystemExit("frame_latency needs a CUDA GPU for klein-4b-random (use --model tiny for a CPU dry run)")
+    # Each start-up phase's begin and end (rtedit.fast_path.startup_phase) in the log: a row cut short by a time
+    # limit while its editor builds still says which phase it was in.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("rtedit.fast_path").setLevel(logging.INFO)
 
     import diffusers
     import transformers

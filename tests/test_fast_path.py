@@ -1,6 +1,7 @@
 """The fast path wired into Editor: attention probe, DBCache refreshed per request, selective compile, buckets."""
 
 import dataclasses
+import logging
 import threading
 
 import numpy as np
@@ -179,6 +180,21 @@ def test_an_ordinary_exception_is_not_a_device_failure(monkeypatch):
 def test_stats_name_the_active_attention_backend(fast_editor, tiny_editor):
     assert fast_editor.stats()["attention_backend"] == fast_editor.attention.active
     assert tiny_editor.stats()["attention_backend"] == "native (not probed)"
+
+
+def test_start_up_phases_are_timed_and_logged(caplog):
+    """Each phase the fast path builds is in stats()["startup_s"] and logged as it begins, so a start-up that runs
+    past a time limit names the phase it was in; an editor without a fast path has none."""
+    cfg = EditorConfig(buckets=ShapeBuckets(sizes=((64, 64),)), select_attention=True,
+                       compile=CompileConfig(enabled=True, backend="eager"))
+    with caplog.at_level(logging.INFO, logger="rtedit.fast_path"):
+        editor = Editor.from_preset("tiny", config=cfg)
+    phases = editor.stats()["startup_s"]
+    assert list(phases) == ["attention probe", "warm-up (compiles)"]
+    assert all(isinstance(s, float) and s >= 0 for s in phases.values())
+    begun = [r.getMessage() for r in caplog.records if r.getMessage().endswith("...")]
+    assert begun == ["start-up: attention probe ...", "start-up: warm-up (compiles) ..."]
+    assert Editor.from_preset("tiny").stats()["startup_s"] == {}
 
 
 def test_package_exports_the_engine_without_importing_torch_eagerly():

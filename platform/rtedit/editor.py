@@ -147,6 +147,7 @@ class Editor:
         self.jpeg_stats: dict = {"codec": "host", "reason": "image_codec: host"}
         self.graphs = None  # rtedit.accel.cuda_graphs.StageGraphs when config.cuda_graphs (encode, denoise, decode)
         self.warm: dict | None = None  # what warm_up() did, once it ran
+        self.startup: dict[str, float] = {}  # seconds of each start-up phase (rtedit.fast_path.startup_phase)
         self.warm_steps = sidecar.steps[0] if sidecar.steps else 2
         self.sessions = SessionRegistry()  # the open sessions by id (rtedit.session)
         self.kv_store: KVStore | None = None
@@ -559,6 +560,7 @@ class Editor:
             "image_codec": {**self.jpeg_stats, **{k.split(":", 1)[1]: v for k, v in self._counts.items()
                                                   if k.startswith("jpeg:")}},
             "warm_up": self.warm,
+            "startup_s": dict(self.startup),
             "device_failure": self.device_failure,
             "edits": self._counts["edits"],
             "errors": {k.split(":", 1)[1]: v for k, v in self._counts.items() if k.startswith("error:")},

@@ -8,8 +8,11 @@ nothing may be attached in another order (benchmarks build their rows through Ed
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +34,19 @@ def gray(height: int, width: int) -> np.ndarray:
     return np.full((height, width, 3), 128, np.uint8)
 
 
+@contextlib.contextmanager
+def startup_phase(editor: "Editor", name: str) -> Iterator[None]:
+    """Times one start-up phase into `editor.startup` (seconds) and logs its start and end, so a start-up cut short
+    by a time limit or a health check still says which phase it was in."""
+    logger.info("start-up: %s ...", name)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        editor.startup[name] = round(time.perf_counter() - start, 2)
+        logger.info("start-up: %s took %.1f s", name, editor.startup[name])
+
+
 def build(editor: "Editor") -> None:
     """Attention probe, then DBCache, then selective compile and the warm-up of every bucket, in that order:
     the probe switches attention processors, and compiled graphs must see the final processors and hooks. A
@@ -49,9 +65,11 @@ def build(editor: "Editor") -> None:
     if cfg.fp8.enabled:  # before the probe and the compile: both must see the FP8 layers
         from rtedit.accel.fp8 import quantize_blocks
 
-        editor.fp8 = quantize_blocks(editor.transformer, cfg.fp8)
+        with startup_phase(editor, "fp8"):
+            editor.fp8 = quantize_blocks(editor.transformer, cfg.fp8)
     if cfg.select_attention:
-        editor.attention = probe_attention(editor)
+        with startup_phase(editor, "attention probe"):
+            editor.attention = probe_attention(editor)
     if cfg.dbcache.enabled and editor.mode == "session":  # the session X pass's own reuse, not cache-dit
         from rtedit.accel.dbcache import block_groups
         from rtedit.model.step_reuse import StepReuse
@@ -125,19 +143,21 @@ def warm_up(editor: "Editor", passes: int = 2) -> dict:
         editor.edit(gray(h, w), warm_prompt(editor), references=[gray(h, w)] * refs, steps=steps, height=h, width=w)
 
     buckets = warm_buckets(editor)
-    if editor.compiled is not None:
-        report = editor.compiled.warm_up(buckets, run, passes)
-    else:
-        for _ in range(passes):
-            for bucket in buckets:
-                run(bucket)
-        report = {"buckets": len(buckets)}
+    with startup_phase(editor, "warm-up (compiles)" if editor.compiled is not None else "warm-up"):
+        if editor.compiled is not None:
+            report = editor.compiled.warm_up(buckets, run, passes)
+        else:
+            for _ in range(passes):
+                for bucket in buckets:
+                    run(bucket)
+            report = {"buckets": len(buckets)}
     if editor.graphs is not None and not editor.graphs.frozen:  # captured after the compiles, every served step count
-        editor.graphs.arm()
-        for steps in sorted(set(editor.bundle.sidecar.steps or ()) | {editor.warm_steps}):
-            for bucket in buckets:
-                run(bucket, steps)
-        editor.graphs.freeze()
+        with startup_phase(editor, "graph capture"):
+            editor.graphs.arm()
+            for steps in sorted(set(editor.bundle.sidecar.steps or ()) | {editor.warm_steps}):
+                for bucket in buckets:
+                    run(bucket, steps)
+            editor.graphs.freeze()
         report["cuda_graphs"] = editor.graphs.stats()
     editor.warm = {**report, "shapes": buckets, "steps": editor.warm_steps, "causal": editor.mode}
     return editor.warm
