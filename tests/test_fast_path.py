@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -64,11 +65,16 @@ def _two_block_bundle():
     return bundle
 
 
-def test_dbcache_state_never_leaks_between_requests():
+def test_dbcache_state_never_leaks_between_requests(monkeypatch):
+    import rtedit.editor as editor_module
+
+    now = [0.0]  # the editor's clock for its gauge refresh (at most one a second): the test sets it, not the load
+    monkeypatch.setattr(editor_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     cfg = EditorConfig(buckets=ShapeBuckets(sizes=((64, 64),)), dbcache=CachingConfig(enabled=True, policy="static"))
     a_img, b_img = random_image(64, 64, seed=1), random_image(64, 64, seed=2)
     cached = Editor(_two_block_bundle(), dataclasses.replace(cfg))
     cached.edit(a_img, "make it blue", seed=1)
+    now[0] = 0.5
     after_a = cached.edit(b_img, "turn it to night", seed=2).array
     fresh = Editor(_two_block_bundle(), dataclasses.replace(cfg)).edit(b_img, "turn it to night", seed=2).array
     np.testing.assert_array_equal(after_a, fresh)
@@ -77,6 +83,9 @@ def test_dbcache_state_never_leaks_between_requests():
     groups = stats["groups"].values()
     # The replica's Prometheus gauges: the first frame's totals (refreshed at most once a second after a frame).
     assert cached.reuse_counts() == {"dbcache_steps": 2 * len(groups), "dbcache_cached_steps": len(groups)}
+    now[0] = 1.5  # a second after the last refresh: the next frame refreshes them, three frames' totals
+    cached.edit(b_img, "turn it to night", seed=2)
+    assert cached.reuse_counts() == {"dbcache_steps": 6 * len(groups), "dbcache_cached_steps": 3 * len(groups)}
     # Static [1, 0]: the second of two steps is served from the cache in every group.
     exact = Editor(_two_block_bundle(), EditorConfig()).edit(b_img, "turn it to night", seed=2).array
     assert np.abs(exact - fresh).max() > 0
