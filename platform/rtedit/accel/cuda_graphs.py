@@ -46,6 +46,11 @@ def _recorder() -> _Recorder:
     return recorder
 
 
+def capturing() -> bool:
+    """Whether this thread's current CUDA stream is being captured into a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def branch(pred: torch.Tensor, when_true: Callable[[], None], when_false: Callable[[], None]) -> None:
     """Inside a StageGraphs capture: one of two bodies by a 0-dim bool tensor, chosen at each replay. Both bodies
     must write the same tensors (what follows reads those, whichever ran). With conditional nodes the GPU chooses;

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from rtedit.accel.cuda_graphs import capturing
 from rtedit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ class DBCache:
     def _request_kind(self) -> str:
         """"host": cache-dit decides and records; "captured": a CUDA graph capture (its Python runs both branches of a
         device check, its kernels none); "device": the device-decision path run eagerly (tests), counted as a replay."""
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if capturing():
             return "captured"
         if self.device_decisions is not None and self.device_decisions.on_host:
             return "device"

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rtedit.accel.cuda_graphs import branch, capturing
 from rtedit.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -67,10 +68,6 @@ def decide_on_device(dbcache: DBCache) -> DeviceDecisions:
     return dbcache.device_decisions
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 @dataclass(frozen=True)
 class DeviceCheck:
     """cache-dit's residual check left on the device: `passes` (0-dim bool) reuses the cached residual, `diff` is the
@@ -105,7 +102,7 @@ class DeviceDecisions:
 
     def active(self) -> bool:
         """Whether cache-dit's checks are decided on the device now: inside a capture, or eagerly for tests."""
-        return self.on_host or _capturing()
+        return self.on_host or capturing()
 
     def begin_request(self) -> None:
         self.on_device = {name: [] for name in self.groups}
@@ -149,9 +146,7 @@ class DeviceDecisions:
                         buffers[name] = old
             return body
 
-        if _capturing():
-            from rtedit.accel.cuda_graphs import branch
-
+        if capturing():
             branch(check.passes, writing(reuse), writing(compute))
         else:  # tests (on_host): the same bodies, the choice read on the host
             (writing(reuse) if bool(check.passes.item()) else writing(compute))()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rtedit.accel import cuda_graphs
 from rtedit.accel.dbcache import STATIC_LABEL, CachingConfig
 from rtedit.errors import ConfigError
 
@@ -40,10 +41,6 @@ class _Residuals:
     middle: torch.Tensor  # of the middle blocks: what a reused step adds instead of running them
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def if_else(pred: torch.Tensor, when_true: Callable[[], None], when_false: Callable[[], None],
             on_device: bool) -> None:
     """Runs one of two bodies by a 0-dim bool tensor. on_device (inside a CUDA graph capture): both captured and
@@ -51,9 +48,7 @@ def if_else(pred: torch.Tensor, when_true: Callable[[], None], when_false: Calla
     if not on_device:
         (when_true if bool(pred.item()) else when_false)()
         return
-    from rtedit.accel.cuda_graphs import branch
-
-    branch(pred, when_true, when_false)
+    cuda_graphs.branch(pred, when_true, when_false)
 
 
 class StepReuse:
@@ -87,7 +82,7 @@ class StepReuse:
     def frame(self, num_steps: int) -> FrameReuse:
         """A frame of `num_steps` steps: the mask applies when it has that length, else every step computes."""
         mask = tuple(self.config.compute_mask)
-        capturing = _capturing()
+        capturing = cuda_graphs.capturing()
         self.frames += not capturing  # a captured frame is counted by its replays (count_replayed_frame)
         if len(mask) != num_steps:
             self.unmasked_frames += not capturing
@@ -109,7 +104,7 @@ class StepReuse:
 
     def _device_tensors(self, group: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if group not in self.device_reused:
-            if device.type == "cuda" and _capturing():
+            if device.type == "cuda" and cuda_graphs.capturing():
                 raise RuntimeError("step reuse's device counters must exist before a CUDA graph capture: build "
                                    "StepReuse with the editor's device")
             self.device_reused[group] = torch.zeros((), dtype=torch.int64, device=device)
@@ -157,7 +152,7 @@ class FrameReuse:
         first = hidden - start
         last = self._residuals.get(group)
         if self.mask[self.step] == 0 and last is not None:
-            capturing = hidden.is_cuda and _capturing()
+            capturing = hidden.is_cuda and cuda_graphs.capturing()
             owner.allowed[group] += not capturing  # a capture runs no kernel: its replays count (count_replayed_frame)
             if cfg.policy == "dynamic" and (capturing or owner.device_path_on_host):
                 hidden = self._decide_on_device(group, blocks[fn:len(blocks) - bn], hidden, first, last)
