@@ -126,6 +126,13 @@ def test_profile_frame_refuses_a_kernel_count_below_one(top):
     assert run.returncode == 2 and f"--top must be at least 1 (a count of kernels), got {top}" in run.stderr
 
 
+@pytest.mark.parametrize("repeats", ["0", "-5"])
+def test_forward_kernels_refuses_an_attention_repeat_count_below_one(repeats):
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "forward_kernels.py"), "--attention-repeats", repeats],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"--attention-repeats must be at least 1, got {repeats}" in run.stderr
+
+
 def test_each_variant_changes_only_reuse_graphs_and_fp8(bench):
     serving = bench.serving_config()
     rows = bench.row_configs(serving, 512)
