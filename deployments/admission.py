@@ -241,6 +241,7 @@ class ReplicaView:
     retry_after_s: int = 1
     failed: bool = False
     seen: float = field(default_factory=time.monotonic)
+    channel: dict[str, Any] | None = None  # its frame channel's address (deployments/frame_channel.py)
 
     def free(self) -> int:
         return self.capacity - self.sessions
@@ -268,7 +269,8 @@ class Assignments:
         view = {}
         for s in states:
             view[s["replica"]] = ReplicaView(s["replica"], s["capacity"], s["sessions"] + s.get("one_shots", 0),
-                                             s["slots"], s["draining"], s.get("retry_after_s", 1), seen=now)
+                                             s["slots"], s["draining"], s.get("retry_after_s", 1), seen=now,
+                                             channel=s.get("channel"))
             queue = self.queues.get(s["replica"])
             if queue is None:
                 self.queues[s["replica"]] = FairQueue(s["slots"])

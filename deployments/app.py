@@ -33,7 +33,7 @@ def build_app(args: AppArgs) -> serve.Application:
     editor = EditorDeployment.options(
         request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter),
         **replicas_options(args.editor),
-    ).bind(engine, args.editor)
+    ).bind(engine, args.editor, encoder)
     return Router.options(
         num_replicas=args.router.num_replicas,
         max_ongoing_requests=args.router.max_ongoing_requests,

@@ -89,6 +89,11 @@ class EditorArgs(_Strict):
     """Warm every served shape at start-up (Editor.warm_up) so the first client does not pay for lazy
     initialisation; compiled engines are warmed by Editor.from_config already."""
     health_check_period_s: float = Field(5.0, gt=0)
+    channel_port: int = Field(0, ge=0, le=65535)
+    """TCP port of the replica's frame channel (deployments/frame_channel.py) on its node; 0: any free port. Set it
+    where a firewall between nodes must name the port (one editor replica per node then)."""
+    channel_grace_s: float = Field(4.0, ge=0, lt=5)
+    """At shutdown, how long frames in flight on the channel may take to finish (within Serve's graceful 5 s)."""
     admission: AdmissionArgs = Field(default_factory=AdmissionArgs)
     """Session capacity and refusal (deployments/admission.py)."""
 
@@ -131,6 +136,11 @@ class RouterArgs(_Strict):
     """Required key (prefer api_key_env in files that get committed)."""
     api_key_env: Optional[str] = "RTEDIT_API_KEY"
     """Environment variable holding the key, read in the router replica."""
+    frame_channel: Literal["direct", "serve"] = "direct"
+    """How frames reach the editor replicas: "direct", over each replica's frame channel (a kept-open TCP
+    connection, deployments/frame_channel.py: ~0.02 ms of router CPU a frame); "serve", through Serve's handle
+    (~2 ms; for clusters whose nodes cannot open connections to each other's ports). Everything else goes
+    through Serve either way."""
     edit_timeout_s: float = Field(120.0, gt=0)
     """A frame whose edit takes longer gets an error (a hung replica never hangs a client)."""
     limits: dict[str, Any] = Field(default_factory=dict)

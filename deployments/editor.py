@@ -1,4 +1,8 @@
-"""Editor replicas: an adapter over rtedit.editor.Editor. Compute only; transport lives in the router."""
+"""Editor replicas: an adapter over rtedit.editor.Editor. Compute only; transport lives in the router.
+
+Frames arrive over the replica's frame channel (deployments/frame_channel.py), or through Serve's handle when the
+router is set to `frame_channel: serve`; everything else (admission, drain, info, stats, health) through Serve.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 
 from deployments.admission import ReplicaBook, measure_engine, replica_capacity
 from deployments.config import EditorArgs, replicas_options
+from deployments.frame_channel import ChannelServer
 from deployments.gauges import GaugeKeeper
 from rtedit.config import EditorConfig
 from rtedit.errors import EditError
@@ -81,8 +86,10 @@ def replica_book(editor: "Editor", args: EditorArgs, replica: str) -> ReplicaBoo
 class EditorDeployment:
     """One Editor per replica; the embeddings the text encoder sends are kept in the Editor's own PromptCache."""
 
-    def __init__(self, engine: EditorConfig, args: EditorArgs):
-        self.args = args
+    def __init__(self, engine: EditorConfig, args: EditorArgs, encoder: Any = None):
+        self.args, self.encoder = args, encoder  # encoder: the TextEncoder's handle, for frames off the channel
+        self.channel: ChannelServer | None = None  # opened at the first admission_state (the router asks it first)
+        self._channel_lock = threading.Lock()
         self.editor = replica_editor(engine, args)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
@@ -108,7 +115,34 @@ class EditorDeployment:
 
     # ---- admission (deployments/admission.py); `replica` names this replica (SessionAffinityRouter routes on it) --
     def admission_state(self) -> dict[str, Any]:
-        return self.book.state()
+        return {**self.book.state(), "channel": self.channel_address()}
+
+    def channel_address(self) -> dict[str, Any]:
+        """Where routers send frames: this node's address, a port, and the token a connection must give."""
+        with self._channel_lock:  # sync methods run on Serve's thread pool: two first calls open one channel
+            if self.channel is None:
+                import ray
+
+                host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+                self.channel = ChannelServer(self._channel_edit, host, self.args.channel_port)
+                logger.info("editor replica %s: frame channel on %s:%d", self.replica, host, self.channel.port)
+        return self.channel.address()
+
+    async def _channel_edit(self, job: EditJob, replica: str) -> dict[str, Any]:
+        """A frame from the channel: as `edit`, but a prompt this replica has no embedding for is fetched from the
+        text encoder here (its tensors go encoder -> replica, one hop), and the reply says so."""
+        reply = await self.edit(job, None, replica=replica)
+        if "need_embedding" not in reply or self.encoder is None:
+            return reply
+        embedding = await self.encoder.encode.remote(job.prompt)
+        return {**await self.edit(job, embedding, replica=replica), "embedding_fetched": True}
+
+    def __del__(self) -> None:
+        # Serve calls this at shutdown (on its loop; the channel has its own): routers are told the replica leaves,
+        # and frames in flight on the channel finish first.
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.close(f"editor replica {self.replica} is shutting down", self.args.channel_grace_s)
 
     def admit(self, session_id: str, replica: str | None = None) -> dict[str, Any]:
         """Takes the websocket session `session_id` if this replica has room: {"admitted": bool, reason, state}."""

@@ -30,6 +30,7 @@ import rtedit.errors
 from deployments.admission import Assignments, NoCapacity, Reconnect
 from deployments.affinity import ROUTING, ReplicaGone
 from deployments.config import RouterArgs
+from deployments.frame_channel import ChannelClient, ChannelClosed, ChannelRemoteError
 from deployments.guards import ConnectionGuards, Guards, Readiness, check_exposure, serve_bind_host
 from deployments.limits import (
     EngineChecks,
@@ -219,6 +220,8 @@ class Router:
         # references are acked travel with references=None, so the images cross once per change, not per frame.
         self.acked_references: dict[str, int] = {}
         self._closing: set[asyncio.Task] = set()  # close_session calls in flight (a task needs a reference)
+        # Per editor replica, the connection its frames take (router.frame_channel "direct"); None: Serve's handle.
+        self.channels: dict[str, ChannelClient] | None = {} if args.frame_channel == "direct" else None
         self.counts: collections.Counter = collections.Counter()
         self.errors_by_type: collections.Counter = collections.Counter()
         self.replicas_seen: collections.Counter = collections.Counter()
@@ -275,7 +278,10 @@ class Router:
 
     # ---- the edit call ------------------------------------------------------------------------------------------
     async def _call_editor(self, replica: str, job: EditJob, embedding: Any = None) -> dict[str, Any]:
-        """One edit on `replica` (SessionAffinityRouter sends it there or fails it with ReplicaGone)."""
+        """One edit on `replica`: over its frame channel, or through Serve's handle (SessionAffinityRouter sends it
+        there or fails it with ReplicaGone)."""
+        if self.channels is not None:
+            return await self._call_channel(replica, job)
         response = self.editor.edit.remote(job, embedding, replica=replica)
         try:
             return await asyncio.wait_for(response, self.args.edit_timeout_s)
@@ -289,10 +295,52 @@ class Router:
             if gone is not None and not gone.died:
                 raise Reconnect(f"editor replica {replica} left the service (scale-down or replacement): "
                                 "reconnect") from None
-            failed = EditorFailed(f"the editor replica failed ({type(exc).__name__}); retry: "
-                                  "Serve restarts failed replicas")
-            failed.replica, failed.never_sent = replica, gone is not None  # gone: the frame reached no replica
-            raise failed from None
+            raise self._replica_failed(replica, type(exc).__name__, never_sent=gone is not None) from None
+
+    def _replica_failed(self, replica: str, why: str, never_sent: bool) -> "EditorFailed":
+        failed = EditorFailed(f"the editor replica failed ({why}); retry: Serve restarts failed replicas")
+        failed.replica, failed.never_sent = replica, never_sent  # never_sent: the frame reached no replica
+        return failed
+
+    async def _call_channel(self, replica: str, job: EditJob) -> dict[str, Any]:
+        """The frame over the replica's channel (deployments/frame_channel.py), failures mapped as Serve's are."""
+        client = self._channel(replica)
+        try:
+            return await asyncio.wait_for(client.call(job, replica), self.args.edit_timeout_s)
+        except asyncio.TimeoutError:  # wait_for cancelled the call, which cancels it on the replica
+            raise EditTimeout(f"the edit took longer than {self.args.edit_timeout_s} s") from None
+        except ChannelClosed as exc:
+            logger.info("rtedit router: frame channel of %s: %s", replica, exc)
+            if exc.leaving is not None:
+                raise Reconnect(f"editor replica {replica} left the service (shutting down): reconnect") from None
+            raise self._replica_failed(replica, "its frame channel closed", never_sent=not exc.sent) from None
+        except ChannelRemoteError as exc:
+            logger.warning("rtedit router: editor replica %s raised on a frame: %s", replica, exc)
+            raise self._replica_failed(replica, exc.type_name, never_sent=False) from None
+
+    def _channel(self, replica: str) -> ChannelClient:
+        """The replica's channel client, made from the address its admission_state gave."""
+        client = self.channels.get(replica)
+        if client is not None:
+            return client
+        view = self.admission.replicas.get(replica)
+        if view is None:  # not among the replicas that answered the last look: gone before this frame
+            raise self._replica_failed(replica, "not running", never_sent=True)
+        if view.channel is None:
+            logger.error("rtedit router: editor replica %s offers no frame channel; redeploy it, or set "
+                         "router.frame_channel: serve", replica)
+            raise self._replica_failed(replica, "it offers no frame channel", never_sent=False)
+        client = self.channels[replica] = ChannelClient(replica, view.channel)
+        return client
+
+    def _forget_channels(self) -> None:
+        """After a fresh look at the replicas: closed channels go (a replica that answers again gets a new
+        connection at its next frame), as do those of replicas that left the view."""
+        for replica, client in list(self.channels.items()):
+            view = self.admission.replicas.get(replica)
+            if client.closed is not None or view is None or view.channel != client.address:
+                client.close("the router stopped using this channel")
+                del self.channels[replica]
 
     def _outgoing(self, job: EditJob) -> EditJob:
         """The job as sent to the replica: references left out when the socket's replica holds them already."""
@@ -315,6 +363,8 @@ class Router:
                 logger.info("rtedit router: no editor replica answered admission_state (%s)", type(exc).__name__)
                 replies = []
             self.admission.update([r for r in replies if isinstance(r, dict)])
+            if self.channels is not None:
+                self._forget_channels()
 
     def _no_capacity(self) -> NoCapacity:
         views = [v for v in self.admission.replicas.values() if not v.failed]
@@ -375,6 +425,11 @@ class Router:
         for _ in range(4):
             reply = await self._call_editor(replica, outgoing, embedding)
             embedding = None
+            if reply.pop("embedding_fetched", False):  # the replica fetched it from the encoder (frame channel)
+                self.m_prompt.inc()
+                self.counts["embedding_transfers"] += 1
+            if "need_embedding" in reply and self.channels is not None:
+                raise self._replica_failed(replica, "it has no text encoder handle", never_sent=False)
             if "need_embedding" in reply:
                 self.m_prompt.inc()
                 self.counts["embedding_transfers"] += 1
@@ -395,7 +450,11 @@ class Router:
                 try:
                     replica = await self._admit(session)
                 except NoCapacity as exc:
-                    self._ending[session] = (1013, str(exc))
+                    if not any(not v.failed for v in self.admission.replicas.values()):
+                        # Its replica died and none runs yet: Serve is starting one, so the socket stays open and
+                        # this frame is an error; a later frame is admitted on the replacement.
+                        raise EditorFailed(f"{exc} (Serve is replacing the failed one)") from None
+                    self._ending[session] = (1013, str(exc))  # replicas run, all full: told to come back
                     raise
                 if session in self.acked_references:
                     self.acked_references[session] = -1

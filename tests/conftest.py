@@ -117,6 +117,11 @@ class FakeResponse:
         pass
 
 
+def via_serve_handle(router_args):
+    """Router arguments whose frames go through the (fake) editor handle, not over a replica's frame channel."""
+    return router_args.model_copy(update={"frame_channel": "serve"})
+
+
 class FakeAdmission:
     """The admission side of an editor handle (deployments/editor.py's admission_state broadcast, admit and
     close_session) for router tests over fake handles: one replica that has room unless `full` is set."""

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from conftest import FakeAdmission  # noqa: E402
+from conftest import FakeAdmission, via_serve_handle  # noqa: E402
 from test_serve_helpers import BASE, WS_URL, jpeg, recv_frame, running_app, ws_frame  # noqa: E402
 
 from deployments.admission import Assignments, FairQueue, fps_capacity, replica_capacity  # noqa: E402
@@ -168,7 +168,7 @@ def test_router_serves_a_quiet_session_every_round_beside_a_flooding_one():
         return run()
 
     editor.edit = types.SimpleNamespace(remote=edit)
-    router = router_cls(types.SimpleNamespace(), editor, args.router, args.engine)
+    router = router_cls(types.SimpleNamespace(), editor, via_serve_handle(args.router), args.engine)
 
     async def run():
         stop, quiet_rounds = asyncio.Event(), []

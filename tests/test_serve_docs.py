@@ -22,7 +22,7 @@ import yaml
 pytest.importorskip("ray.serve")
 uvicorn = pytest.importorskip("uvicorn")
 
-from conftest import IN_CI  # noqa: E402
+from conftest import IN_CI, via_serve_handle  # noqa: E402
 from test_serve_helpers import REPO, jpeg  # noqa: E402  (puts the repo root on sys.path)
 from test_serve_router import FakeEditor, client_for  # noqa: E402
 
@@ -139,7 +139,7 @@ def docs_server(monkeypatch):
 
     app_args = AppArgs.model_validate(DEFAULT_APP)
     router_cls = router_module.Router.func_or_class.__bases__[0]  # the class under @serve.ingress
-    router = router_cls(FakeEditor(), FakeEditor(steps=[2]), app_args.router, app_args.engine)
+    router = router_cls(FakeEditor(), FakeEditor(steps=[2]), via_serve_handle(app_args.router), app_args.engine)
     monkeypatch.setattr(serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=router))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(router_module.app, host="127.0.0.1", port=port, log_level="warning",

@@ -17,7 +17,7 @@ pytest.importorskip("ray.serve")
 from fastapi.testclient import TestClient  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
-from conftest import FakeAdmission, FakeResponse  # noqa: E402
+from conftest import FakeAdmission, FakeResponse, via_serve_handle  # noqa: E402
 from test_serve_helpers import REPO, jpeg  # noqa: E402  (puts the repo root on sys.path)
 
 from deployments.config import AppArgs  # noqa: E402
@@ -64,7 +64,7 @@ def client_for(monkeypatch, args: dict, editor: FakeEditor) -> TestClient:
 
     app_args = AppArgs.model_validate(args)
     router_cls = router_module.Router.func_or_class.__bases__[0]  # the class under @serve.ingress's wrapper
-    router = router_cls(FakeEditor(), editor, app_args.router, app_args.engine)
+    router = router_cls(FakeEditor(), editor, via_serve_handle(app_args.router), app_args.engine)
     monkeypatch.setattr(serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=router))
     return TestClient(router_module.app)
 

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from conftest import FakeAdmission, FakeResponse  # noqa: E402
+from conftest import FakeAdmission, FakeResponse, via_serve_handle  # noqa: E402
 from test_serve_helpers import jpeg  # noqa: E402  (puts the repo root on sys.path)
 from test_sessions import causal_editor  # noqa: E402
 
@@ -114,7 +114,7 @@ def test_router_sends_references_only_when_they_open_or_change_the_session(monke
 
     editor = FakeAdmission(slots=1)
     editor.edit = types.SimpleNamespace(remote=edit)
-    router = router_cls(types.SimpleNamespace(), editor, args.router, args.engine)
+    router = router_cls(types.SimpleNamespace(), editor, via_serve_handle(args.router), args.engine)
     state = SessionState.start("ws-1", SessionDefaults(prompt=PROMPT, steps=1), seed=0)
     router.acked_references["ws-1"] = -1  # what ws_predict registers for a socket
 

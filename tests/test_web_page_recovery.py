@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("ray.serve")
 uvicorn = pytest.importorskip("uvicorn")
 
-from conftest import IN_CI, FakeAdmission, FakeResponse  # noqa: E402
+from conftest import IN_CI, FakeAdmission, FakeResponse, via_serve_handle  # noqa: E402
 from test_serve_helpers import REPO, jpeg  # noqa: E402  (puts the repo root on sys.path)
 
 from deployments.config import AppArgs  # noqa: E402
@@ -100,7 +100,7 @@ class PageServer:
         router_cls = self.router_module.Router.func_or_class.__bases__[0]  # the class under @serve.ingress
         editor = EchoEditor()
         self.current.pop("router", None)
-        self.current["router"] = router_cls(EchoEditor(), editor, args.router, args.engine)
+        self.current["router"] = router_cls(EchoEditor(), editor, via_serve_handle(args.router), args.engine)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
