@@ -278,17 +278,24 @@ def overhead_phase(url: str, api_key: str | None, prompt: str, n: int, engine, s
 # ---- driver --------------------------------------------------------------------------------------------------
 
 
-def app_spec(config: Path) -> tuple:
-    """The first application of a Serve YAML: (its name, its checked AppArgs)."""
+def app_spec(config: Path, overrides: list[str] = ()) -> tuple:
+    """The first application of a Serve YAML with `section.key=value` overrides: (its name, its checked AppArgs)."""
     import yaml
 
     from deployments.config import AppArgs
+    from rtedit.config_parsing import set_dotted
 
     spec = yaml.safe_load(config.read_text())["applications"][0]
-    return spec["name"], AppArgs.model_validate(spec.get("args", {}))
+    args = spec.get("args") or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set must look like section.key=value, got {item!r}")
+        set_dotted(args, key.strip(), yaml.safe_load(raw))
+    return spec["name"], AppArgs.model_validate(args)
 
 
-def start_local(config: Path, num_cpus: int, direct_ingress: bool = False):
+def start_local(config: Path, num_cpus: int, direct_ingress: bool = False, overrides: list[str] = ()):
     """A fresh local cluster running the app of a Serve YAML (like `serve run`). direct_ingress: Serve 2.60's
     RAY_SERVE_ENABLE_DIRECT_INGRESS, the router replica serving HTTP on a port of its own (the proxy's hop left out);
     the URL returned is that port's."""
@@ -300,7 +307,7 @@ def start_local(config: Path, num_cpus: int, direct_ingress: bool = False):
 
     from deployments.app import build_app
 
-    name, app_args = app_spec(config)
+    name, app_args = app_spec(config, overrides)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
                                                                                    os.environ.get("PYTHONPATH")]))}})
@@ -338,7 +345,7 @@ def markdown(res: dict) -> str:
     nan = float("nan")
     rows = [
         ("machine", res["machine"]),
-        ("config", res["config"]),
+        ("config", " ".join([res["config"], *res.get("overrides", [])])),
         ("clients x fps x s (frame px; client processes)", f"{load.get('clients')} x {load.get('fps_per_client')} x "
          f"{load.get('duration_s')} ({load.get('frame_px')}; {load.get('procs')})"),
         ("max frames in flight per client", load.get("max_in_flight") or "unlimited"),
@@ -413,12 +420,14 @@ def main(argv=None) -> int:
     ap.add_argument("--machine", default=os.uname().nodename)
     ap.add_argument("--direct-ingress", action="store_true",
                     help="the local cluster with Serve's direct ingress: clients connect to the router replica's port")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override the --config app's arguments, e.g. router.frame_channel=serve (repeatable)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
     from rtedit.client import Client
 
-    url = args.url or start_local(args.config, args.num_cpus, args.direct_ingress)
+    url = args.url or start_local(args.config, args.num_cpus, args.direct_ingress, args.set)
     prompt = args.prompt
     if prompt is None:
         with Client(url, api_key=args.api_key) as client:
@@ -426,11 +435,12 @@ def main(argv=None) -> int:
         if not prompt:
             ap.error("the service has no default prompt (GET /api/info): pass --prompt")
     res: dict = {"machine": args.machine, "config": str(args.config.name if not args.url else args.url),
+                 "overrides": args.set,
                  "prompt": prompt}
     local = not args.url
     # Quiet-machine phases first: the load phase leaves replicas busy with its last frames.
     if args.overhead_frames:
-        engine = app_spec(args.config)[1].engine
+        engine = app_spec(args.config, args.set)[1].engine
         if args.direct_model is not None:
             engine = dataclasses.replace(engine, model=args.direct_model) if args.direct_model else None
         res["overhead"] = overhead_phase(url, args.api_key, prompt, args.overhead_frames, engine,
