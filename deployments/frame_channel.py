@@ -76,6 +76,7 @@ class ChannelServer:
         self.writers: set[asyncio.StreamWriter] = set()
         self.leaving: str | None = None
         self.refused = 0  # connections that did not give the token
+        self.error: OSError | None = None
         started = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(host, port, started), name="frame-channel",
                                        daemon=True)
@@ -89,7 +90,6 @@ class ChannelServer:
         try:
             self.server = self.loop.run_until_complete(asyncio.start_server(self._connection, host, port))
             self.host, self.port = host, self.server.sockets[0].getsockname()[1]
-            self.error = None
         except OSError as exc:
             self.error = OSError(f"the frame channel cannot listen on {host}:{port}: {exc.strerror or exc}")
         started.set()
@@ -127,6 +127,8 @@ class ChannelServer:
                     mine[request_id].cancel()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the router closed the connection (or went away): its frames are cancelled below
+        except Exception:  # noqa: BLE001 - a message that is not ours: this connection ends, the others go on
+            logger.exception("frame channel: closing a connection after a bad message")
         finally:
             for task in list(mine.values()):
                 task.cancel()
@@ -217,8 +219,11 @@ class ChannelClient:
                     future.set_result(payload)
                 else:
                     future.set_exception(ChannelRemoteError(*payload))
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
             reason = type(exc).__name__
+        except Exception as exc:  # noqa: BLE001 - a reply that is not ours: the calls waiting on it fail
+            logger.exception("frame channel: a bad reply from %s", self._where())
+            reason = f"bad reply: {type(exc).__name__}"
         finally:
             self.close(f"{self._where()} closed ({reason})")
 

@@ -335,10 +335,11 @@ class Router:
 
     def _forget_channels(self) -> None:
         """After a fresh look at the replicas: closed channels go (a replica that answers again gets a new
-        connection at its next frame), as do those of replicas that left the view."""
+        connection at its next frame), as do those a replica replaced. One missing from a look stays open: a look
+        can time out while frames flow; a replica that is gone closes its connections itself."""
         for replica, client in list(self.channels.items()):
             view = self.admission.replicas.get(replica)
-            if client.closed is not None or view is None or view.channel != client.address:
+            if client.closed is not None or (view is not None and view.channel != client.address):
                 client.close("the router stopped using this channel")
                 del self.channels[replica]
 

@@ -271,3 +271,54 @@ def test_a_session_whose_replica_died_gets_error_frames_until_one_runs_and_is_se
     srv.close("test over", 0)
     assert failed.code == "editor_failed" and "ws-1" not in ending
     assert router._ending["ws-1"][0] == 1013 and "every editor replica is full" in router._ending["ws-1"][1]
+
+
+def test_a_dropped_connection_to_a_live_replica_is_opened_again_and_a_look_that_times_out_closes_nothing():
+    """The router's connection breaks but the replica lives: the session's next frame is re-admitted there and goes
+    over a new connection; a look at the replicas that gets no answer leaves the open connection alone."""
+    import deployments.router as router_module
+    from deployments.config import AppArgs
+    from rtedit.streaming import SessionDefaults, SessionState
+
+    async def edit(job, replica):
+        return {"image": b"jpeg", "timings": {}, "replica": replica}
+
+    srv = ChannelServer(edit, "127.0.0.1", 0)
+    editor = FakeAdmission(replica="r1", slots=1)
+    editor._book["channel"] = srv.address()
+    args = AppArgs(engine={"model": "tiny"}, router={"api_key_env": None})
+    router = router_module.Router.func_or_class.__bases__[0](types.SimpleNamespace(), editor, args.router, args.engine)
+    state = SessionState.start("ws-1", SessionDefaults(prompt="make it blue", steps=1), seed=0)
+    real_broadcast = editor.broadcast
+
+    async def main():
+        await router._admit("ws-1")
+        await router.process(state.job(1, jpeg(64, 64)))
+        first = router.channels["r1"]
+        for writer in list(srv.writers):
+            srv.loop.call_soon_threadsafe(writer.transport.abort)
+        await asyncio.sleep(0.3)
+        reply, _ = await router.process(state.job(2, jpeg(64, 64)))
+        second = router.channels["r1"]
+
+        def silent(method):
+            async def results(**_):
+                raise asyncio.TimeoutError
+
+            return types.SimpleNamespace(results_async=results)
+
+        editor.broadcast = silent
+        router.admission.refreshed = -1e9  # due for a look
+        await router._refresh_replicas()
+        assert router.admission.replicas == {}  # nobody answered
+        editor.broadcast = real_broadcast
+        after_look = router.channels.get("r1")
+        third, _ = await router.process(state.job(3, jpeg(64, 64)))
+        assert second.closed is None  # (asyncio.run closes it on the way out)
+        return first, second, after_look, reply, third
+
+    first, second, after_look, reply, third = asyncio.run(main())
+    srv.close("test over", 0)
+    assert first.closed is not None and second is not first
+    assert reply["replica"] == "r1" and third["replica"] == "r1" and router.counts["readmissions"] == 1
+    assert after_look is second
