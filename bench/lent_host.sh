@@ -8,7 +8,8 @@
 #   bash bench/lent_host.sh frames   # three 1024x1024 frame-latency lanes on GPUs 0-2 (~13 min)
 #   bash bench/lent_host.sh train    # toy data, then a lane on TRAIN_GPUS: [scaling,] the teacher run, its evaluation
 #   bash bench/lent_host.sh status   # what every lane last printed
-#   bash bench/lent_host.sh serve    # a lane: bench/serve_load.py on serve-gpu.yaml, GPU 0 (after frames)
+#   bash bench/lent_host.sh serve    # a lane: bench/serve_load.py on serve-gpu.yaml, GPU 0 (after frames); SERVE_ARGS
+#                                    # adds flags (--direct-ingress, --set router.frame_channel=serve), SERVE_TAG names the JSON
 #   bash bench/lent_host.sh cache-pack  # the inductor cache into $OUT as parts to carry back in as .inductor/
 #   bash bench/lent_host.sh pack     # the teacher's export and the lanes' JSON into $OUT (<= 8 files of 15 MB)
 #   bash bench/lent_host.sh distill       # issue 11: toy data, then the causal students' lanes on one GPU, each
@@ -342,10 +343,10 @@ serve)
   # A lane too: starting two klein-4b-random editors and the direct baseline takes minutes before the 60-s load.
   cd "$RUN"
   . "$LANES/env.sh"
-  lane serve "export CUDA_VISIBLE_DEVICES=0; taskset -c $FRAME_CPUS python3 bench/serve_load.py \
+  lane "serve${SERVE_TAG:-}" "export CUDA_VISIBLE_DEVICES=0; taskset -c $FRAME_CPUS python3 bench/serve_load.py \
     --config deployments/serve-gpu.yaml --direct-model klein-4b-random --num-cpus 16 --procs 8 --size 512 \
     --drain 120 --machine '$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0), GPU 0' \
-    --json $LANES/serve-gpu.json; echo serve lane done"
+    --json $LANES/serve-gpu${SERVE_TAG:-}.json ${SERVE_ARGS:-}; echo serve lane done"
   ;;
 status)
   for f in "$LANES"/*.log; do
