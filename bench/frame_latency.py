@@ -26,6 +26,7 @@ import argparse
 import atexit
 import dataclasses
 import datetime
+import faulthandler
 import functools
 import gc
 import json
@@ -447,6 +448,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="JSON of an earlier --rows stock run on the same card")
     p.add_argument("--taef2-dir", default=None, help="TAEF2 weights folder (default: rtedit.paths.taef2_dir())")
     p.add_argument("--json", default=None)
+    p.add_argument("--dump-stacks-every", type=float, default=0, metavar="S",
+                   help="every S seconds, every thread's Python stack to stderr (faulthandler): where a slow "
+                        "start-up spends its time, even when a time limit ends the run")
     p.add_argument("--model", default="klein-4b-random", choices=["klein-4b-random", "tiny"], help="tiny: CPU dry run")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend of every compiled row (default: the YAML's, inductor; tiny: eager)")
@@ -458,8 +462,11 @@ def main() -> int:
         return merge(sys.argv[2:])
     p = parser()
     args = p.parse_args()
-    if args.frames < 1 or args.parity_frames < 0:
-        p.error(f"--frames must be >= 1 and --parity-frames >= 0, got {args.frames} and {args.parity_frames}")
+    if args.frames < 1 or args.parity_frames < 0 or args.dump_stacks_every < 0:
+        p.error(f"--frames must be >= 1, --parity-frames and --dump-stacks-every >= 0, got {args.frames}, "
+                f"{args.parity_frames} and {args.dump_stacks_every}")
+    if args.dump_stacks_every:
+        faulthandler.dump_traceback_later(args.dump_stacks_every, repeat=True)
     if not torch.cuda.is_available() and args.model != "tiny":
         raise SystemExit("frame_latency needs a CUDA GPU for klein-4b-random (use --model tiny for a CPU dry run)")
     # Each start-up phase's begin and end (rtedit.fast_path.startup_phase) in the log: a row cut short by a time

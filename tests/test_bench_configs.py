@@ -133,6 +133,12 @@ def test_forward_kernels_refuses_an_attention_repeat_count_below_one(repeats):
     assert run.returncode == 2 and f"--attention-repeats must be at least 1, got {repeats}" in run.stderr
 
 
+def test_frame_latency_refuses_a_negative_stack_dump_period():
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "frame_latency.py"), "--dump-stacks-every", "-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--dump-stacks-every >= 0" in bad.stderr and "-1.0" in bad.stderr, bad.stderr
+
+
 def test_each_variant_changes_only_reuse_graphs_and_fp8(bench):
     serving = bench.serving_config()
     rows = bench.row_configs(serving, 512)
