@@ -94,3 +94,24 @@ def test_files_are_preference_files_and_bad_rows_are_counted(tmp_path, rows):
     assert len(set(epoch.tolist())) == 24  # without replacement inside an epoch
     b = batches(0)
     assert b["a"].shape == (8, 3, 128, 128) and float(b["a"].max()) <= 1.0 and b["labels"].shape == (8,)
+
+
+def test_accuracy_table_splits_the_degraded_kind_by_degradation():
+    import torch
+
+    from rtedit.train.reward.evaluate import accuracy_table
+    from rtedit.train.reward.pairs import PairTensors
+
+    n = 5
+    zeros = torch.zeros(n, dtype=torch.long)
+    pairs = PairTensors(images=torch.zeros(1, 3, 4, 4, dtype=torch.uint8), source=zeros, a=zeros, b=zeros,
+                        target=zeros, labels=torch.tensor([0, 0, 1, 0, 2]), instructions=["i"] * n,
+                        families=["darken"] * n, kinds=["degraded", "degraded", "degraded", "wrong", "degraded"],
+                        details=["blur:2.0", "jpeg:10", "blur:1.5", "brighten", "noise:0.1"], ids=list("abcde"),
+                        example_ids=list("abcde"), psnr_a=torch.zeros(n), psnr_b=torch.zeros(n))
+    table = accuracy_table(torch.tensor([1.0, -1.0, -1.0, 1.0, 3.0]), pairs, tie_margin=1.0)
+    assert table["accuracy/degraded"] == pytest.approx(2 / 3) and table["accuracy/wrong"] == 1.0
+    assert table["accuracy/degraded/blur"] == 1.0 and table["count/degradation/blur"] == 2
+    assert table["accuracy/degraded/jpeg"] == 0.0 and table["count/degradation/jpeg"] == 1
+    assert "accuracy/degraded/noise" not in table  # its one pair is a tie: not decided
+    assert not any(k.startswith("accuracy/degraded/brighten") for k in table)

@@ -37,17 +37,20 @@ def pair_logits(model, pairs: PairTensors, batch_size: int, device) -> torch.Ten
 
 
 def accuracy_table(logits: torch.Tensor, pairs: PairTensors, tie_margin: float) -> dict[str, float]:
-    """Accuracy on non-tied pairs, overall, per kind ("accuracy/<kind>") and per family ("family/<name>"); ties."""
+    """Accuracy on non-tied pairs, overall, per kind ("accuracy/<kind>"), per degradation of the degraded kind
+    ("accuracy/degraded/<blur|noise|...>", the detail's name before its ":") and per family ("family/<name>"); ties."""
     labels = pairs.labels
     decided = labels < 2
     right = (logits > 0) == (labels == 0)
     out: dict[str, float] = {"pairs": float(len(labels)), "decided_pairs": float(decided.sum())}
     out["accuracy"] = float(right[decided].float().mean()) if decided.any() else math.nan
-    for group, values in (("kind", pairs.kinds), ("family", pairs.families)):
-        for name in sorted(set(values)):
+    degradations = [d.split(":")[0] if k == "degraded" else None for k, d in zip(pairs.kinds, pairs.details)]
+    names = {"kind": "accuracy/{}", "degradation": "accuracy/degraded/{}", "family": "family/{}"}
+    for group, values in (("kind", pairs.kinds), ("degradation", degradations), ("family", pairs.families)):
+        for name in sorted({v for v in values if v is not None}):
             mask = torch.tensor([v == name for v in values]) & decided
             if mask.any():
-                out[f"accuracy/{name}" if group == "kind" else f"family/{name}"] = float(right[mask].float().mean())
+                out[names[group].format(name)] = float(right[mask].float().mean())
                 out[f"count/{group}/{name}"] = float(mask.sum())
     ties = labels == 2
     out["ties"] = float(ties.sum())
