@@ -140,9 +140,12 @@ class EditorDeployment:
     def __del__(self) -> None:
         # Serve calls this at shutdown (on its loop; the channel has its own): routers are told the replica leaves,
         # and frames in flight on the channel finish first.
+        reason = f"editor replica {getattr(self, 'replica', '?')} is shutting down"
+        if getattr(self, "book", None) is not None:
+            self.book.drain(reason)  # its admission_state says so: no router admits a session here any more
         channel = getattr(self, "channel", None)
         if channel is not None:
-            channel.close(f"editor replica {self.replica} is shutting down", self.args.channel_grace_s)
+            channel.close(reason, self.args.channel_grace_s)
 
     def admit(self, session_id: str, replica: str | None = None) -> dict[str, Any]:
         """Takes the websocket session `session_id` if this replica has room: {"admitted": bool, reason, state}."""

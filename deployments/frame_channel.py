@@ -1,8 +1,8 @@
 """Frames from the router to an editor replica over one kept-open TCP connection, not through a Serve handle.
 
-Why: a DeploymentHandle call costs its caller about 1.9 ms of CPU and 4 ms of wall time a call on this project's
-2-core machine, a Ray actor call 0.7 and 1.7 ms, a message on an open connection 0.02 and 0.04 ms (bench/RESULTS.md,
-"The frame channel"); the handle call was most of the router's CPU a frame (issue 15 items 1 and 4). Serve still
+Why: a DeploymentHandle call costs its caller 1.8 ms of CPU and 3.5 ms of wall time on this project's 2-core
+machine, a Ray actor call 0.6 and 1.2 ms, a message on an open connection 0.02 and 0.04 ms (bench/frame_hop.py;
+bench/RESULTS.md, "The frame channel"); the handle call was most of the router's CPU a frame. Serve still
 carries everything but the frames: admission, drain, info, stats, health checks, scaling.
 Written by hand: Serve 2.60 has no direct call path from one deployment's replica to a chosen replica of another.
 

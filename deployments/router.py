@@ -312,6 +312,9 @@ class Router:
         except ChannelClosed as exc:
             logger.info("rtedit router: frame channel of %s: %s", replica, exc)
             if exc.leaving is not None:
+                view = self.admission.replicas.get(replica)
+                if view is not None:  # no new session goes there before the next look shows it draining
+                    view.draining = exc.leaving
                 raise Reconnect(f"editor replica {replica} left the service (shutting down): reconnect") from None
             raise self._replica_failed(replica, "its frame channel closed", never_sent=not exc.sent) from None
         except ChannelRemoteError as exc:

@@ -216,6 +216,7 @@ def test_router_sends_frames_over_the_channel_and_tells_the_session_to_reconnect
     assert [r[1] for r in replies] == [b"jpeg", b"jpeg"] and seen == [(1, "r1"), (2, "r1")]
     assert refused.code == "reconnect" and "left the service" in str(refused)
     assert router._ending["ws-1"][0] == 1012  # the websocket is closed with "service restart: reconnect"
+    assert router.admission.candidates() == []  # and no new session is admitted there
 
 
 def test_a_session_whose_replica_died_gets_error_frames_until_one_runs_and_is_sent_away_only_when_all_are_full():
@@ -322,3 +323,30 @@ def test_a_dropped_connection_to_a_live_replica_is_opened_again_and_a_look_that_
     assert first.closed is not None and second is not first
     assert reply["replica"] == "r1" and third["replica"] == "r1" and router.counts["readmissions"] == 1
     assert after_look is second
+
+
+def test_an_editor_replica_at_shutdown_drains_its_book_and_closes_its_channel(monkeypatch):
+    """What Serve's call of EditorDeployment.__del__ does: the replica reports itself draining (no router admits a
+    session there) and its channel tells the routers it leaves, then stops."""
+    from ray import serve
+
+    from deployments.config import AppArgs
+    from deployments.editor import EditorDeployment
+
+    context = types.SimpleNamespace(replica_id=types.SimpleNamespace(unique_id="replica-a"))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    args = AppArgs(engine={"model": "tiny"}, editor={"warmup": False, "torch_threads": 1})
+    deployment = EditorDeployment.func_or_class(args.engine, args.editor)
+    state = deployment.admission_state()
+    assert state["draining"] is None and state["channel"]["port"] > 0 and len(state["channel"]["token"]) == 32
+
+    async def main():
+        client = ChannelClient("replica-a", state["channel"])
+        await client._connect()
+        await asyncio.get_running_loop().run_in_executor(None, deployment.__del__)
+        await asyncio.sleep(0.2)
+        return client.leaving
+
+    assert asyncio.run(main()) == "editor replica replica-a is shutting down"
+    assert deployment.admission_state()["draining"] == "editor replica replica-a is shutting down"
+    assert not deployment.channel.thread.is_alive()
