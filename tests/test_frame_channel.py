@@ -343,6 +343,10 @@ def test_an_editor_replica_at_shutdown_drains_its_book_and_closes_its_channel(mo
     async def main():
         client = ChannelClient("replica-a", state["channel"])
         await client._connect()
+        for _ in range(100):  # the replica has read the token and holds the connection
+            if deployment.channel.writers:
+                break
+            await asyncio.sleep(0.02)
         await asyncio.get_running_loop().run_in_executor(None, deployment.__del__)
         await asyncio.sleep(0.2)
         return client.leaving
