@@ -283,15 +283,16 @@ def app_spec(config: Path, overrides: list[str] = ()) -> tuple:
     import yaml
 
     from deployments.config import AppArgs
-    from rtedit.config_parsing import set_dotted
+    from rtedit.config_parsing import parse_override, set_dotted
+    from rtedit.errors import ConfigError
 
     spec = yaml.safe_load(config.read_text())["applications"][0]
     args = spec.get("args") or {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set must look like section.key=value, got {item!r}")
-        set_dotted(args, key.strip(), yaml.safe_load(raw))
+        try:
+            set_dotted(args, *parse_override(item, "--set"))
+        except ConfigError as exc:
+            raise SystemExit(str(exc)) from None
     return spec["name"], AppArgs.model_validate(args)
 
 

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from rtedit.config import EditorConfig
-from rtedit.config_parsing import set_dotted
+from rtedit.config_parsing import parse_override, set_dotted
 from rtedit.editor import Editor
 from rtedit.errors import (
     ConfigError,
@@ -57,17 +56,10 @@ def parse_engine_overrides(items: list[str]) -> dict[str, object]:
     """`section.key=value` strings as {dotted key: value}, values parsed as YAML scalars or lists."""
     overrides: dict[str, object] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--engine must look like section.key=value, got {item!r}")
+        key, value = parse_override(item, "--engine")
         if key.split(".")[0] in FLAG_FIELDS:
             raise ConfigError(f"--engine {key}: set it with {FLAG_FIELDS[key.split('.')[0]]}")
-        try:
-            overrides[key] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or exc  # the one-line cause, without YAML's multi-line marks
-            raise ConfigError(f"--engine {key}: cannot parse {raw!r} as a YAML value: {problem}") from exc
+        overrides[key] = value
     return overrides
 
 

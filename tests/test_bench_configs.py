@@ -133,6 +133,16 @@ def test_forward_kernels_refuses_an_attention_repeat_count_below_one(repeats):
     assert run.returncode == 2 and f"--attention-repeats must be at least 1, got {repeats}" in run.stderr
 
 
+@pytest.mark.parametrize("item, message", [("nokey", "--set must look like section.key=value, got 'nokey'"),
+                                           ("router.frame_channel=[1", "cannot parse '[1' as a YAML value"),
+                                           ("router.frame_channel=carrier-pigeon", "frame_channel")])
+def test_serve_load_refuses_a_bad_override_before_it_starts_a_cluster(item, message):
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "serve_load.py"), "--set", item],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-1500:]
+    assert "Started a local Ray instance" not in run.stderr
+
+
 def test_frame_latency_refuses_a_negative_stack_dump_period():
     bad = subprocess.run([sys.executable, str(REPO / "bench" / "frame_latency.py"), "--dump-stacks-every", "-1"],
                          capture_output=True, text=True, timeout=120)

@@ -127,6 +127,22 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+def parse_override(item: str, flag: str) -> tuple[str, Any]:
+    """One `section.key=value` command-line override as (dotted key, value parsed as YAML), or a ConfigError that
+    names `flag`."""
+    import yaml  # imported on use: the engine's config path needs no YAML
+
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{flag} must look like section.key=value, got {item!r}")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or exc  # the one-line cause, without YAML's multi-line marks
+        raise ConfigError(f"{flag} {key}: cannot parse {raw!r} as a YAML value: {problem}") from exc
+
+
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Apply one `a.b.c=value` override to nested mappings (values parsed as YAML scalars)."""
     keys = dotted.split(".")
