@@ -429,14 +429,13 @@ class Router:
         for _ in range(4):
             reply = await self._call_editor(replica, outgoing, embedding)
             embedding = None
-            if reply.pop("embedding_fetched", False):  # the replica fetched it from the encoder (frame channel)
-                self.m_prompt.inc()
-                self.counts["embedding_transfers"] += 1
             if "need_embedding" in reply and self.channels is not None:
                 raise self._replica_failed(replica, "it has no text encoder handle", never_sent=False)
-            if "need_embedding" in reply:
+            # An embedding crossed to the replica: fetched by it (frame channel), or sent with the next call (Serve).
+            if reply.pop("embedding_fetched", False) or "need_embedding" in reply:
                 self.m_prompt.inc()
                 self.counts["embedding_transfers"] += 1
+            if "need_embedding" in reply:
                 # The encoder's response goes to the editor as a reference: the tensors never pass through here.
                 embedding = self.encoder.encode.remote(job.prompt)
             elif "need_session" in reply and outgoing.references is None:
